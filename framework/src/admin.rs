@@ -1,0 +1,150 @@
+//! Topic checks before an app starts: the input topics must exist, and each input topic's
+//! snapshot topic must have the same partition count (partition p of the snapshot topic holds
+//! the snapshots of input partition p). A missing snapshot topic is created.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::metadata::Metadata;
+
+use crate::config::AppConfig;
+use crate::error::Error;
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a freshly created snapshot topic may take to show up in the metadata.
+const CREATE_VISIBLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Partition count and replication factor of a topic; None if it does not exist.
+fn describe(metadata: &Metadata, topic: &str) -> Option<(usize, usize)> {
+    let t = metadata.topics().iter().find(|t| t.name() == topic)?;
+    if t.error().is_some() || t.partitions().is_empty() {
+        return None;
+    }
+    let replication = t
+        .partitions()
+        .iter()
+        .map(|p| p.replicas().len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    Some((t.partitions().len(), replication))
+}
+
+async fn fetch_metadata(config: &AppConfig) -> Result<Metadata, Error> {
+    let client_config = config.admin_config();
+    tokio::task::spawn_blocking(move || {
+        let consumer: rdkafka::consumer::BaseConsumer = client_config
+            .create()
+            .map_err(|source| Error::kafka("creating a metadata client", source))?;
+        rdkafka::consumer::Consumer::fetch_metadata(&consumer, None, METADATA_TIMEOUT)
+            .map_err(|source| Error::kafka("fetching cluster metadata", source))
+    })
+    .await
+    .map_err(|_| Error::RuntimeStopped)?
+}
+
+/// Checks the input topics and creates missing snapshot topics.
+pub(crate) async fn prepare_topics(config: &AppConfig) -> Result<(), Error> {
+    let metadata = fetch_metadata(config).await?;
+    let mut to_create: Vec<(String, usize, usize)> = Vec::new();
+    for input in &config.input_topics {
+        let Some((partitions, replication)) = describe(&metadata, input) else {
+            return Err(Error::TopicNotFound {
+                topic: input.clone(),
+            });
+        };
+        let snapshot_topic = config.snapshot_topic(input);
+        match describe(&metadata, &snapshot_topic) {
+            Some((actual, _)) if actual != partitions => {
+                return Err(Error::SnapshotTopicPartitions {
+                    snapshot_topic,
+                    input_topic: input.clone(),
+                    expected: partitions,
+                    actual,
+                })
+            }
+            Some(_) => {}
+            None => to_create.push((snapshot_topic, partitions, replication)),
+        }
+    }
+    if to_create.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> = config
+        .admin_config()
+        .create()
+        .map_err(|source| Error::kafka("creating the admin client", source))?;
+    let new_topics: Vec<NewTopic<'_>> = to_create
+        .iter()
+        .map(|(name, partitions, replication)| {
+            NewTopic::new(
+                name,
+                *partitions as i32,
+                TopicReplication::Fixed(*replication as i32),
+            )
+            // Offsets in the snapshot records point into this topic: it must not be compacted,
+            // and time/size retention must not delete the latest snapshot (see README).
+            .set("cleanup.policy", "delete")
+            .set("retention.ms", "-1")
+            .set("retention.bytes", "-1")
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
+    let results = admin
+        .create_topics(new_topics.iter(), &options)
+        .await
+        .map_err(|source| Error::kafka("creating snapshot topics", source))?;
+    for result in results {
+        match result {
+            Ok(topic) => tracing::info!(topic = %topic, "created snapshot topic"),
+            // Another instance created it first; its partition count is checked below.
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(Error::kafka(
+                    format!("creating snapshot topic {topic}"),
+                    rdkafka::error::KafkaError::AdminOp(code),
+                ))
+            }
+        }
+    }
+    // Wait until the new topics are visible with the right partition count.
+    let deadline = Instant::now() + CREATE_VISIBLE_TIMEOUT;
+    loop {
+        let metadata = fetch_metadata(config).await?;
+        let mut all_ready = true;
+        for (name, partitions, _) in &to_create {
+            match describe(&metadata, name) {
+                Some((actual, _)) if actual == *partitions => {}
+                Some((actual, _)) => {
+                    let input_topic = config
+                        .input_topics
+                        .iter()
+                        .find(|t| config.snapshot_topic(t) == *name)
+                        .cloned()
+                        .unwrap_or_default();
+                    return Err(Error::SnapshotTopicPartitions {
+                        snapshot_topic: name.clone(),
+                        input_topic,
+                        expected: *partitions,
+                        actual,
+                    });
+                }
+                None => all_ready = false,
+            }
+        }
+        if all_ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::TopicNotFound {
+                topic: to_create
+                    .first()
+                    .map(|(n, _, _)| n.clone())
+                    .unwrap_or_default(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,975 @@
+//! Application configuration: a builder with sensible defaults, environment overrides and a
+//! passthrough of every librdkafka property to the Kafka clients.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+
+/// What to do with an input record that fails to decode, or for which the processor returns an
+/// error or panics.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ErrorPolicy {
+    /// Stop the partition with an error naming topic, partition and offset; nothing past the
+    /// record is committed. The default: bad input needs a human.
+    #[default]
+    Fail,
+    /// Log the error, count it in [`MetricsSnapshot::records_skipped`](crate::MetricsSnapshot),
+    /// and go on with the next record.
+    Skip,
+    /// Write the record (original key, value, headers, timestamp) plus `exactly.*` error headers
+    /// to `topic`, inside the same transaction, and go on.
+    DeadLetter {
+        /// The dead-letter topic.
+        topic: String,
+    },
+}
+
+/// Where a partition without any snapshot starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartFrom {
+    /// The oldest retained record (default).
+    #[default]
+    Earliest,
+    /// Only records produced after the partition was first assigned.
+    Latest,
+}
+
+/// An invalid configuration, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A setting has a value that cannot work.
+    #[error("invalid setting {setting} = {value:?}: {fix}")]
+    Invalid {
+        /// The setting (builder method or property name).
+        setting: String,
+        /// Its value.
+        value: String,
+        /// Why it cannot work and what to do.
+        fix: String,
+    },
+    /// A librdkafka property that the framework manages itself was set through the passthrough.
+    #[error("librdkafka property {property}={value:?} cannot be set: {fix}")]
+    ManagedProperty {
+        /// The property.
+        property: String,
+        /// The value given.
+        value: String,
+        /// Why the framework manages it and what to do instead.
+        fix: String,
+    },
+    /// An `EXACTLY_*` environment variable could not be parsed.
+    #[error("environment variable {name}={value:?} is invalid: {fix}")]
+    Env {
+        /// The variable.
+        name: String,
+        /// Its value.
+        value: String,
+        /// What was expected.
+        fix: String,
+    },
+}
+
+fn invalid(setting: &str, value: impl ToString, fix: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting: setting.to_owned(),
+        value: value.to_string(),
+        fix: fix.into(),
+    }
+}
+
+/// Configuration of an exactly-once application.
+///
+/// ```
+/// use std::time::Duration;
+/// use exactly::{AppConfig, ErrorPolicy};
+///
+/// let config = AppConfig::new("payments-ledger", "broker-1:9092,broker-2:9092")
+///     .input_topic("payments")
+///     .commit_interval(Duration::from_millis(200))
+///     .full_snapshot_every_records(50_000)
+///     .error_policy(ErrorPolicy::DeadLetter { topic: "payments.dlq".into() })
+///     // Any librdkafka property goes to every client (consumer, producers, admin):
+///     .kafka("security.protocol", "SASL_PLAINTEXT")
+///     .kafka("sasl.mechanisms", "PLAIN")
+///     .kafka("sasl.username", "ledger")
+///     .kafka("sasl.password", "secret");
+/// config.validate().unwrap();
+/// assert_eq!(config.snapshot_topic("payments"), "payments-ledger.payments.snapshots");
+/// ```
+///
+/// # Environment overrides
+///
+/// [`from_env`](Self::from_env) applies these variables over what the builder set:
+///
+/// | variable | setting |
+/// |---|---|
+/// | `EXACTLY_APP_ID` | app id |
+/// | `EXACTLY_BROKERS` (or `EXACTLY_BOOTSTRAP_SERVERS`) | bootstrap servers |
+/// | `EXACTLY_INPUT_TOPICS` | comma-separated input topics |
+/// | `EXACTLY_COMMIT_INTERVAL_MS` | [`commit_interval`](Self::commit_interval) |
+/// | `EXACTLY_MAX_BATCH_RECORDS` | [`max_batch_records`](Self::max_batch_records) |
+/// | `EXACTLY_FULL_SNAPSHOT_EVERY_RECORDS` | [`full_snapshot_every_records`](Self::full_snapshot_every_records) |
+/// | `EXACTLY_FULL_SNAPSHOT_INTERVAL_MS` | [`full_snapshot_interval`](Self::full_snapshot_interval) |
+/// | `EXACTLY_FULL_SNAPSHOTS` | [`full_snapshots`](Self::full_snapshots) (`true`/`false`) |
+/// | `EXACTLY_STATE_FINGERPRINT` | [`state_fingerprint`](Self::state_fingerprint) (`true`/`false`) |
+/// | `EXACTLY_SNAPSHOT_TOPIC_PATTERN` | [`snapshot_topic_pattern`](Self::snapshot_topic_pattern) |
+/// | `EXACTLY_MAX_CHUNK_BYTES` | [`max_chunk_bytes`](Self::max_chunk_bytes) |
+/// | `EXACTLY_ERROR_POLICY` | `fail`, `skip` or `dead-letter:<topic>` |
+/// | `EXACTLY_AUTO_OFFSET_RESET` | `earliest` or `latest` |
+/// | `EXACTLY_TRANSACTION_TIMEOUT_MS` | [`transaction_timeout`](Self::transaction_timeout) |
+/// | `EXACTLY_KAFKA_<NAME>` | librdkafka property for every client: `<NAME>` lower-cased, `_` → `.` (`EXACTLY_KAFKA_SASL_MECHANISMS=PLAIN` sets `sasl.mechanisms`) |
+/// | `EXACTLY_CONSUMER_KAFKA_<NAME>`, `EXACTLY_PRODUCER_KAFKA_<NAME>` | the same for the consumer / the producers only |
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub(crate) app_id: String,
+    pub(crate) bootstrap_servers: String,
+    pub(crate) input_topics: Vec<String>,
+    pub(crate) commit_interval: Duration,
+    pub(crate) max_batch_records: usize,
+    pub(crate) full_snapshot_every_records: u64,
+    pub(crate) full_snapshot_interval: Duration,
+    pub(crate) full_snapshots: bool,
+    pub(crate) state_fingerprint: bool,
+    pub(crate) snapshot_topic_pattern: String,
+    pub(crate) max_chunk_bytes: usize,
+    pub(crate) error_policy: ErrorPolicy,
+    pub(crate) auto_offset_reset: StartFrom,
+    pub(crate) transaction_timeout: Duration,
+    /// Passthrough for every client, then per client (the per-client value wins).
+    pub(crate) kafka: BTreeMap<String, String>,
+    pub(crate) consumer_kafka: BTreeMap<String, String>,
+    pub(crate) producer_kafka: BTreeMap<String, String>,
+}
+
+/// Default of [`AppConfig::snapshot_topic_pattern`].
+pub const DEFAULT_SNAPSHOT_TOPIC_PATTERN: &str = "{app}.{topic}.snapshots";
+
+/// Bytes a snapshot chunk's envelope (ids, offsets, checksums, record overhead) may add on top
+/// of its data; keeps chunks below `message.max.bytes`.
+const CHUNK_ENVELOPE_ALLOWANCE: usize = 4096;
+
+/// librdkafka's default `message.max.bytes`.
+const LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+impl AppConfig {
+    /// A configuration for application `app_id` (also the consumer group id and the prefix of
+    /// transactional ids and snapshot topics) connecting to `bootstrap_servers`
+    /// (comma-separated `host:port`).
+    pub fn new(app_id: impl Into<String>, bootstrap_servers: impl Into<String>) -> Self {
+        AppConfig {
+            app_id: app_id.into(),
+            bootstrap_servers: bootstrap_servers.into(),
+            input_topics: Vec::new(),
+            commit_interval: Duration::from_millis(100),
+            max_batch_records: 10_000,
+            full_snapshot_every_records: 100_000,
+            full_snapshot_interval: Duration::from_secs(60),
+            full_snapshots: true,
+            state_fingerprint: true,
+            snapshot_topic_pattern: DEFAULT_SNAPSHOT_TOPIC_PATTERN.to_owned(),
+            max_chunk_bytes: 512 * 1024,
+            error_policy: ErrorPolicy::Fail,
+            auto_offset_reset: StartFrom::Earliest,
+            transaction_timeout: Duration::from_secs(60),
+            kafka: BTreeMap::new(),
+            consumer_kafka: BTreeMap::new(),
+            producer_kafka: BTreeMap::new(),
+        }
+    }
+
+    /// Adds an input topic.
+    pub fn input_topic(mut self, topic: impl Into<String>) -> Self {
+        self.input_topics.push(topic.into());
+        self
+    }
+
+    /// Adds several input topics.
+    pub fn input_topics<I, S>(mut self, topics: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.input_topics.extend(topics.into_iter().map(Into::into));
+        self
+    }
+
+    /// Longest time a transaction stays open collecting records (default 100 ms). Lower =
+    /// lower end-to-end latency, more transactions.
+    pub fn commit_interval(mut self, interval: Duration) -> Self {
+        self.commit_interval = interval;
+        self
+    }
+
+    /// Most input records per transaction (default 10 000).
+    pub fn max_batch_records(mut self, records: usize) -> Self {
+        self.max_batch_records = records;
+        self
+    }
+
+    /// Write a full snapshot after this many records since the last one (default 100 000;
+    /// 0 = never by count). Bounds how many records recovery replays.
+    pub fn full_snapshot_every_records(mut self, records: u64) -> Self {
+        self.full_snapshot_every_records = records;
+        self
+    }
+
+    /// Write a full snapshot at least this often while records arrive (default 60 s;
+    /// `Duration::ZERO` = never by time).
+    pub fn full_snapshot_interval(mut self, interval: Duration) -> Self {
+        self.full_snapshot_interval = interval;
+        self
+    }
+
+    /// Whether to write full snapshots at all (default true). With `false`, recovery replays
+    /// every input record from where the partition started.
+    pub fn full_snapshots(mut self, enabled: bool) -> Self {
+        self.full_snapshots = enabled;
+        self
+    }
+
+    /// Whether to fingerprint the state after every transaction and check it after recovery
+    /// (default true). The check catches non-deterministic processors; it costs a walk over the
+    /// whole state per transaction.
+    pub fn state_fingerprint(mut self, enabled: bool) -> Self {
+        self.state_fingerprint = enabled;
+        self
+    }
+
+    /// Name of the snapshot topic of each input topic; `{app}` and `{topic}` are replaced
+    /// (default `"{app}.{topic}.snapshots"`). Must contain `{topic}`.
+    pub fn snapshot_topic_pattern(mut self, pattern: impl Into<String>) -> Self {
+        self.snapshot_topic_pattern = pattern.into();
+        self
+    }
+
+    /// Largest piece of serialized state per snapshot record (default 512 KiB). Must stay below
+    /// the broker's and the producer's `message.max.bytes` with some margin.
+    pub fn max_chunk_bytes(mut self, bytes: usize) -> Self {
+        self.max_chunk_bytes = bytes;
+        self
+    }
+
+    /// What to do with records that fail (default [`ErrorPolicy::Fail`]).
+    pub fn error_policy(mut self, policy: ErrorPolicy) -> Self {
+        self.error_policy = policy;
+        self
+    }
+
+    /// Where a partition without any snapshot starts (default [`StartFrom::Earliest`]).
+    pub fn auto_offset_reset(mut self, start: StartFrom) -> Self {
+        self.auto_offset_reset = start;
+        self
+    }
+
+    /// `transaction.timeout.ms` of the producers (default 60 s): a transaction of a crashed
+    /// instance is aborted by the broker after this long. `message.timeout.ms` is derived below
+    /// it (90 %) unless set through [`kafka`](Self::kafka).
+    pub fn transaction_timeout(mut self, timeout: Duration) -> Self {
+        self.transaction_timeout = timeout;
+        self
+    }
+
+    /// Sets a librdkafka property on every client: consumer, producers and admin client
+    /// (`security.protocol`, `sasl.*`, `ssl.*`, `socket.timeout.ms`, ...). See librdkafka's
+    /// CONFIGURATION.md. Wins over the framework's defaults.
+    pub fn kafka(mut self, property: impl Into<String>, value: impl Into<String>) -> Self {
+        self.kafka.insert(property.into(), value.into());
+        self
+    }
+
+    /// Sets a librdkafka property on the consumer only (wins over [`kafka`](Self::kafka)).
+    pub fn consumer_kafka(mut self, property: impl Into<String>, value: impl Into<String>) -> Self {
+        self.consumer_kafka.insert(property.into(), value.into());
+        self
+    }
+
+    /// Sets a librdkafka property on the transactional producers only (wins over
+    /// [`kafka`](Self::kafka)).
+    pub fn producer_kafka(mut self, property: impl Into<String>, value: impl Into<String>) -> Self {
+        self.producer_kafka.insert(property.into(), value.into());
+        self
+    }
+
+    /// Applies the `EXACTLY_*` environment variables (see the table above) over this
+    /// configuration.
+    pub fn from_env(self) -> Result<Self, ConfigError> {
+        self.apply_env(std::env::vars_os().filter_map(|(k, v)| {
+            // Non-UTF-8 variables cannot be ours; skip them rather than fail on foreign ones.
+            Some((k.into_string().ok()?, v.into_string().ok()?))
+        }))
+    }
+
+    /// [`from_env`](Self::from_env) over an explicit list of variables (testable without
+    /// touching the process environment).
+    pub(crate) fn apply_env<I>(mut self, vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        for (name, value) in vars {
+            let Some(setting) = name.strip_prefix("EXACTLY_") else {
+                continue;
+            };
+            let env_err = |fix: &str| ConfigError::Env {
+                name: name.clone(),
+                value: value.clone(),
+                fix: fix.to_owned(),
+            };
+            let ms = || {
+                value
+                    .trim()
+                    .parse::<u64>()
+                    .map(Duration::from_millis)
+                    .map_err(|_| env_err("expected a whole number of milliseconds"))
+            };
+            let number = || {
+                value
+                    .trim()
+                    .parse::<u64>()
+                    .map_err(|_| env_err("expected a non-negative whole number"))
+            };
+            let flag = || match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(env_err("expected true or false")),
+            };
+            if let Some(property) = setting.strip_prefix("KAFKA_") {
+                self.kafka.insert(env_property(property), value.clone());
+                continue;
+            }
+            if let Some(property) = setting.strip_prefix("CONSUMER_KAFKA_") {
+                self.consumer_kafka
+                    .insert(env_property(property), value.clone());
+                continue;
+            }
+            if let Some(property) = setting.strip_prefix("PRODUCER_KAFKA_") {
+                self.producer_kafka
+                    .insert(env_property(property), value.clone());
+                continue;
+            }
+            match setting {
+                "APP_ID" => self.app_id = value.trim().to_owned(),
+                "BROKERS" | "BOOTSTRAP_SERVERS" => self.bootstrap_servers = value.trim().to_owned(),
+                "INPUT_TOPICS" => {
+                    self.input_topics = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                }
+                "COMMIT_INTERVAL_MS" => self.commit_interval = ms()?,
+                "MAX_BATCH_RECORDS" => {
+                    self.max_batch_records =
+                        usize::try_from(number()?).map_err(|_| env_err("number too large"))?
+                }
+                "FULL_SNAPSHOT_EVERY_RECORDS" => self.full_snapshot_every_records = number()?,
+                "FULL_SNAPSHOT_INTERVAL_MS" => self.full_snapshot_interval = ms()?,
+                "FULL_SNAPSHOTS" => self.full_snapshots = flag()?,
+                "STATE_FINGERPRINT" => self.state_fingerprint = flag()?,
+                "SNAPSHOT_TOPIC_PATTERN" => self.snapshot_topic_pattern = value.trim().to_owned(),
+                "MAX_CHUNK_BYTES" => {
+                    self.max_chunk_bytes =
+                        usize::try_from(number()?).map_err(|_| env_err("number too large"))?
+                }
+                "ERROR_POLICY" => {
+                    let v = value.trim();
+                    let lower = v.to_ascii_lowercase();
+                    self.error_policy = if lower == "fail" {
+                        ErrorPolicy::Fail
+                    } else if lower == "skip" {
+                        ErrorPolicy::Skip
+                    } else if let Some((kind, topic)) = v.split_once(':') {
+                        if !matches!(
+                            kind.to_ascii_lowercase().as_str(),
+                            "dead-letter" | "dead_letter" | "deadletter"
+                        ) || topic.trim().is_empty()
+                        {
+                            return Err(env_err("expected fail, skip or dead-letter:<topic>"));
+                        }
+                        ErrorPolicy::DeadLetter {
+                            topic: topic.trim().to_owned(),
+                        }
+                    } else {
+                        return Err(env_err("expected fail, skip or dead-letter:<topic>"));
+                    };
+                }
+                "AUTO_OFFSET_RESET" => {
+                    self.auto_offset_reset = match value.trim().to_ascii_lowercase().as_str() {
+                        "earliest" => StartFrom::Earliest,
+                        "latest" => StartFrom::Latest,
+                        _ => return Err(env_err("expected earliest or latest")),
+                    }
+                }
+                "TRANSACTION_TIMEOUT_MS" => self.transaction_timeout = ms()?,
+                _ => {
+                    // Other EXACTLY_* variables may belong to the application or its tests:
+                    // mention them (a typo is the likely cause) without failing.
+                    tracing::debug!(variable = %name, "ignoring unknown EXACTLY_* environment variable");
+                }
+            }
+        }
+        Ok(self)
+    }
+
+    /// Checks that the configuration can work; every error says what to change.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_name("app id", &self.app_id)?;
+        if self.bootstrap_servers.trim().is_empty() {
+            return Err(invalid(
+                "bootstrap servers",
+                &self.bootstrap_servers,
+                "give at least one host:port (AppConfig::new or EXACTLY_BROKERS)",
+            ));
+        }
+        if self.input_topics.is_empty() {
+            return Err(invalid(
+                "input topics",
+                "",
+                "add at least one with AppConfig::input_topic or EXACTLY_INPUT_TOPICS",
+            ));
+        }
+        for (i, topic) in self.input_topics.iter().enumerate() {
+            validate_name("input topic", topic)?;
+            if self.input_topics[..i].contains(topic) {
+                return Err(invalid(
+                    "input topics",
+                    topic,
+                    "topic listed twice; list each input topic once",
+                ));
+            }
+        }
+        if !self.snapshot_topic_pattern.contains("{topic}") {
+            return Err(invalid(
+                "snapshot_topic_pattern",
+                &self.snapshot_topic_pattern,
+                "must contain {topic}: every input topic needs its own, partition-aligned snapshot topic",
+            ));
+        }
+        for topic in &self.input_topics {
+            let snapshots = self.snapshot_topic(topic);
+            validate_name("snapshot topic", &snapshots)?;
+            if self.input_topics.contains(&snapshots) {
+                return Err(invalid(
+                    "snapshot_topic_pattern",
+                    &self.snapshot_topic_pattern,
+                    format!("snapshot topic {snapshots:?} is also an input topic"),
+                ));
+            }
+        }
+        if let ErrorPolicy::DeadLetter { topic } = &self.error_policy {
+            validate_name("dead-letter topic", topic)?;
+            if self.input_topics.contains(topic) {
+                return Err(invalid(
+                    "error_policy",
+                    topic,
+                    "the dead-letter topic is an input topic: failed records would be read again; use another topic",
+                ));
+            }
+        }
+        if self.max_batch_records == 0 {
+            return Err(invalid("max_batch_records", 0, "must be at least 1"));
+        }
+        if self.transaction_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                "transaction_timeout",
+                format!("{:?}", self.transaction_timeout),
+                "must be at least 1 s (and below the broker's transaction.max.timeout.ms, 15 min by default)",
+            ));
+        }
+        if self.commit_interval.is_zero()
+            || self
+                .commit_interval
+                .checked_mul(2)
+                .is_none_or(|twice| twice > self.transaction_timeout)
+        {
+            return Err(invalid(
+                "commit_interval",
+                format!("{:?}", self.commit_interval),
+                format!(
+                    "must be above zero and at most half of transaction_timeout ({:?}), or open transactions time out",
+                    self.transaction_timeout
+                ),
+            ));
+        }
+        if self.max_chunk_bytes < 1024 {
+            return Err(invalid(
+                "max_chunk_bytes",
+                self.max_chunk_bytes,
+                "must be at least 1024 bytes",
+            ));
+        }
+        self.validate_passthrough()?;
+        let message_max = self.producer_property("message.max.bytes");
+        let message_max_bytes = match message_max {
+            Some(v) => v
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| invalid("message.max.bytes", v, "must be a whole number of bytes"))?,
+            None => LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES,
+        };
+        if self.max_chunk_bytes + CHUNK_ENVELOPE_ALLOWANCE > message_max_bytes {
+            return Err(invalid(
+                "max_chunk_bytes",
+                self.max_chunk_bytes,
+                format!(
+                    "snapshot chunks would not fit the producer's message.max.bytes ({message_max_bytes}); lower max_chunk_bytes to at most {} or raise message.max.bytes (on the broker too)",
+                    message_max_bytes.saturating_sub(CHUNK_ENVELOPE_ALLOWANCE)
+                ),
+            ));
+        }
+        if let Some(v) = self.producer_property("message.timeout.ms") {
+            let ms = v.trim().parse::<u64>().map_err(|_| {
+                invalid(
+                    "message.timeout.ms",
+                    v,
+                    "must be a whole number of milliseconds",
+                )
+            })?;
+            if u128::from(ms) >= self.transaction_timeout.as_millis() {
+                return Err(invalid(
+                    "message.timeout.ms",
+                    v,
+                    format!(
+                        "must be below transaction_timeout ({} ms): a record still in flight when the transaction times out is lost to it; lower it or leave it unset",
+                        self.transaction_timeout.as_millis()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_passthrough(&self) -> Result<(), ConfigError> {
+        let maps = [&self.kafka, &self.consumer_kafka, &self.producer_kafka];
+        for (property, value) in maps.iter().flat_map(|m| m.iter()) {
+            let managed = |fix: &str| {
+                Err(ConfigError::ManagedProperty {
+                    property: property.clone(),
+                    value: value.clone(),
+                    fix: fix.to_owned(),
+                })
+            };
+            let v = value.trim().to_ascii_lowercase();
+            match property.as_str() {
+                "transactional.id" => {
+                    return managed("exactly sets it per input partition (<app>.<topic>.<partition>) to fence zombies; remove it")
+                }
+                "group.id" => return managed("the consumer group id is the app id; change the app id instead"),
+                "transaction.timeout.ms" => {
+                    return managed("use AppConfig::transaction_timeout (EXACTLY_TRANSACTION_TIMEOUT_MS)")
+                }
+                "isolation.level" if v != "read_committed" => {
+                    return managed("exactly-once needs read_committed (aborted records must stay invisible); remove it")
+                }
+                "enable.auto.commit" if v != "false" => {
+                    return managed("offsets are committed inside each transaction; remove it")
+                }
+                "enable.auto.offset.store" if v != "false" => {
+                    return managed("offsets are committed inside each transaction; remove it")
+                }
+                "enable.idempotence" if v != "true" => {
+                    return managed("transactional producers are idempotent; remove it")
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The app id (consumer group id, prefix of transactional ids and snapshot topics).
+    pub fn app_id(&self) -> &str {
+        &self.app_id
+    }
+
+    /// The bootstrap servers.
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap_servers
+    }
+
+    /// The snapshot topic of `input_topic`.
+    pub fn snapshot_topic(&self, input_topic: &str) -> String {
+        self.snapshot_topic_pattern
+            .replace("{app}", &self.app_id)
+            .replace("{topic}", input_topic)
+    }
+
+    /// The transactional id of the producer that owns `input_topic`/`partition`:
+    /// `<app>.<topic>.<partition>`.
+    pub fn transactional_id(&self, input_topic: &str, partition: i32) -> String {
+        format!("{}.{}.{}", self.app_id, input_topic, partition)
+    }
+
+    /// The effective `message.timeout.ms` of the producers: set explicitly, or 90 % of the
+    /// transaction timeout.
+    fn message_timeout_ms(&self) -> String {
+        match self.producer_property("message.timeout.ms") {
+            Some(v) => v.to_owned(),
+            None => (self.transaction_timeout.as_millis() * 9 / 10)
+                .max(1)
+                .to_string(),
+        }
+    }
+
+    /// A passthrough property as the producers see it (per-producer value wins).
+    fn producer_property(&self, property: &str) -> Option<&str> {
+        self.producer_kafka
+            .get(property)
+            .or_else(|| self.kafka.get(property))
+            .map(String::as_str)
+    }
+
+    /// Configuration of the input consumer. `group`: join the app's consumer group (the main
+    /// consumer); without it, a group-less consumer for reading snapshot partitions by
+    /// assignment.
+    pub(crate) fn consumer_config(&self, group: bool) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap_servers)
+            .set("client.id", format!("exactly-{}", self.app_id))
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "auto.offset.reset",
+                match self.auto_offset_reset {
+                    StartFrom::Earliest => "earliest",
+                    StartFrom::Latest => "latest",
+                },
+            );
+        if group {
+            c.set("group.id", &self.app_id);
+        }
+        apply(&mut c, &self.kafka);
+        apply(&mut c, &self.consumer_kafka);
+        c
+    }
+
+    /// Configuration of the transactional producer `transactional_id`.
+    pub(crate) fn producer_config(&self, transactional_id: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap_servers)
+            .set("client.id", transactional_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set(
+                "transaction.timeout.ms",
+                self.transaction_timeout.as_millis().to_string(),
+            )
+            .set("message.timeout.ms", self.message_timeout_ms());
+        apply(&mut c, &self.kafka);
+        apply(&mut c, &self.producer_kafka);
+        // Set last: the framework owns it (validate() rejects a passthrough value).
+        c.set("transactional.id", transactional_id);
+        c
+    }
+
+    /// Configuration of the admin client (snapshot topic creation).
+    pub(crate) fn admin_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap_servers)
+            .set("client.id", format!("exactly-{}-admin", self.app_id));
+        apply(&mut c, &self.kafka);
+        c
+    }
+}
+
+/// `SASL_MECHANISMS` → `sasl.mechanisms`.
+fn env_property(name: &str) -> String {
+    name.to_ascii_lowercase().replace('_', ".")
+}
+
+fn apply(c: &mut ClientConfig, properties: &BTreeMap<String, String>) {
+    for (k, v) in properties {
+        c.set(k, v);
+    }
+}
+
+/// Kafka's rules for topic names, which app ids must follow too (they become part of topic
+/// names and transactional ids).
+fn validate_name(what: &str, name: &str) -> Result<(), ConfigError> {
+    let fix = if name.is_empty() {
+        "must not be empty".to_owned()
+    } else if name.len() > 200 {
+        format!("is {} characters long; use at most 200", name.len())
+    } else if name == "." || name == ".." {
+        "\".\" and \"..\" are not valid names".to_owned()
+    } else if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        format!("contains {c:?}; use only ASCII letters, digits, '.', '_' and '-'")
+    } else {
+        return Ok(());
+    };
+    Err(invalid(what, name, fix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> AppConfig {
+        AppConfig::new("app", "localhost:9092").input_topic("in")
+    }
+
+    fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_validate_and_produce_exactly_once_clients() {
+        let c = base();
+        c.validate().unwrap();
+        let consumer = c.consumer_config(true);
+        assert_eq!(consumer.get("isolation.level"), Some("read_committed"));
+        assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
+        assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(consumer.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(consumer.get("group.id"), Some("app"));
+        assert_eq!(consumer.get("bootstrap.servers"), Some("localhost:9092"));
+        assert_eq!(c.consumer_config(false).get("group.id"), None);
+
+        let producer = c.producer_config("app.in.3");
+        assert_eq!(producer.get("transactional.id"), Some("app.in.3"));
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+        assert_eq!(producer.get("transaction.timeout.ms"), Some("60000"));
+        let message: u64 = producer.get("message.timeout.ms").unwrap().parse().unwrap();
+        assert!(
+            message < 60_000,
+            "message.timeout.ms {message} must be below the txn timeout"
+        );
+        assert_eq!(
+            c.admin_config().get("bootstrap.servers"),
+            Some("localhost:9092")
+        );
+    }
+
+    #[test]
+    fn sasl_plain_by_configuration_alone_reaches_every_client() {
+        let c = base()
+            .kafka("security.protocol", "SASL_PLAINTEXT")
+            .kafka("sasl.mechanisms", "PLAIN")
+            .kafka("sasl.username", "alice")
+            .kafka("sasl.password", "s3cret");
+        c.validate().unwrap();
+        for client in [
+            c.consumer_config(true),
+            c.consumer_config(false),
+            c.producer_config("app.in.0"),
+            c.admin_config(),
+        ] {
+            assert_eq!(client.get("security.protocol"), Some("SASL_PLAINTEXT"));
+            assert_eq!(client.get("sasl.mechanisms"), Some("PLAIN"));
+            assert_eq!(client.get("sasl.username"), Some("alice"));
+            assert_eq!(client.get("sasl.password"), Some("s3cret"));
+        }
+    }
+
+    #[test]
+    fn passthrough_overrides_defaults_and_per_client_wins() {
+        let c = base()
+            .kafka("auto.offset.reset", "latest")
+            .kafka("linger.ms", "1")
+            .producer_kafka("linger.ms", "20")
+            .consumer_kafka("fetch.wait.max.ms", "10")
+            .kafka("message.timeout.ms", "5000");
+        c.validate().unwrap();
+        assert_eq!(
+            c.consumer_config(true).get("auto.offset.reset"),
+            Some("latest")
+        );
+        assert_eq!(c.consumer_config(true).get("linger.ms"), Some("1"));
+        assert_eq!(c.consumer_config(true).get("fetch.wait.max.ms"), Some("10"));
+        let p = c.producer_config("x");
+        assert_eq!(p.get("linger.ms"), Some("20"));
+        assert_eq!(p.get("fetch.wait.max.ms"), None);
+        assert_eq!(p.get("message.timeout.ms"), Some("5000"));
+    }
+
+    #[test]
+    fn message_timeout_follows_transaction_timeout() {
+        let c = base().transaction_timeout(Duration::from_secs(10));
+        let p = c.producer_config("x");
+        assert_eq!(p.get("transaction.timeout.ms"), Some("10000"));
+        assert_eq!(p.get("message.timeout.ms"), Some("9000"));
+
+        let err = base()
+            .transaction_timeout(Duration::from_secs(10))
+            .producer_kafka("message.timeout.ms", "10000")
+            .validate()
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("must be below transaction_timeout"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn managed_properties_are_refused_with_a_reason() {
+        for (k, v, hint) in [
+            ("transactional.id", "x", "per input partition"),
+            ("isolation.level", "read_uncommitted", "read_committed"),
+            ("enable.auto.commit", "true", "inside each transaction"),
+            ("group.id", "g", "app id"),
+            ("transaction.timeout.ms", "1000", "transaction_timeout"),
+            ("enable.idempotence", "false", "idempotent"),
+        ] {
+            let err = base().kafka(k, v).validate().unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::ManagedProperty { property, .. } if property == k),
+                "{k}: {err}"
+            );
+            assert!(err.to_string().contains(hint), "{k}: {err}");
+        }
+        // Setting a managed property to the value the framework uses anyway is harmless.
+        base()
+            .kafka("isolation.level", "read_committed")
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn validation_explains_what_to_fix() {
+        let cases: Vec<(AppConfig, &str)> = vec![
+            (AppConfig::new("app", "b:1"), "input_topic"),
+            (
+                AppConfig::new("", "b:1").input_topic("t"),
+                "must not be empty",
+            ),
+            (
+                AppConfig::new("my app", "b:1").input_topic("t"),
+                "contains ' '",
+            ),
+            (AppConfig::new("a", " ").input_topic("t"), "host:port"),
+            (base().input_topic("in"), "listed twice"),
+            (
+                base().snapshot_topic_pattern("{app}.snaps"),
+                "must contain {topic}",
+            ),
+            (
+                base().snapshot_topic_pattern("{topic}"),
+                "also an input topic",
+            ),
+            (
+                base().error_policy(ErrorPolicy::DeadLetter { topic: "in".into() }),
+                "read again",
+            ),
+            (base().max_batch_records(0), "at least 1"),
+            (base().commit_interval(Duration::ZERO), "above zero"),
+            (
+                base().commit_interval(Duration::from_secs(40)),
+                "half of transaction_timeout",
+            ),
+            (
+                base().commit_interval(Duration::MAX),
+                "half of transaction_timeout",
+            ),
+            (base().max_chunk_bytes(10), "at least 1024"),
+            (base().max_chunk_bytes(999_000), "message.max.bytes"),
+            (
+                base()
+                    .kafka("message.max.bytes", "100000")
+                    .max_chunk_bytes(200_000),
+                "at most 95904",
+            ),
+        ];
+        for (config, hint) in cases {
+            let err = config.validate().unwrap_err();
+            assert!(
+                err.to_string().contains(hint),
+                "expected {hint:?} in: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn env_overrides_builder_values() {
+        let c = base()
+            .commit_interval(Duration::from_millis(5))
+            .apply_env(vars(&[
+                ("EXACTLY_APP_ID", "other"),
+                ("EXACTLY_BROKERS", "b1:1,b2:2"),
+                ("EXACTLY_INPUT_TOPICS", "a, b,,c"),
+                ("EXACTLY_COMMIT_INTERVAL_MS", "250"),
+                ("EXACTLY_MAX_BATCH_RECORDS", "7"),
+                ("EXACTLY_FULL_SNAPSHOT_EVERY_RECORDS", "0"),
+                ("EXACTLY_FULL_SNAPSHOT_INTERVAL_MS", "1500"),
+                ("EXACTLY_FULL_SNAPSHOTS", "false"),
+                ("EXACTLY_STATE_FINGERPRINT", "no"),
+                ("EXACTLY_SNAPSHOT_TOPIC_PATTERN", "snap-{topic}"),
+                ("EXACTLY_MAX_CHUNK_BYTES", "65536"),
+                ("EXACTLY_ERROR_POLICY", "dead-letter:bad.records"),
+                ("EXACTLY_AUTO_OFFSET_RESET", "LATEST"),
+                ("EXACTLY_TRANSACTION_TIMEOUT_MS", "30000"),
+                ("EXACTLY_KAFKA_SASL_MECHANISMS", "PLAIN"),
+                ("EXACTLY_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT"),
+                ("EXACTLY_CONSUMER_KAFKA_FETCH_MIN_BYTES", "1"),
+                ("EXACTLY_PRODUCER_KAFKA_LINGER_MS", "2"),
+                ("EXACTLY_SOMETHING_ELSE", "ignored"),
+                ("PATH", "/bin"),
+            ]))
+            .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.app_id(), "other");
+        assert_eq!(c.bootstrap_servers(), "b1:1,b2:2");
+        assert_eq!(c.input_topics, ["a", "b", "c"]);
+        assert_eq!(c.commit_interval, Duration::from_millis(250));
+        assert_eq!(c.max_batch_records, 7);
+        assert_eq!(c.full_snapshot_every_records, 0);
+        assert_eq!(c.full_snapshot_interval, Duration::from_millis(1500));
+        assert!(!c.full_snapshots);
+        assert!(!c.state_fingerprint);
+        assert_eq!(c.snapshot_topic("a"), "snap-a");
+        assert_eq!(c.max_chunk_bytes, 65536);
+        assert_eq!(
+            c.error_policy,
+            ErrorPolicy::DeadLetter {
+                topic: "bad.records".into()
+            }
+        );
+        assert_eq!(c.auto_offset_reset, StartFrom::Latest);
+        assert_eq!(c.transaction_timeout, Duration::from_secs(30));
+        let consumer = c.consumer_config(true);
+        assert_eq!(consumer.get("sasl.mechanisms"), Some("PLAIN"));
+        assert_eq!(consumer.get("security.protocol"), Some("SASL_PLAINTEXT"));
+        assert_eq!(consumer.get("fetch.min.bytes"), Some("1"));
+        assert_eq!(consumer.get("auto.offset.reset"), Some("latest"));
+        assert_eq!(c.producer_config("t").get("linger.ms"), Some("2"));
+        assert_eq!(c.producer_config("t").get("sasl.mechanisms"), Some("PLAIN"));
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        for (name, value, hint) in [
+            ("EXACTLY_COMMIT_INTERVAL_MS", "1s", "milliseconds"),
+            ("EXACTLY_FULL_SNAPSHOTS", "maybe", "true or false"),
+            ("EXACTLY_ERROR_POLICY", "retry", "dead-letter:<topic>"),
+            (
+                "EXACTLY_ERROR_POLICY",
+                "dead-letter:",
+                "dead-letter:<topic>",
+            ),
+            ("EXACTLY_AUTO_OFFSET_RESET", "middle", "earliest or latest"),
+            ("EXACTLY_MAX_BATCH_RECORDS", "-1", "whole number"),
+        ] {
+            let err = base().apply_env(vars(&[(name, value)])).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(name) && msg.contains(hint), "{msg}");
+        }
+        let c = base()
+            .apply_env(vars(&[("EXACTLY_ERROR_POLICY", "skip")]))
+            .unwrap();
+        assert_eq!(c.error_policy, ErrorPolicy::Skip);
+    }
+
+    #[test]
+    fn names_derived_from_app_and_topic() {
+        let c = base();
+        assert_eq!(c.snapshot_topic("in"), "app.in.snapshots");
+        assert_eq!(c.transactional_id("in", 4), "app.in.4");
+    }
+}

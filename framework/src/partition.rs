@@ -1,0 +1,676 @@
+//! One input partition's worker: a dedicated OS thread owning the partition's transactional
+//! producer (`transactional.id = <app>.<topic>.<partition>`), its state, and the transaction
+//! loop.
+//!
+//! Life of a worker:
+//! 1. create the producer and `init_transactions` — this fences any previous owner (a zombie)
+//!    and aborts its open transaction *before* any state is read;
+//! 2. recover the state (see [`crate::recovery`]);
+//! 3. ask the consumer thread to seek the partition to offsetEND and resume it, tagging the
+//!    request with a new *seek epoch*; records forwarded under an older epoch are discarded;
+//! 4. batch records into transactions (outputs + snapshot records + consumer offsets) until
+//!    told to stop.
+//!
+//! After an aborted transaction the in-memory state is ahead of what committed, so the worker
+//! goes back to step 2 (never continues from it); after a fatal producer error back to step 1;
+//! when fenced it drops everything and exits quietly.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::{AppConfig, ErrorPolicy};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::processor::{
+    dead_letter_record, process_raw, Output, OutputRecord, Processor, RawRecord,
+};
+use crate::proto::{FullSnapshotRef, IncrementalSnapshot};
+use crate::recovery::{recover, Recovered, RecoveryTarget, READ_STALL_TIMEOUT};
+use crate::snapshot::store::{
+    send_blocking, write_full_snapshot, write_incremental, PartitionReader, TxnProducer,
+    TxnProducerContext,
+};
+use crate::snapshot::{
+    encode_state, fingerprint, full_snapshot_ref, split_into_chunks, OutputDigest,
+};
+
+/// A record forwarded by the consumer thread, tagged with the seek epoch it was fetched under.
+pub(crate) struct Forwarded {
+    pub(crate) epoch: u64,
+    pub(crate) record: RawRecord,
+}
+
+/// Requests from workers to the consumer thread (which alone may touch the group consumer).
+pub(crate) enum ConsumerRequest {
+    /// Seek the partition to `offset`, tag what follows with `epoch`, and resume it.
+    Seek {
+        topic: Arc<str>,
+        partition: i32,
+        offset: i64,
+        epoch: u64,
+    },
+}
+
+/// How a worker ended.
+#[derive(Debug)]
+pub(crate) enum WorkerOutcome {
+    /// Stopped on request after committing its in-flight batch.
+    Finished,
+    /// Another instance owns the partition now; nothing was retried.
+    Fenced,
+    /// The partition cannot continue (bad record under `Fail`, non-deterministic processor,
+    /// retention gap, corrupt snapshot, ...). The app stops with this error.
+    Failed(Error),
+}
+
+/// Everything a worker needs; built by the runtime on assignment.
+pub(crate) struct PartitionWorker<P: Processor> {
+    pub(crate) processor: Arc<P>,
+    pub(crate) config: Arc<AppConfig>,
+    pub(crate) metrics: Metrics,
+    pub(crate) topic: Arc<str>,
+    pub(crate) partition: i32,
+    pub(crate) snapshot_topic: String,
+    pub(crate) transactional_id: String,
+    pub(crate) group_metadata: Arc<ConsumerGroupMetadata>,
+    pub(crate) records: Receiver<Forwarded>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) requests: Sender<ConsumerRequest>,
+    pub(crate) epoch: u64,
+}
+
+/// The in-memory side of a live partition.
+struct Live<S> {
+    state: S,
+    next_offset: i64,
+    base: Option<FullSnapshotRef>,
+    base_input_offset: i64,
+    digest: OutputDigest,
+    records_since_base: u64,
+    transaction_seq: u64,
+    last_full_snapshot: Instant,
+}
+
+impl<S> From<Recovered<S>> for Live<S> {
+    fn from(r: Recovered<S>) -> Self {
+        Live {
+            state: r.state,
+            next_offset: r.next_offset,
+            base: r.base,
+            base_input_offset: r.base_input_offset,
+            digest: r.digest,
+            records_since_base: r.records_since_base,
+            transaction_seq: r.transaction_seq,
+            last_full_snapshot: Instant::now(),
+        }
+    }
+}
+
+/// Why the live loop ended.
+enum LiveExit {
+    /// Stop requested; the in-flight batch committed.
+    Stopped,
+    /// The open transaction must be aborted; then recover.
+    Abort(KafkaError),
+    /// The producer is unusable; recreate it.
+    FatalProducer(KafkaError),
+    Fenced,
+    /// Stop the partition (after aborting the open transaction).
+    Failed(Error),
+}
+
+/// What an rdkafka transactional error means for the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxnErrorClass {
+    Fenced,
+    Fatal,
+    Retriable,
+    Abortable,
+}
+
+fn classify(error: &KafkaError) -> TxnErrorClass {
+    let fenced_code = |code: RDKafkaErrorCode| {
+        matches!(
+            code,
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::TransactionCoordinatorFenced
+        )
+    };
+    match error {
+        KafkaError::Transaction(e) if fenced_code(e.code()) => TxnErrorClass::Fenced,
+        KafkaError::Transaction(e) if e.is_fatal() => TxnErrorClass::Fatal,
+        KafkaError::Transaction(e) if e.txn_requires_abort() => TxnErrorClass::Abortable,
+        KafkaError::Transaction(e) if e.is_retriable() => TxnErrorClass::Retriable,
+        // Also `KafkaError::Flush` from commit_transaction: no transactional classification,
+        // so the open transaction is abandoned (abort + recover) — DESIGN §5.
+        other => match other.rdkafka_error_code() {
+            Some(code) if fenced_code(code) => TxnErrorClass::Fenced,
+            _ => TxnErrorClass::Abortable,
+        },
+    }
+}
+
+/// How often a worker without an open transaction checks its stop flag.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+/// Attempts of a retriable transactional call before the transaction is abandoned.
+const RETRIES: u32 = 5;
+
+impl<P: Processor> PartitionWorker<P> {
+    /// Runs the worker to its end (on its own thread).
+    pub(crate) fn run(mut self) -> WorkerOutcome {
+        let span = tracing::info_span!(
+            "partition_worker",
+            topic = %self.topic,
+            partition = self.partition,
+            transactional_id = %self.transactional_id,
+        );
+        let _entered = span.enter();
+        let outcome = self.run_inner();
+        match &outcome {
+            WorkerOutcome::Finished => tracing::info!("partition worker stopped"),
+            WorkerOutcome::Fenced => {
+                self.metrics.partition_fenced();
+                tracing::info!(
+                    "fenced: another instance owns this partition now; dropping its state"
+                )
+            }
+            WorkerOutcome::Failed(error) => {
+                self.metrics.partition_failed();
+                tracing::error!(error = %error, "partition failed")
+            }
+        }
+        outcome
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn run_inner(&mut self) -> WorkerOutcome {
+        let mut backoff = Duration::from_millis(100);
+        'producer: loop {
+            if self.stopping() {
+                return WorkerOutcome::Finished;
+            }
+            let producer = match self.create_producer() {
+                Ok(p) => p,
+                Err(ProducerStart::Fenced) => return WorkerOutcome::Fenced,
+                Err(ProducerStart::Stopped) => return WorkerOutcome::Finished,
+                Err(ProducerStart::Failed(e)) => return WorkerOutcome::Failed(e),
+            };
+            loop {
+                if self.stopping() {
+                    return WorkerOutcome::Finished;
+                }
+                let live = match self.recover() {
+                    Ok(Some(live)) => live,
+                    Ok(None) => return WorkerOutcome::Finished,
+                    Err(e) => return WorkerOutcome::Failed(e),
+                };
+                self.epoch += 1;
+                tracing::debug!(
+                    next_offset = live.next_offset,
+                    epoch = self.epoch,
+                    "going live"
+                );
+                if self
+                    .requests
+                    .send(ConsumerRequest::Seek {
+                        topic: Arc::clone(&self.topic),
+                        partition: self.partition,
+                        offset: live.next_offset,
+                        epoch: self.epoch,
+                    })
+                    .is_err()
+                {
+                    // The consumer thread is gone: the app is shutting down.
+                    return WorkerOutcome::Finished;
+                }
+                let live_since = Instant::now();
+                let exit = self.live_loop(&producer, live);
+                if live_since.elapsed() > Duration::from_secs(30) {
+                    // A long healthy run: the next failure is not part of a crash loop.
+                    backoff = Duration::from_millis(100);
+                }
+                match exit {
+                    LiveExit::Stopped => return WorkerOutcome::Finished,
+                    LiveExit::Fenced => return WorkerOutcome::Fenced,
+                    LiveExit::Failed(error) => {
+                        let _ = producer.abort_transaction(self.txn_timeout());
+                        self.metrics.transaction_aborted();
+                        return WorkerOutcome::Failed(error);
+                    }
+                    LiveExit::FatalProducer(error) => {
+                        tracing::warn!(error = %error, "fatal producer error; recreating the producer");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue 'producer;
+                    }
+                    LiveExit::Abort(reason) => {
+                        tracing::warn!(error = %reason, "aborting the transaction; rebuilding state through recovery");
+                        producer.context().reset();
+                        match producer.abort_transaction(self.txn_timeout()) {
+                            Ok(()) => self.metrics.transaction_aborted(),
+                            Err(e) => match classify(&e) {
+                                TxnErrorClass::Fenced => return WorkerOutcome::Fenced,
+                                _ => {
+                                    tracing::warn!(error = %e, "abort failed; recreating the producer");
+                                    continue 'producer;
+                                }
+                            },
+                        }
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+    }
+
+    fn txn_timeout(&self) -> Duration {
+        self.config.transaction_timeout
+    }
+
+    fn create_producer(&self) -> Result<TxnProducer, ProducerStart> {
+        let producer: TxnProducer = self
+            .config
+            .producer_config(&self.transactional_id)
+            .create_with_context(TxnProducerContext::default())
+            .map_err(|source| {
+                ProducerStart::Failed(Error::kafka(
+                    format!("creating the producer {}", self.transactional_id),
+                    source,
+                ))
+            })?;
+        let mut attempt = 0;
+        loop {
+            // Fencing first, then reading state.
+            match producer.init_transactions(self.txn_timeout()) {
+                Ok(()) => return Ok(producer),
+                Err(e) => match classify(&e) {
+                    TxnErrorClass::Fenced => return Err(ProducerStart::Fenced),
+                    TxnErrorClass::Retriable | TxnErrorClass::Abortable
+                        if attempt < RETRIES * 4 && !self.stopping() =>
+                    {
+                        attempt += 1;
+                        tracing::warn!(error = %e, attempt, "init_transactions failed; retrying");
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                    _ if self.stopping() => return Err(ProducerStart::Stopped),
+                    _ => {
+                        return Err(ProducerStart::Failed(Error::kafka(
+                            format!("init_transactions of {}", self.transactional_id),
+                            e,
+                        )))
+                    }
+                },
+            }
+        }
+    }
+
+    fn recover(&self) -> Result<Option<Live<P::State>>, Error> {
+        let mut reader_config = self.config.consumer_config(false);
+        // librdkafka's assign() needs a group handle; this group is never joined and nothing
+        // is committed to it.
+        reader_config.set("group.id", format!("{}.recovery", self.config.app_id));
+        let reader = PartitionReader::new(reader_config, READ_STALL_TIMEOUT)?;
+        let target = RecoveryTarget {
+            input_topic: &self.topic,
+            partition: self.partition,
+            snapshot_topic: &self.snapshot_topic,
+            start_from: self.config.auto_offset_reset,
+            fingerprint_enabled: self.config.state_fingerprint,
+            error_policy: &self.config.error_policy,
+            stop: &self.stop,
+        };
+        recover(&*self.processor, &target, &reader, &self.metrics).map(|r| r.map(Live::from))
+    }
+
+    fn live_loop(&mut self, producer: &TxnProducer, mut live: Live<P::State>) -> LiveExit {
+        let commit_interval = self.config.commit_interval;
+        let max_batch = self.config.max_batch_records.max(1);
+        let mut out = Output::new();
+        // Some(start) while a transaction is open.
+        let mut open: Option<Instant> = None;
+        let mut batch_records = 0usize;
+        loop {
+            if self.stopping() {
+                if open.is_some() {
+                    if let Err(exit) = self.commit(producer, &mut live, true) {
+                        return exit;
+                    }
+                } else if let Err(exit) = self.final_snapshot(producer, &mut live) {
+                    return exit;
+                }
+                return LiveExit::Stopped;
+            }
+            let wait = match open {
+                Some(started) => commit_interval
+                    .saturating_sub(started.elapsed())
+                    .min(IDLE_POLL),
+                None => IDLE_POLL,
+            };
+            match self.records.recv_timeout(wait) {
+                Ok(forwarded) => {
+                    if forwarded.epoch != self.epoch || forwarded.record.offset < live.next_offset {
+                        continue;
+                    }
+                    if open.is_none() {
+                        producer.context().reset();
+                        if let Err(e) = producer.begin_transaction() {
+                            return exit_for(e);
+                        }
+                        open = Some(Instant::now());
+                        batch_records = 0;
+                    }
+                    if let Err(exit) =
+                        self.process_one(producer, &mut live, &forwarded.record, &mut out)
+                    {
+                        return exit;
+                    }
+                    batch_records += 1;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    // The consumer thread dropped us without a stop request: treat as stop.
+                    self.stop.store(true, Ordering::Release);
+                    continue;
+                }
+            }
+            // Serve delivery reports so librdkafka's queue does not grow with them.
+            producer.poll(Duration::ZERO);
+            if let Some(started) = open {
+                if batch_records >= max_batch || started.elapsed() >= commit_interval {
+                    if let Err(exit) = self.commit(producer, &mut live, false) {
+                        return exit;
+                    }
+                    open = None;
+                }
+            }
+        }
+    }
+
+    fn process_one(
+        &self,
+        producer: &TxnProducer,
+        live: &mut Live<P::State>,
+        raw: &RawRecord,
+        out: &mut Output,
+    ) -> Result<(), LiveExit> {
+        match process_raw(&*self.processor, &mut live.state, raw, out) {
+            Ok(()) => {}
+            Err(error) => match &self.config.error_policy {
+                ErrorPolicy::Fail => {
+                    self.metrics.record_error();
+                    return Err(LiveExit::Failed(Error::Record(error)));
+                }
+                ErrorPolicy::Skip => {
+                    tracing::warn!(offset = raw.offset, kind = error.kind(), error = %error, "skipping a record");
+                    self.metrics.record_error();
+                    self.metrics.records_skipped();
+                }
+                ErrorPolicy::DeadLetter { topic } => {
+                    tracing::warn!(offset = raw.offset, kind = error.kind(), error = %error, dead_letter_topic = %topic, "dead-lettering a record");
+                    let record = dead_letter_record(topic, raw, &error);
+                    self.send_output(producer, &record)?;
+                    self.metrics.record_error();
+                    self.metrics.records_dead_lettered();
+                }
+                #[allow(unreachable_patterns)]
+                _ => return Err(LiveExit::Failed(Error::Record(error))),
+            },
+        }
+        let outputs = out.take();
+        self.metrics.output_records(outputs.len() as u64);
+        for record in &outputs {
+            live.digest.update(record);
+            self.send_output(producer, record)?;
+        }
+        live.next_offset = raw.offset + 1;
+        live.records_since_base += 1;
+        self.metrics.records_processed(1);
+        Ok(())
+    }
+
+    fn send_output(&self, producer: &TxnProducer, record: &OutputRecord) -> Result<(), LiveExit> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (name, value) in &record.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value),
+            });
+        }
+        let mut base: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&record.topic, 0).headers(headers);
+        if let Some(key) = &record.key {
+            base = base.key(key.as_slice());
+        }
+        if let Some(value) = &record.value {
+            base = base.payload(value.as_slice());
+        }
+        if let Some(partition) = record.partition {
+            base = base.partition(partition);
+        }
+        if let Some(timestamp) = record.timestamp {
+            base = base.timestamp(timestamp);
+        }
+        send_blocking(producer, base).map_err(|source| {
+            // A local refusal (e.g. a record larger than message.max.bytes, an unknown
+            // partition) would fail again after recovery: stop the partition.
+            LiveExit::Failed(Error::Produce {
+                topic: record.topic.clone(),
+                transactional_id: self.transactional_id.clone(),
+                source: Box::new(source),
+            })
+        })
+    }
+
+    fn full_snapshot_due(&self, live: &Live<P::State>, final_snapshot: bool) -> bool {
+        if !self.config.full_snapshots || live.records_since_base == 0 {
+            return false;
+        }
+        let every = self.config.full_snapshot_every_records;
+        final_snapshot
+            || (every > 0 && live.records_since_base >= every)
+            || live.last_full_snapshot.elapsed() >= self.config.full_snapshot_interval
+    }
+
+    /// On stop with no open transaction: still leave a full snapshot behind when there is
+    /// state not covered by one, so the next owner recovers without a long replay.
+    fn final_snapshot(
+        &self,
+        producer: &TxnProducer,
+        live: &mut Live<P::State>,
+    ) -> Result<(), LiveExit> {
+        if !self.full_snapshot_due(live, true) {
+            return Ok(());
+        }
+        producer.context().reset();
+        producer.begin_transaction().map_err(exit_for)?;
+        self.commit(producer, live, true)
+    }
+
+    /// Writes the snapshot records of the open transaction and commits it.
+    fn commit(
+        &self,
+        producer: &TxnProducer,
+        live: &mut Live<P::State>,
+        final_snapshot: bool,
+    ) -> Result<(), LiveExit> {
+        let txn_timeout = self.txn_timeout();
+        let seq = live.transaction_seq + 1;
+        let mut base = live.base.clone();
+        let mut base_input_offset = live.base_input_offset;
+        let mut digest = live.digest;
+        let mut records_since_base = live.records_since_base;
+        let mut full_bytes = None;
+        if self.full_snapshot_due(live, final_snapshot) {
+            let started = Instant::now();
+            let data = encode_state(&live.state).map_err(|source| {
+                LiveExit::Failed(Error::PartitionSnapshot {
+                    topic: self.snapshot_topic.clone(),
+                    partition: self.partition,
+                    source,
+                })
+            })?;
+            let snapshot_id = format!("{}.{}", self.transactional_id, seq);
+            let chunks = split_into_chunks(
+                &snapshot_id,
+                live.next_offset,
+                &data,
+                self.config.max_chunk_bytes,
+            );
+            // first_chunk_offset is learnt from the delivery reports.
+            let reference = full_snapshot_ref(
+                &snapshot_id,
+                live.next_offset,
+                &data,
+                chunks.len() as u32,
+                -1,
+            );
+            let reference = write_full_snapshot(
+                producer,
+                &self.snapshot_topic,
+                self.partition,
+                chunks,
+                reference,
+                txn_timeout,
+            )
+            .map_err(exit_for)?;
+            tracing::debug!(
+                input_offset = live.next_offset,
+                first_chunk_offset = reference.first_chunk_offset,
+                chunks = reference.chunk_count,
+                bytes = data.len(),
+                "full snapshot written"
+            );
+            base = Some(reference);
+            base_input_offset = live.next_offset;
+            digest = OutputDigest::new(0);
+            records_since_base = 0;
+            full_bytes = Some((data.len() as u64, started.elapsed()));
+        }
+        let fingerprint_enabled = self.config.state_fingerprint;
+        let incremental = IncrementalSnapshot {
+            input_topic: self.topic.to_string(),
+            input_partition: self.partition,
+            next_input_offset: live.next_offset,
+            base: base.clone(),
+            base_input_offset,
+            state_fingerprint: if fingerprint_enabled {
+                fingerprint(&live.state)
+            } else {
+                0
+            },
+            state_fingerprint_enabled: fingerprint_enabled,
+            output_digest: digest.value(),
+            records_since_base,
+            transaction_seq: seq,
+        };
+        write_incremental(producer, &self.snapshot_topic, self.partition, incremental)
+            .map_err(exit_for)?;
+        let mut offsets = TopicPartitionList::new();
+        offsets
+            .add_partition_offset(
+                &self.topic,
+                self.partition,
+                Offset::Offset(live.next_offset),
+            )
+            .map_err(LiveExit::Abort)?;
+        retry(|| {
+            producer.send_offsets_to_transaction(&offsets, &self.group_metadata, txn_timeout)
+        })?;
+        retry(|| producer.commit_transaction(txn_timeout))?;
+        if let Some(error) = producer.context().take_first_error() {
+            // Cannot happen after a successful commit (librdkafka fails the commit), but a
+            // failed output delivery must never pass silently.
+            tracing::error!(error = %error, "an output delivery failed in a committed transaction");
+        }
+        tracing::debug!(
+            next_offset = live.next_offset,
+            transaction_seq = seq,
+            "transaction committed"
+        );
+        self.metrics.transaction_committed();
+        if let Some((bytes, took)) = full_bytes {
+            self.metrics.full_snapshot_written(bytes, took);
+            live.last_full_snapshot = Instant::now();
+        }
+        live.transaction_seq = seq;
+        live.base = base;
+        live.base_input_offset = base_input_offset;
+        live.digest = digest;
+        live.records_since_base = records_since_base;
+        Ok(())
+    }
+}
+
+enum ProducerStart {
+    Fenced,
+    Stopped,
+    Failed(Error),
+}
+
+fn exit_for(error: KafkaError) -> LiveExit {
+    match classify(&error) {
+        TxnErrorClass::Fenced => LiveExit::Fenced,
+        TxnErrorClass::Fatal => LiveExit::FatalProducer(error),
+        TxnErrorClass::Retriable | TxnErrorClass::Abortable => LiveExit::Abort(error),
+    }
+}
+
+/// Runs a transactional call, retrying it while librdkafka says it is retriable.
+fn retry(mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), LiveExit> {
+    let mut attempt = 0;
+    loop {
+        match call() {
+            Ok(()) => return Ok(()),
+            Err(e) if classify(&e) == TxnErrorClass::Retriable && attempt < RETRIES => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "retrying a transactional call");
+                std::thread::sleep(Duration::from_millis(100 * u64::from(attempt)));
+            }
+            Err(e) => return Err(exit_for(e)),
+        }
+    }
+}
+
+/// Starts a worker on its own thread. Returns the sender for its records, its stop flag and
+/// the receiver of its outcome.
+pub(crate) fn spawn<P: Processor>(
+    worker: PartitionWorker<P>,
+    outcome: SyncSender<WorkerOutcome>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let name = format!("exactly-{}-{}", worker.topic, worker.partition);
+    std::thread::Builder::new().name(name).spawn(move || {
+        let result = worker.run();
+        let _ = outcome.send(result);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flush_errors_are_abortable() {
+        let e = KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut);
+        assert_eq!(classify(&e), TxnErrorClass::Abortable);
+    }
+
+    #[test]
+    fn fenced_codes_are_fenced() {
+        let e = KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced);
+        assert_eq!(classify(&e), TxnErrorClass::Fenced);
+    }
+}

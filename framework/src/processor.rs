@@ -1,0 +1,753 @@
+//! The processor API: what a user implements ([`Processor`]), what it reads ([`Record`]) and
+//! what it writes ([`Output`], [`OutputRecord`]).
+
+use std::any::Any;
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::codec::{to_json, DecodeError, EncodeError, Format};
+
+/// The error a [`Processor`] returns for a record it cannot handle.
+///
+/// Any error type converts into it with `?` or `.into()`; what happens next is decided by the
+/// configured [`ErrorPolicy`](crate::ErrorPolicy).
+pub type ProcessError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The decoded key type of a processor.
+pub type KeyOf<P> = <<P as Processor>::Key as Format>::Item;
+/// The decoded value type of a processor.
+pub type ValueOf<P> = <<P as Processor>::Value as Format>::Item;
+
+/// A stream processor: a function from (state, input record) to (new state, output records).
+///
+/// The runtime keeps one `State` per assigned input partition, calls [`process`](Self::process)
+/// for every record of that partition in offset order, and commits the outputs, the consumed
+/// offsets and a snapshot of the state in one Kafka transaction: each input record affects
+/// state and outputs exactly once.
+///
+/// # Determinism
+///
+/// After a crash the state is rebuilt from the last full snapshot by *replaying* the input
+/// records since then through `process`, and the result is checked against a fingerprint
+/// recorded before the crash. So `process` must depend only on `state`, `record` and `self`'s
+/// immutable configuration: use [`Record::timestamp`] instead of the wall clock, no random
+/// numbers, and no iteration over a `HashMap` to decide what to output (its order differs from
+/// process to process; use a `BTreeMap` or sort). A violation is reported as an error instead
+/// of silently producing different results; [`testing::TestDriver::verify_determinism`]
+/// checks it in a unit test.
+///
+/// [`testing::TestDriver::verify_determinism`]: crate::testing::TestDriver::verify_determinism
+///
+/// # Example
+///
+/// ```
+/// use std::collections::HashMap;
+/// use exactly::{Json, Output, Processor, ProcessError, Record, Utf8};
+///
+/// /// Counts records per key and emits the running count.
+/// struct Counter;
+///
+/// impl Processor for Counter {
+///     type State = HashMap<String, u64>;
+///     type Key = Utf8;
+///     type Value = Json<serde_json::Value>;
+///
+///     fn process(
+///         &self,
+///         counts: &mut Self::State,
+///         record: &Record<'_, String, serde_json::Value>,
+///         out: &mut Output,
+///     ) -> Result<(), ProcessError> {
+///         let count = counts.entry(record.key().clone()).or_default();
+///         *count += 1;
+///         out.send_json("counts", record.key(), count)?;
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait Processor: Send + Sync + 'static {
+    /// Per-partition state. Serialized into full snapshots (MessagePack via rmp-serde) and
+    /// fingerprinted after every transaction; starts as `Default::default()`.
+    type State: Serialize + DeserializeOwned + Default + Send + 'static;
+    /// Format of the input keys.
+    type Key: Format;
+    /// Format of the input values.
+    type Value: Format;
+
+    /// Handles one input record: update `state`, emit outputs to `out`.
+    ///
+    /// Returning an error (or panicking) hands the record to the configured
+    /// [`ErrorPolicy`](crate::ErrorPolicy); the outputs this call emitted are discarded in
+    /// either case. Changes already made to `state` are *not* undone, so validate before you
+    /// mutate.
+    fn process(
+        &self,
+        state: &mut Self::State,
+        record: &Record<'_, KeyOf<Self>, ValueOf<Self>>,
+        out: &mut Output,
+    ) -> Result<(), ProcessError>;
+}
+
+/// One input record, with its key and value decoded by the processor's formats.
+pub struct Record<'a, K, V> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    timestamp: Option<i64>,
+    key: K,
+    value: V,
+    raw_key: Option<&'a [u8]>,
+    raw_value: Option<&'a [u8]>,
+    headers: &'a [(String, Option<Vec<u8>>)],
+}
+
+impl<'a, K, V> Record<'a, K, V> {
+    /// The input topic.
+    pub fn topic(&self) -> &'a str {
+        self.topic
+    }
+    /// The input partition.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+    /// The record's offset in its partition. Offsets increase but are not contiguous
+    /// (transaction markers occupy offsets too).
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+    /// The record's timestamp in milliseconds since the Unix epoch, if it has one. Use this, not
+    /// the wall clock, for anything time-based: it is the same when the record is replayed.
+    pub fn timestamp(&self) -> Option<i64> {
+        self.timestamp
+    }
+    /// The decoded key.
+    pub fn key(&self) -> &K {
+        &self.key
+    }
+    /// The decoded value.
+    pub fn value(&self) -> &V {
+        &self.value
+    }
+    /// The key bytes as received (`None` = absent).
+    pub fn raw_key(&self) -> Option<&'a [u8]> {
+        self.raw_key
+    }
+    /// The value bytes as received (`None` = absent).
+    pub fn raw_value(&self) -> Option<&'a [u8]> {
+        self.raw_value
+    }
+    /// All headers in order: `(name, value)`; a header may have no value.
+    pub fn headers(&self) -> impl ExactSizeIterator<Item = (&'a str, Option<&'a [u8]>)> + 'a {
+        self.headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_deref()))
+    }
+    /// The value of the last header named `name` (`None` if there is none or it has no value).
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+}
+
+impl<K: fmt::Debug, V: fmt::Debug> fmt::Debug for Record<'_, K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Record")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("offset", &self.offset)
+            .field("timestamp", &self.timestamp)
+            .field("key", &self.key)
+            .field("value", &self.value)
+            .field("headers", &self.headers.len())
+            .finish()
+    }
+}
+
+/// A record to write to an output topic; built with [`OutputRecord::new`] and the
+/// builder-style setters.
+///
+/// ```
+/// use exactly::OutputRecord;
+///
+/// let r = OutputRecord::new("alerts")
+///     .key("account-7")
+///     .value(r#"{"level":"high"}"#)
+///     .header("source", "fraud-check")
+///     .timestamp(1_700_000_000_000)
+///     .partition(3);
+/// assert_eq!(r.topic, "alerts");
+/// assert_eq!(r.key.as_deref(), Some(&b"account-7"[..]));
+/// assert_eq!(r.partition, Some(3));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OutputRecord {
+    /// Destination topic.
+    pub topic: String,
+    /// Destination partition; `None` = chosen by the producer's partitioner from the key.
+    pub partition: Option<i32>,
+    /// Key bytes; `None` = no key.
+    pub key: Option<Vec<u8>>,
+    /// Value bytes; `None` = no value (a tombstone).
+    pub value: Option<Vec<u8>>,
+    /// Headers in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Timestamp in ms since the Unix epoch. `None` = the timestamp of the input record being
+    /// processed (filled in by the framework, so outputs stay deterministic on replay).
+    pub timestamp: Option<i64>,
+}
+
+impl OutputRecord {
+    /// A record for `topic` with no key, no value, no headers.
+    pub fn new(topic: impl Into<String>) -> Self {
+        OutputRecord {
+            topic: topic.into(),
+            partition: None,
+            key: None,
+            value: None,
+            headers: Vec::new(),
+            timestamp: None,
+        }
+    }
+    /// Sets the key bytes.
+    pub fn key(mut self, key: impl Into<Vec<u8>>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+    /// Sets the value bytes.
+    pub fn value(mut self, value: impl Into<Vec<u8>>) -> Self {
+        self.value = Some(value.into());
+        self
+    }
+    /// Appends a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+    /// Sets the timestamp (ms since the Unix epoch).
+    pub fn timestamp(mut self, timestamp_ms: i64) -> Self {
+        self.timestamp = Some(timestamp_ms);
+        self
+    }
+    /// Sends to a fixed partition instead of the partitioner's choice.
+    pub fn partition(mut self, partition: i32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+    /// A record whose key and value are encoded with the formats `KF` and `VF`.
+    pub fn encoded<KF: Format, VF: Format>(
+        topic: impl Into<String>,
+        key: &KF::Item,
+        value: &VF::Item,
+    ) -> Result<Self, EncodeError> {
+        let mut r = OutputRecord::new(topic);
+        r.key = KF::encode(key)?;
+        r.value = VF::encode(value)?;
+        Ok(r)
+    }
+}
+
+/// Collects the records a [`Processor`] emits for one input record.
+///
+/// They are written to Kafka in the same transaction that consumes the input record, in the
+/// order they were sent.
+#[derive(Debug, Default)]
+pub struct Output {
+    records: Vec<OutputRecord>,
+}
+
+impl Output {
+    /// An empty output buffer (useful to call [`Processor::process`] directly in a test).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Emits a record.
+    pub fn send(&mut self, record: OutputRecord) {
+        self.records.push(record);
+    }
+
+    /// Emits a record whose key and value are JSON-encoded.
+    ///
+    /// ```
+    /// # use exactly::Output;
+    /// let mut out = Output::new();
+    /// out.send_json("totals", "acct-1", &42u64).unwrap();
+    /// assert_eq!(out.records()[0].value.as_deref(), Some(&b"42"[..]));
+    /// ```
+    pub fn send_json<K, V>(
+        &mut self,
+        topic: impl Into<String>,
+        key: &K,
+        value: &V,
+    ) -> Result<(), EncodeError>
+    where
+        K: Serialize + ?Sized,
+        V: Serialize + ?Sized,
+    {
+        let mut r = OutputRecord::new(topic);
+        r.key = Some(to_json(key)?);
+        r.value = Some(to_json(value)?);
+        self.records.push(r);
+        Ok(())
+    }
+
+    /// Emits a record whose key and value are encoded with the formats `KF` and `VF`.
+    ///
+    /// ```
+    /// # use exactly::{Json, Output, Utf8};
+    /// let mut out = Output::new();
+    /// out.send_as::<Utf8, Json<Vec<u8>>>("t", &"k".to_string(), &vec![1, 2]).unwrap();
+    /// assert_eq!(out.records()[0].value.as_deref(), Some(&b"[1,2]"[..]));
+    /// ```
+    pub fn send_as<KF: Format, VF: Format>(
+        &mut self,
+        topic: impl Into<String>,
+        key: &KF::Item,
+        value: &VF::Item,
+    ) -> Result<(), EncodeError> {
+        self.records
+            .push(OutputRecord::encoded::<KF, VF>(topic, key, value)?);
+        Ok(())
+    }
+
+    /// The records emitted so far, in order.
+    pub fn records(&self) -> &[OutputRecord] {
+        &self.records
+    }
+
+    /// Number of records emitted so far.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// True if nothing was emitted.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Removes and returns every record.
+    pub(crate) fn take(&mut self) -> Vec<OutputRecord> {
+        std::mem::take(&mut self.records)
+    }
+
+    /// Drops the records emitted after the first `len`.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.records.truncate(len);
+    }
+
+    /// Mutable view of the records emitted after the first `from`.
+    fn tail_mut(&mut self, from: usize) -> &mut [OutputRecord] {
+        &mut self.records[from..]
+    }
+}
+
+/// An input record as fetched, before decoding: the seam between the runtime (and the test
+/// driver) and [`process_raw`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RawRecord {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// Which part of a record failed to decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordPart {
+    /// The key.
+    Key,
+    /// The value.
+    Value,
+}
+
+impl fmt::Display for RecordPart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RecordPart::Key => "key",
+            RecordPart::Value => "value",
+        })
+    }
+}
+
+/// A record could not be processed: it did not decode, or the processor returned an error or
+/// panicked. Always names the record (topic, partition, offset).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// The key or value did not decode with the processor's [`Format`].
+    #[error("cannot decode the {part} of record {topic}/{partition} at offset {offset}: {source}")]
+    Decode {
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+        /// Offset of the record.
+        offset: i64,
+        /// Key or value.
+        part: RecordPart,
+        /// What the format reported.
+        #[source]
+        source: DecodeError,
+    },
+    /// [`Processor::process`] returned an error.
+    #[error("processor failed on record {topic}/{partition} at offset {offset}: {source}")]
+    Processor {
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+        /// Offset of the record.
+        offset: i64,
+        /// The processor's error.
+        #[source]
+        source: ProcessError,
+    },
+    /// [`Processor::process`] panicked.
+    #[error("processor panicked on record {topic}/{partition} at offset {offset}: {message}")]
+    Panic {
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+        /// Offset of the record.
+        offset: i64,
+        /// The panic message.
+        message: String,
+    },
+}
+
+impl RecordError {
+    /// Input topic of the failed record.
+    pub fn topic(&self) -> &str {
+        match self {
+            RecordError::Decode { topic, .. }
+            | RecordError::Processor { topic, .. }
+            | RecordError::Panic { topic, .. } => topic,
+        }
+    }
+    /// Input partition of the failed record.
+    pub fn partition(&self) -> i32 {
+        match self {
+            RecordError::Decode { partition, .. }
+            | RecordError::Processor { partition, .. }
+            | RecordError::Panic { partition, .. } => *partition,
+        }
+    }
+    /// Offset of the failed record.
+    pub fn offset(&self) -> i64 {
+        match self {
+            RecordError::Decode { offset, .. }
+            | RecordError::Processor { offset, .. }
+            | RecordError::Panic { offset, .. } => *offset,
+        }
+    }
+    /// Short machine-readable kind: `"decode-key"`, `"decode-value"`, `"processor"` or
+    /// `"panic"` (also the `exactly.error.kind` header of dead-lettered records).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RecordError::Decode {
+                part: RecordPart::Key,
+                ..
+            } => "decode-key",
+            RecordError::Decode {
+                part: RecordPart::Value,
+                ..
+            } => "decode-value",
+            RecordError::Processor { .. } => "processor",
+            RecordError::Panic { .. } => "panic",
+        }
+    }
+}
+
+/// Decodes `raw` with the processor's formats and calls [`Processor::process`] inside
+/// `catch_unwind`.
+///
+/// On success, outputs without a timestamp get the input record's timestamp. On any failure
+/// the outputs this record emitted are removed from `out` (those of earlier records stay);
+/// state mutations the processor made before failing stay (documented on
+/// [`Processor::process`]).
+pub(crate) fn process_raw<P: Processor>(
+    processor: &P,
+    state: &mut P::State,
+    raw: &RawRecord,
+    out: &mut Output,
+) -> Result<(), RecordError> {
+    let decode_error = |part, source| RecordError::Decode {
+        topic: raw.topic.to_string(),
+        partition: raw.partition,
+        offset: raw.offset,
+        part,
+        source,
+    };
+    let key = P::Key::decode(raw.key.as_deref()).map_err(|e| decode_error(RecordPart::Key, e))?;
+    let value =
+        P::Value::decode(raw.value.as_deref()).map_err(|e| decode_error(RecordPart::Value, e))?;
+    let record = Record {
+        topic: &raw.topic,
+        partition: raw.partition,
+        offset: raw.offset,
+        timestamp: raw.timestamp,
+        key,
+        value,
+        raw_key: raw.key.as_deref(),
+        raw_value: raw.value.as_deref(),
+        headers: &raw.headers,
+    };
+    let emitted_before = out.len();
+    // AssertUnwindSafe: after a panic the state may be half-updated; the error policy decides
+    // what happens to it (Fail stops the partition, whose state is then rebuilt from Kafka).
+    let result = catch_unwind(AssertUnwindSafe(|| processor.process(state, &record, out)));
+    let failure = match result {
+        Ok(Ok(())) => {
+            if let Some(ts) = raw.timestamp {
+                for r in out.tail_mut(emitted_before) {
+                    r.timestamp.get_or_insert(ts);
+                }
+            }
+            return Ok(());
+        }
+        Ok(Err(source)) => RecordError::Processor {
+            topic: raw.topic.to_string(),
+            partition: raw.partition,
+            offset: raw.offset,
+            source,
+        },
+        Err(payload) => RecordError::Panic {
+            topic: raw.topic.to_string(),
+            partition: raw.partition,
+            offset: raw.offset,
+            message: panic_message(payload.as_ref()),
+        },
+    };
+    out.truncate(emitted_before);
+    Err(failure)
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".to_owned()
+    }
+}
+
+/// Header names of a dead-lettered record (see [`ErrorPolicy::DeadLetter`](crate::ErrorPolicy)).
+pub mod dead_letter_headers {
+    /// [`RecordError::kind`](crate::RecordError::kind) of the failure.
+    pub const ERROR_KIND: &str = "exactly.error.kind";
+    /// The failure's message (UTF-8).
+    pub const ERROR_MESSAGE: &str = "exactly.error.message";
+    /// Input topic of the failed record.
+    pub const SOURCE_TOPIC: &str = "exactly.source.topic";
+    /// Input partition of the failed record (decimal).
+    pub const SOURCE_PARTITION: &str = "exactly.source.partition";
+    /// Offset of the failed record (decimal).
+    pub const SOURCE_OFFSET: &str = "exactly.source.offset";
+}
+
+/// The record written to the dead-letter topic for a failed input record: the original key,
+/// value, timestamp and headers (headers without a value are kept with an empty value),
+/// followed by the `exactly.*` headers of [`dead_letter_headers`].
+pub(crate) fn dead_letter_record(
+    dead_letter_topic: &str,
+    raw: &RawRecord,
+    error: &RecordError,
+) -> OutputRecord {
+    use dead_letter_headers as h;
+    let mut r = OutputRecord::new(dead_letter_topic);
+    r.key = raw.key.clone();
+    r.value = raw.value.clone();
+    r.timestamp = raw.timestamp;
+    r.headers = raw
+        .headers
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone().unwrap_or_default()))
+        .collect();
+    r.headers.extend([
+        (h::ERROR_KIND.to_owned(), error.kind().as_bytes().to_vec()),
+        (h::ERROR_MESSAGE.to_owned(), error.to_string().into_bytes()),
+        (h::SOURCE_TOPIC.to_owned(), raw.topic.as_bytes().to_vec()),
+        (
+            h::SOURCE_PARTITION.to_owned(),
+            raw.partition.to_string().into_bytes(),
+        ),
+        (
+            h::SOURCE_OFFSET.to_owned(),
+            raw.offset.to_string().into_bytes(),
+        ),
+    ]);
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Json, Utf8};
+
+    struct Summer;
+    impl Processor for Summer {
+        type State = i64;
+        type Key = Utf8;
+        type Value = Json<i64>;
+        fn process(
+            &self,
+            state: &mut i64,
+            record: &Record<'_, String, i64>,
+            out: &mut Output,
+        ) -> Result<(), ProcessError> {
+            out.send_json("sums", record.key(), &(*state + record.value()))?;
+            if *record.value() < 0 {
+                return Err(format!("negative amount {}", record.value()).into());
+            }
+            if *record.value() == 666 {
+                panic!("the number of the beast");
+            }
+            *state += record.value();
+            Ok(())
+        }
+    }
+
+    fn raw(offset: i64, key: Option<&str>, value: Option<&str>) -> RawRecord {
+        RawRecord {
+            topic: Arc::from("in"),
+            partition: 2,
+            offset,
+            timestamp: Some(1000 + offset),
+            key: key.map(|k| k.as_bytes().to_vec()),
+            value: value.map(|v| v.as_bytes().to_vec()),
+            headers: vec![("h".into(), Some(b"1".to_vec())), ("h".into(), None)],
+        }
+    }
+
+    #[test]
+    fn processes_and_stamps_input_timestamp() {
+        let mut state = 0;
+        let mut out = Output::new();
+        process_raw(&Summer, &mut state, &raw(5, Some("a"), Some("7")), &mut out).unwrap();
+        assert_eq!(state, 7);
+        assert_eq!(out.records()[0].timestamp, Some(1005));
+        assert_eq!(out.records()[0].value.as_deref(), Some(&b"7"[..]));
+    }
+
+    #[test]
+    fn decode_error_names_record_and_part() {
+        let mut state = 0;
+        let mut out = Output::new();
+        let err = process_raw(&Summer, &mut state, &raw(9, None, Some("1")), &mut out).unwrap_err();
+        assert!(matches!(
+            err,
+            RecordError::Decode {
+                part: RecordPart::Key,
+                ..
+            }
+        ));
+        let err =
+            process_raw(&Summer, &mut state, &raw(9, Some("a"), Some("x")), &mut out).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("value of record in/2 at offset 9"), "{msg}");
+        assert_eq!((err.topic(), err.partition(), err.offset()), ("in", 2, 9));
+        assert_eq!(err.kind(), "decode-value");
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn processor_error_discards_only_this_records_outputs() {
+        let mut state = 0;
+        let mut out = Output::new();
+        process_raw(&Summer, &mut state, &raw(1, Some("a"), Some("1")), &mut out).unwrap();
+        let err = process_raw(
+            &Summer,
+            &mut state,
+            &raw(2, Some("a"), Some("-1")),
+            &mut out,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("negative amount -1"), "{err}");
+        assert_eq!(err.kind(), "processor");
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn panic_is_caught_and_reported() {
+        let mut state = 0;
+        let mut out = Output::new();
+        let err = process_raw(
+            &Summer,
+            &mut state,
+            &raw(3, Some("a"), Some("666")),
+            &mut out,
+        )
+        .unwrap_err();
+        match &err {
+            RecordError::Panic {
+                message, offset, ..
+            } => {
+                assert_eq!(message, "the number of the beast");
+                assert_eq!(*offset, 3);
+            }
+            other => panic!("expected a panic error, got {other:?}"),
+        }
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn record_header_accessors() {
+        let r = raw(0, Some("k"), Some("1"));
+        let rec = Record {
+            topic: &r.topic,
+            partition: 0,
+            offset: 0,
+            timestamp: None,
+            key: (),
+            value: (),
+            raw_key: r.key.as_deref(),
+            raw_value: None,
+            headers: &r.headers,
+        };
+        assert_eq!(rec.headers().len(), 2);
+        // The last header wins, and it has no value.
+        assert_eq!(rec.header("h"), None);
+        assert_eq!(rec.headers().next(), Some(("h", Some(&b"1"[..]))));
+        assert_eq!(rec.raw_key(), Some(&b"k"[..]));
+    }
+
+    #[test]
+    fn dead_letter_record_carries_original_and_error() {
+        let r = raw(4, Some("a"), Some("x"));
+        let mut out = Output::new();
+        let err = process_raw(&Summer, &mut 0, &r, &mut out).unwrap_err();
+        let dl = dead_letter_record("dlq", &r, &err);
+        assert_eq!(dl.topic, "dlq");
+        assert_eq!(dl.value.as_deref(), Some(&b"x"[..]));
+        assert_eq!(dl.timestamp, Some(1004));
+        let header = |name: &str| {
+            dl.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+        };
+        assert_eq!(
+            header(dead_letter_headers::ERROR_KIND).unwrap(),
+            "decode-value"
+        );
+        assert_eq!(header(dead_letter_headers::SOURCE_OFFSET).unwrap(), "4");
+        assert_eq!(header(dead_letter_headers::SOURCE_PARTITION).unwrap(), "2");
+        assert_eq!(header(dead_letter_headers::SOURCE_TOPIC).unwrap(), "in");
+        assert!(header(dead_letter_headers::ERROR_MESSAGE)
+            .unwrap()
+            .contains("offset 4"));
+    }
+}

@@ -1,0 +1,527 @@
+//! [`App`]: runs a [`Processor`] on Kafka with exactly-once semantics.
+//!
+//! Threads, not the reactor: librdkafka's transactional calls block, so the runtime runs on
+//! plain OS threads and the async API only waits for them.
+//!
+//! - One **consumer thread** owns the group consumer (read_committed, manual offsets) and
+//!   polls it; rebalance callbacks run on it. On assignment it pauses the new partitions and
+//!   starts a [`PartitionWorker`](crate::partition) per partition; the worker fences, recovers,
+//!   then asks (through a channel drained between polls) for its partition to be seeked to
+//!   offsetEND and resumed. Records of live partitions are forwarded to the worker's bounded
+//!   channel; when it is full the partition is paused until the worker catches up (bounded
+//!   memory, no blocking of the poll loop).
+//! - On revocation the consumer thread asks the affected workers to commit their in-flight
+//!   batch and waits for them (bounded by the transaction timeout) before the rebalance
+//!   proceeds.
+//! - The app stops on the **first** fatal partition error (a bad record under
+//!   [`ErrorPolicy::Fail`](crate::ErrorPolicy), a non-deterministic processor, a retention
+//!   gap, a corrupt snapshot): the other partitions commit and shut down gracefully, and
+//!   [`App::run`] returns that error. Continuing with the healthy partitions would hide the
+//!   failure behind a growing lag on one partition.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use crate::admin;
+use crate::config::AppConfig;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::partition::{self, ConsumerRequest, Forwarded, PartitionWorker, WorkerOutcome};
+use crate::processor::Processor;
+use crate::recovery::raw_record;
+
+/// Records buffered per partition between the consumer thread and its worker.
+const WORKER_CHANNEL_CAPACITY: usize = 2048;
+
+/// A stream-processing application: a [`Processor`] run with exactly-once semantics.
+///
+/// ```no_run
+/// # use exactly::{App, AppConfig};
+/// # async fn example<P: exactly::Processor>(processor: P) -> Result<(), exactly::Error> {
+/// let config = AppConfig::new("word-count", "localhost:9092").input_topic("words");
+/// let app = App::new(config, processor)?;
+/// let metrics = app.metrics(); // readable while the app runs
+/// app.run().await?; // until SIGTERM or ctrl-c, then a graceful shutdown
+/// # let _ = metrics; Ok(()) }
+/// ```
+pub struct App<P: Processor> {
+    config: Arc<AppConfig>,
+    processor: Arc<P>,
+    metrics: Metrics,
+}
+
+impl<P: Processor> App<P> {
+    /// Validates `config` and prepares the app; nothing connects yet.
+    pub fn new(config: AppConfig, processor: P) -> Result<Self, Error> {
+        config.validate()?;
+        Ok(App {
+            config: Arc::new(config),
+            processor: Arc::new(processor),
+            metrics: Metrics::new(),
+        })
+    }
+
+    /// The app's metrics handle (cheap to clone; readable while the app runs).
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
+    }
+
+    /// Runs until SIGTERM or ctrl-c, then shuts down gracefully: every partition commits its
+    /// in-flight batch and writes a final full snapshot, then the consumer leaves the group.
+    ///
+    /// Returns the first fatal partition error, if any (the app stops on it).
+    pub async fn run(self) -> Result<(), Error> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Like [`run`](Self::run), with a caller-provided shutdown trigger.
+    pub async fn run_until<F: Future<Output = ()>>(self, shutdown: F) -> Result<(), Error> {
+        admin::prepare_topics(&self.config).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let consumer_loop = ConsumerLoop {
+            config: Arc::clone(&self.config),
+            processor: Arc::clone(&self.processor),
+            metrics: self.metrics.clone(),
+            stop: Arc::clone(&stop),
+        };
+        std::thread::Builder::new()
+            .name("exactly-consumer".into())
+            .spawn(move || {
+                let _ = done_tx.send(consumer_loop.run());
+            })
+            .map_err(|source| Error::Io {
+                context: "starting the consumer thread".into(),
+                source,
+            })?;
+        tokio::pin!(shutdown);
+        tokio::pin!(done_rx);
+        tokio::select! {
+            () = &mut shutdown => {
+                tracing::info!("shutdown requested");
+                stop.store(true, Ordering::Release);
+            }
+            result = &mut done_rx => {
+                return result.unwrap_or_else(|_| Err(Error::RuntimeStopped));
+            }
+        }
+        done_rx.await.unwrap_or_else(|_| Err(Error::RuntimeStopped))
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot listen for SIGTERM; only ctrl-c stops the app");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+type PartitionKey = (Arc<str>, i32);
+
+/// The consumer thread's view of one assigned partition.
+struct Slot {
+    records: SyncSender<Forwarded>,
+    stop: Arc<AtomicBool>,
+    outcome: Receiver<WorkerOutcome>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Seek epoch of the live phase; None while the worker recovers (records are dropped).
+    live_epoch: Option<u64>,
+    /// Records polled while the worker's channel was full; the partition is paused meanwhile.
+    held: VecDeque<Forwarded>,
+    paused_for_backpressure: bool,
+}
+
+/// State shared by the consumer loop and its rebalance callbacks (same thread; the mutex is
+/// never contended, it only satisfies `ConsumerContext: Sync`).
+struct Registry {
+    slots: HashMap<PartitionKey, Slot>,
+    /// First fatal partition error.
+    failure: Option<Error>,
+}
+
+struct Shared<P: Processor> {
+    config: Arc<AppConfig>,
+    processor: Arc<P>,
+    metrics: Metrics,
+    requests: Sender<ConsumerRequest>,
+    registry: Mutex<Registry>,
+    topics: HashMap<String, Arc<str>>,
+}
+
+struct RebalanceContext<P: Processor> {
+    shared: Arc<Shared<P>>,
+}
+
+impl<P: Processor> ClientContext for RebalanceContext<P> {}
+
+impl<P: Processor> ConsumerContext for RebalanceContext<P> {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let keys: Vec<PartitionKey> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (self.shared.topic_arc(e.topic()), e.partition()))
+                    .collect();
+                tracing::info!(
+                    partitions = keys.len(),
+                    "partitions revoked; stopping their workers"
+                );
+                self.shared.stop_workers(&keys);
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(error) => tracing::warn!(error = %error, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            if tpl.count() == 0 {
+                return;
+            }
+            // Nothing is consumed until the worker has fenced, recovered and asked for a seek.
+            if let Err(error) = consumer.pause(tpl) {
+                tracing::warn!(error = %error, "pausing newly assigned partitions failed");
+            }
+            let Some(group_metadata) = consumer.group_metadata() else {
+                tracing::error!("no consumer group metadata after an assignment");
+                return;
+            };
+            let group_metadata = Arc::new(group_metadata);
+            for element in tpl.elements() {
+                let topic = self.shared.topic_arc(element.topic());
+                self.shared
+                    .start_worker(topic, element.partition(), Arc::clone(&group_metadata));
+            }
+        }
+    }
+}
+
+impl<P: Processor> Shared<P> {
+    fn topic_arc(&self, topic: &str) -> Arc<str> {
+        self.topics
+            .get(topic)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(topic))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // A panic while holding the lock cannot leave the registry half-updated in a way that
+        // matters more than stopping; keep going with the inner value.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn start_worker(
+        &self,
+        topic: Arc<str>,
+        partition: i32,
+        group_metadata: Arc<rdkafka::consumer::ConsumerGroupMetadata>,
+    ) {
+        let (records_tx, records_rx) = mpsc::sync_channel(WORKER_CHANNEL_CAPACITY);
+        let (outcome_tx, outcome_rx) = mpsc::sync_channel(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = PartitionWorker {
+            processor: Arc::clone(&self.processor),
+            config: Arc::clone(&self.config),
+            metrics: self.metrics.clone(),
+            snapshot_topic: self.config.snapshot_topic(&topic),
+            transactional_id: self.config.transactional_id(&topic, partition),
+            topic: Arc::clone(&topic),
+            partition,
+            group_metadata,
+            records: records_rx,
+            stop: Arc::clone(&stop),
+            requests: self.requests.clone(),
+            epoch: 0,
+        };
+        match partition::spawn(worker, outcome_tx) {
+            Ok(thread) => {
+                self.metrics.partition_assigned();
+                self.lock().slots.insert(
+                    (topic, partition),
+                    Slot {
+                        records: records_tx,
+                        stop,
+                        outcome: outcome_rx,
+                        thread: Some(thread),
+                        live_epoch: None,
+                        held: VecDeque::new(),
+                        paused_for_backpressure: false,
+                    },
+                );
+            }
+            Err(source) => {
+                let mut registry = self.lock();
+                registry.failure.get_or_insert(Error::Io {
+                    context: format!("starting the worker thread of {topic}/{partition}"),
+                    source,
+                });
+            }
+        }
+    }
+
+    /// Asks the workers of `keys` to commit and stop, and waits for them (bounded).
+    fn stop_workers(&self, keys: &[PartitionKey]) {
+        let mut slots: Vec<(PartitionKey, Slot)> = {
+            let mut registry = self.lock();
+            keys.iter()
+                .filter_map(|k| registry.slots.remove_entry(k))
+                .collect()
+        };
+        for (_, slot) in &slots {
+            slot.stop.store(true, Ordering::Release);
+        }
+        // A commit may take up to the transaction timeout; then the worker is abandoned (its
+        // transaction will be aborted by the next owner's init_transactions).
+        let deadline = Instant::now() + self.config.transaction_timeout + Duration::from_secs(5);
+        for ((topic, partition), slot) in &mut slots {
+            let outcome = slot
+                .outcome
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()));
+            match outcome {
+                Ok(WorkerOutcome::Failed(error)) => {
+                    self.lock().failure.get_or_insert(error);
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::warn!(topic = %topic, partition = *partition, "partition worker did not stop in time; abandoning it");
+                    slot.thread.take();
+                }
+            }
+            if let Some(thread) = slot.thread.take() {
+                let _ = thread.join();
+            }
+            self.metrics.partition_revoked();
+        }
+    }
+}
+
+struct ConsumerLoop<P: Processor> {
+    config: Arc<AppConfig>,
+    processor: Arc<P>,
+    metrics: Metrics,
+    stop: Arc<AtomicBool>,
+}
+
+impl<P: Processor> ConsumerLoop<P> {
+    fn run(self) -> Result<(), Error> {
+        let (requests_tx, requests_rx) = mpsc::channel();
+        let topics = self
+            .config
+            .input_topics
+            .iter()
+            .map(|t| (t.clone(), Arc::<str>::from(t.as_str())))
+            .collect();
+        let shared = Arc::new(Shared {
+            config: Arc::clone(&self.config),
+            processor: Arc::clone(&self.processor),
+            metrics: self.metrics.clone(),
+            requests: requests_tx,
+            registry: Mutex::new(Registry {
+                slots: HashMap::new(),
+                failure: None,
+            }),
+            topics,
+        });
+        let consumer: BaseConsumer<RebalanceContext<P>> = self
+            .config
+            .consumer_config(true)
+            .create_with_context(RebalanceContext {
+                shared: Arc::clone(&shared),
+            })
+            .map_err(|source| Error::kafka("creating the group consumer", source))?;
+        let topic_names: Vec<&str> = self
+            .config
+            .input_topics
+            .iter()
+            .map(String::as_str)
+            .collect();
+        consumer
+            .subscribe(&topic_names)
+            .map_err(|source| Error::kafka("subscribing to the input topics", source))?;
+        tracing::info!(app_id = %self.config.app_id, topics = ?topic_names, "consumer started");
+
+        let mut pending_seeks: Vec<ConsumerRequest> = Vec::new();
+        while !self.stop.load(Ordering::Acquire) {
+            if shared.lock().failure.is_some() {
+                break;
+            }
+            pending_seeks.extend(requests_rx.try_iter());
+            pending_seeks.retain(|request| !serve_request(&consumer, &shared, request));
+            service_slots(&consumer, &shared);
+            let timeout = if pending_seeks.is_empty() {
+                Duration::from_millis(100)
+            } else {
+                Duration::from_millis(10)
+            };
+            match consumer.poll(timeout) {
+                None => {}
+                Some(Ok(message)) => {
+                    let key = (shared.topic_arc(message.topic()), message.partition());
+                    forward(&consumer, &shared, key, &message);
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(error = %error, "consumer error");
+                }
+            }
+        }
+
+        // Graceful stop: every worker commits its in-flight batch (and a final full
+        // snapshot); then the consumer closes and leaves the group.
+        let keys: Vec<PartitionKey> = shared.lock().slots.keys().cloned().collect();
+        shared.stop_workers(&keys);
+        consumer.unsubscribe();
+        drop(consumer);
+        tracing::info!("consumer stopped");
+        let failure = shared.lock().failure.take();
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Serves a worker's request; false when it must be retried later (e.g. the partition's
+/// fetcher has not started yet, librdkafka's "Erroneous state" right after an assignment).
+fn serve_request<P: Processor>(
+    consumer: &BaseConsumer<RebalanceContext<P>>,
+    shared: &Shared<P>,
+    request: &ConsumerRequest,
+) -> bool {
+    let ConsumerRequest::Seek {
+        topic,
+        partition,
+        offset,
+        epoch,
+    } = request;
+    let mut registry = shared.lock();
+    let Some(slot) = registry.slots.get_mut(&(Arc::clone(topic), *partition)) else {
+        return true; // revoked meanwhile
+    };
+    if let Err(error) = consumer.seek(
+        topic,
+        *partition,
+        Offset::Offset(*offset),
+        Duration::from_secs(5),
+    ) {
+        tracing::debug!(topic = %topic, partition, offset, error = %error, "seek not possible yet; retrying");
+        return false;
+    }
+    slot.live_epoch = Some(*epoch);
+    slot.held.clear();
+    slot.paused_for_backpressure = false;
+    if let Err(error) = consumer.resume(&single(topic, *partition)) {
+        tracing::warn!(topic = %topic, partition, error = %error, "resuming a partition failed");
+        return false;
+    }
+    tracing::debug!(topic = %topic, partition, offset, epoch, "partition live");
+    true
+}
+
+fn single(topic: &str, partition: i32) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    tpl
+}
+
+/// Delivers held records, notices workers that ended on their own.
+fn service_slots<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, shared: &Shared<P>) {
+    let mut registry = shared.lock();
+    let mut ended: Vec<(PartitionKey, WorkerOutcome)> = Vec::new();
+    for (key, slot) in registry.slots.iter_mut() {
+        while let Some(front) = slot.held.pop_front() {
+            match slot.records.try_send(front) {
+                Ok(()) => {}
+                Err(TrySendError::Full(f)) => {
+                    slot.held.push_front(f);
+                    break;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    slot.held.clear();
+                }
+            }
+        }
+        if slot.held.is_empty() && slot.paused_for_backpressure {
+            slot.paused_for_backpressure = false;
+            if let Err(error) = consumer.resume(&single(&key.0, key.1)) {
+                tracing::warn!(error = %error, "resuming a partition failed");
+            }
+        }
+        match slot.outcome.try_recv() {
+            Ok(outcome) => ended.push((key.clone(), outcome)),
+            Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Disconnected) => ended.push((key.clone(), WorkerOutcome::Finished)),
+        }
+    }
+    for (key, outcome) in ended {
+        if let Some(mut slot) = registry.slots.remove(&key) {
+            if let Some(thread) = slot.thread.take() {
+                let _ = thread.join();
+            }
+            shared.metrics.partition_revoked();
+        }
+        // Stop fetching a partition nobody processes; a rebalance will hand it over.
+        let _ = consumer.pause(&single(&key.0, key.1));
+        if let WorkerOutcome::Failed(error) = outcome {
+            registry.failure.get_or_insert(error);
+        }
+    }
+}
+
+fn forward<P: Processor>(
+    consumer: &BaseConsumer<RebalanceContext<P>>,
+    shared: &Shared<P>,
+    key: PartitionKey,
+    message: &rdkafka::message::BorrowedMessage<'_>,
+) {
+    let mut registry = shared.lock();
+    let Some(slot) = registry.slots.get_mut(&key) else {
+        return;
+    };
+    let Some(epoch) = slot.live_epoch else {
+        return; // still recovering: the worker will seek
+    };
+    let forwarded = Forwarded {
+        epoch,
+        record: raw_record(&key.0, message),
+    };
+    if !slot.held.is_empty() {
+        slot.held.push_back(forwarded);
+        return;
+    }
+    match slot.records.try_send(forwarded) {
+        Ok(()) => {}
+        Err(TrySendError::Full(f)) => {
+            slot.held.push_back(f);
+            slot.paused_for_backpressure = true;
+            if let Err(error) = consumer.pause(&single(&key.0, key.1)) {
+                tracing::warn!(error = %error, "pausing a partition for backpressure failed");
+            }
+        }
+        Err(TrySendError::Disconnected(_)) => {}
+    }
+}

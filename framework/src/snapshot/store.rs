@@ -1,0 +1,413 @@
+//! Snapshot records on Kafka: reading a partition (the recovery side) and writing snapshot
+//! records inside a partition worker's transaction (the commit side).
+//!
+//! Reading uses a plain `assign()`ed, read_committed consumer with `enable.partition.eof`:
+//! the end of a partition is learnt from librdkafka's end-of-partition event, never from
+//! "no message arrived for a while" (a slow broker would then look like an empty partition).
+//! A read that makes no progress for `stall_timeout` fails with an error instead.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, DeliveryResult, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, ProducerContext};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+
+use crate::error::Error;
+use crate::proto::{snapshot_record, FullSnapshotChunk, FullSnapshotRef, IncrementalSnapshot};
+use crate::snapshot::{
+    assemble_chunks, chunk_record, decode_record, encode_record, incremental_record,
+};
+
+/// What a [`PartitionReader::read`] callback wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Client context of the reader: end-of-partition is how a read ends, not an error worth a
+/// log line at error level (librdkafka also reports it as a global error event).
+struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error {
+            KafkaError::PartitionEOF(_) => {}
+            KafkaError::Global(RDKafkaErrorCode::PartitionEOF) => {}
+            other => tracing::warn!(error = %other, reason, "recovery consumer error"),
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
+/// Reads one partition at a time from a given offset up to its (read_committed) end.
+pub(crate) struct PartitionReader {
+    consumer: BaseConsumer<ReaderContext>,
+    /// A read_uncommitted twin used only for [`PartitionReader::bounds`]: the high watermark
+    /// is an upper bound of the last stable offset, which is all a tail window needs (the
+    /// read itself stops at the read_committed end-of-partition event).
+    bounds_client: BaseConsumer<ReaderContext>,
+    stall_timeout: Duration,
+}
+
+impl PartitionReader {
+    /// `config` is a non-group consumer configuration (read_committed).
+    pub(crate) fn new(mut config: ClientConfig, stall_timeout: Duration) -> Result<Self, Error> {
+        config
+            .set("enable.partition.eof", "true")
+            // An offset below the log start must surface as an error, never as a silent jump.
+            .set("auto.offset.reset", "error")
+            .set("enable.auto.commit", "false")
+            // A read ends at the end of the partition: do not let the broker hold the last,
+            // empty fetch for the default 500 ms (three reads per recovery).
+            .set("fetch.wait.max.ms", "20");
+        let consumer = config
+            .create_with_context(ReaderContext)
+            .map_err(|source| Error::kafka("creating the recovery consumer", source))?;
+        config.set("isolation.level", "read_uncommitted");
+        let bounds_client = config
+            .create_with_context(ReaderContext)
+            .map_err(|source| Error::kafka("creating the recovery consumer", source))?;
+        Ok(PartitionReader {
+            consumer,
+            bounds_client,
+            stall_timeout,
+        })
+    }
+
+    /// (log start offset, high watermark) of a partition. The high watermark may exceed the
+    /// last stable offset (open transactions); use [`Self::stable_end`] where that matters.
+    pub(crate) fn bounds(&self, topic: &str, partition: i32) -> Result<(i64, i64), Error> {
+        self.watermarks_of(&self.bounds_client, topic, partition)
+    }
+
+    /// The end of a partition as a read_committed consumer sees it: the last stable offset.
+    pub(crate) fn stable_end(&self, topic: &str, partition: i32) -> Result<i64, Error> {
+        self.watermarks_of(&self.consumer, topic, partition)
+            .map(|(_, end)| end)
+    }
+
+    fn watermarks_of(
+        &self,
+        client: &BaseConsumer<ReaderContext>,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(i64, i64), Error> {
+        let deadline = Instant::now() + self.stall_timeout;
+        loop {
+            match client.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
+                Ok(w) => return Ok(w),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(topic, partition, error = %e, "fetching watermarks failed; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(source) => {
+                    return Err(Error::kafka(
+                        format!("fetching the watermarks of {topic}/{partition}"),
+                        source,
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Reads `topic/partition` from offset `from` and hands each record to `on_record` until
+    /// it returns [`Flow::Stop`] or the end of the partition is reached.
+    pub(crate) fn read(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        mut on_record: impl FnMut(&BorrowedMessage<'_>) -> Result<Flow, Error>,
+    ) -> Result<(), Error> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(from))
+            .map_err(|source| Error::kafka(format!("assigning {topic}/{partition}"), source))?;
+        self.consumer
+            .assign(&tpl)
+            .map_err(|source| Error::kafka(format!("assigning {topic}/{partition}"), source))?;
+        let result = self.read_assigned(topic, partition, from, &mut on_record);
+        let _ = self.consumer.unassign();
+        result
+    }
+
+    fn read_assigned(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        on_record: &mut impl FnMut(&BorrowedMessage<'_>) -> Result<Flow, Error>,
+    ) -> Result<(), Error> {
+        let mut last_progress = Instant::now();
+        let mut position = from;
+        loop {
+            match self.consumer.poll(Duration::from_millis(100)) {
+                None => {}
+                Some(Ok(message)) => {
+                    if message.topic() != topic
+                        || message.partition() != partition
+                        || message.offset() < from
+                    {
+                        continue;
+                    }
+                    last_progress = Instant::now();
+                    position = message.offset() + 1;
+                    if on_record(&message)? == Flow::Stop {
+                        return Ok(());
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) if p == partition => return Ok(()),
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                    return Err(Error::OffsetOutOfRange {
+                        topic: topic.to_owned(),
+                        partition,
+                        offset: position,
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(topic, partition, error = %e, "transient consumer error while reading");
+                }
+            }
+            if last_progress.elapsed() > self.stall_timeout {
+                return Err(Error::ReadStalled {
+                    topic: topic.to_owned(),
+                    partition,
+                    offset: position,
+                    waited: self.stall_timeout,
+                });
+            }
+        }
+    }
+}
+
+/// The last committed incremental snapshot record of a snapshot partition.
+#[derive(Debug, Clone)]
+pub(crate) struct LatestIncremental {
+    pub(crate) offset: i64,
+    pub(crate) record: IncrementalSnapshot,
+}
+
+/// Finds the last committed incremental record on `snapshot_topic/partition`.
+///
+/// Reads a tail window up to the end of the partition and keeps the last incremental record;
+/// widens the window when the tail holds none (full snapshot chunks and transaction markers
+/// occupy offsets too).
+pub(crate) fn find_latest_incremental(
+    reader: &PartitionReader,
+    snapshot_topic: &str,
+    partition: i32,
+) -> Result<Option<LatestIncremental>, Error> {
+    let (low, high) = reader.bounds(snapshot_topic, partition)?;
+    if high <= low {
+        return Ok(None);
+    }
+    let mut window: i64 = 64;
+    loop {
+        let start = (high - window).max(low);
+        let mut latest: Option<LatestIncremental> = None;
+        reader.read(snapshot_topic, partition, start, |message| {
+            if let Some(payload) = message.payload() {
+                let record = decode_record(payload).map_err(|source| Error::PartitionSnapshot {
+                    topic: snapshot_topic.to_owned(),
+                    partition,
+                    source,
+                })?;
+                if let Some(snapshot_record::Kind::Incremental(inc)) = record.kind {
+                    latest = Some(LatestIncremental {
+                        offset: message.offset(),
+                        record: inc,
+                    });
+                }
+            }
+            Ok(Flow::Continue)
+        })?;
+        if latest.is_some() {
+            return Ok(latest);
+        }
+        if start == low {
+            if low > 0 {
+                // Retention removed records and nothing usable is left: starting from an empty
+                // state would silently reprocess (or skip) input.
+                return Err(Error::SnapshotTruncated {
+                    topic: snapshot_topic.to_owned(),
+                    partition,
+                    log_start_offset: low,
+                });
+            }
+            return Ok(None);
+        }
+        window = window.saturating_mul(8);
+    }
+}
+
+/// Loads the encoded state of the full snapshot `reference` points to, verifying every chunk.
+pub(crate) fn load_full_snapshot(
+    reader: &PartitionReader,
+    snapshot_topic: &str,
+    partition: i32,
+    reference: &FullSnapshotRef,
+) -> Result<Vec<u8>, Error> {
+    let mut chunks: Vec<FullSnapshotChunk> = Vec::with_capacity(reference.chunk_count as usize);
+    let snapshot_error = |source| Error::PartitionSnapshot {
+        topic: snapshot_topic.to_owned(),
+        partition,
+        source,
+    };
+    reader.read(
+        snapshot_topic,
+        partition,
+        reference.first_chunk_offset,
+        |message| {
+            if let Some(payload) = message.payload() {
+                let record = decode_record(payload).map_err(snapshot_error)?;
+                if let Some(snapshot_record::Kind::Chunk(chunk)) = record.kind {
+                    if chunk.snapshot_id == reference.snapshot_id {
+                        chunks.push(chunk);
+                    }
+                }
+            }
+            Ok(if chunks.len() >= reference.chunk_count as usize {
+                Flow::Stop
+            } else {
+                Flow::Continue
+            })
+        },
+    )?;
+    // Missing, duplicated or damaged chunks are all reported by the assembly.
+    assemble_chunks(reference, chunks).map_err(snapshot_error)
+}
+
+/// Producer context of a partition worker's transactional producer: records delivery
+/// reports so the offsets of snapshot chunks are known inside the open transaction.
+#[derive(Default)]
+pub(crate) struct TxnProducerContext {
+    /// Delivery opaque (> 0) -> offset or error, for records sent with a tracking id.
+    tracked: Mutex<HashMap<usize, Result<i64, KafkaError>>>,
+    /// First delivery error of an untracked record (an output) since the last reset.
+    first_error: Mutex<Option<KafkaError>>,
+}
+
+impl ClientContext for TxnProducerContext {}
+
+impl ProducerContext for TxnProducerContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, id: usize) {
+        let outcome = match result {
+            Ok(message) => Ok(message.offset()),
+            Err((error, _)) => Err(error.clone()),
+        };
+        if id > 0 {
+            if let Ok(mut tracked) = self.tracked.lock() {
+                tracked.insert(id, outcome);
+            }
+        } else if let Err(error) = outcome {
+            if let Ok(mut first) = self.first_error.lock() {
+                first.get_or_insert(error);
+            }
+        }
+    }
+}
+
+impl TxnProducerContext {
+    fn take_tracked(&self, id: usize) -> Option<Result<i64, KafkaError>> {
+        self.tracked.lock().ok().and_then(|mut t| t.remove(&id))
+    }
+
+    /// Forgets delivery state of an aborted or committed transaction.
+    pub(crate) fn reset(&self) {
+        if let Ok(mut t) = self.tracked.lock() {
+            t.clear();
+        }
+        if let Ok(mut f) = self.first_error.lock() {
+            f.take();
+        }
+    }
+
+    /// The first failed delivery of an output since the last reset.
+    pub(crate) fn take_first_error(&self) -> Option<KafkaError> {
+        self.first_error.lock().ok().and_then(|mut f| f.take())
+    }
+}
+
+/// The transactional producer of a partition worker.
+pub(crate) type TxnProducer = BaseProducer<TxnProducerContext>;
+
+/// Sends one record, waiting (serving delivery reports) while librdkafka's queue is full.
+pub(crate) fn send_blocking(
+    producer: &TxnProducer,
+    mut record: BaseRecord<'_, [u8], [u8], usize>,
+) -> Result<(), KafkaError> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                record = returned;
+                producer.poll(Duration::from_millis(50));
+            }
+            Err((error, _)) => return Err(error),
+        }
+    }
+}
+
+/// Writes the chunks of a full snapshot into the open transaction and returns the reference
+/// to them. Flushes the producer to learn the chunk offsets from the delivery reports (the
+/// transaction stays open: the chunks become visible only when it commits).
+pub(crate) fn write_full_snapshot(
+    producer: &TxnProducer,
+    snapshot_topic: &str,
+    partition: i32,
+    chunks: Vec<FullSnapshotChunk>,
+    reference: FullSnapshotRef,
+    flush_timeout: Duration,
+) -> Result<FullSnapshotRef, KafkaError> {
+    let count = chunks.len();
+    for (index, chunk) in chunks.into_iter().enumerate() {
+        let bytes = encode_record(&chunk_record(chunk));
+        let record = BaseRecord::with_opaque_to(snapshot_topic, index + 1)
+            .partition(partition)
+            .payload(bytes.as_slice());
+        send_blocking(producer, record)?;
+    }
+    rdkafka::producer::Producer::flush(producer, flush_timeout)?;
+    let context = rdkafka::producer::Producer::context(producer);
+    let mut first_offset = None;
+    for index in 0..count {
+        match context.take_tracked(index + 1) {
+            Some(Ok(offset)) => {
+                if index == 0 {
+                    first_offset = Some(offset);
+                }
+            }
+            Some(Err(error)) => return Err(error),
+            None => return Err(KafkaError::Flush(RDKafkaErrorCode::MessageTimedOut)),
+        }
+    }
+    let first_chunk_offset =
+        first_offset.ok_or(KafkaError::Flush(RDKafkaErrorCode::MessageTimedOut))?;
+    Ok(FullSnapshotRef {
+        first_chunk_offset,
+        chunk_count: count as u32,
+        ..reference
+    })
+}
+
+/// Queues the incremental snapshot record of a transaction.
+pub(crate) fn write_incremental(
+    producer: &TxnProducer,
+    snapshot_topic: &str,
+    partition: i32,
+    record: IncrementalSnapshot,
+) -> Result<(), KafkaError> {
+    let bytes = encode_record(&incremental_record(record));
+    let record = BaseRecord::with_opaque_to(snapshot_topic, 0)
+        .partition(partition)
+        .payload(bytes.as_slice());
+    send_blocking(producer, record)
+}

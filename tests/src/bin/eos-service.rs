@@ -1,0 +1,206 @@
+//! A small stateful service built on `exactly`, used by the framework's integration tests
+//! (kill -9, zombie, rebalance, error policies, recovery).
+//!
+//! Input: key = any UTF-8 string, value = a unique record id (UTF-8).
+//! State per partition: the number of records seen per key.
+//! Output (to `--output`): key = the input key, value = `"<id> <key> <count>"` where `count`
+//! is the key's running count after this record. A reference model computed from the input
+//! (counts per key in offset order) predicts every output value, so both lost/duplicated
+//! outputs and lost/duplicated state show up.
+//!
+//! Records whose id equals `--poison` make the processor return an error; with
+//! `--nondeterministic` the state also depends on the process id (recovery must detect it).
+//! Metrics are printed as `EXACTLY_METRICS {json}` lines whenever they change.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clap::Parser;
+use exactly::{
+    App, AppConfig, ErrorPolicy, Output, OutputRecord, ProcessError, Processor, Record, Utf8,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Parser, Debug)]
+#[command(about = "exactly test service: per-key running counts")]
+struct Args {
+    #[arg(long, env = "EOS_BROKERS")]
+    brokers: String,
+    #[arg(long, env = "EOS_APP_ID")]
+    app_id: String,
+    #[arg(long, env = "EOS_INPUT")]
+    input: String,
+    #[arg(long, env = "EOS_OUTPUT")]
+    output: String,
+    #[arg(long, default_value_t = 100)]
+    commit_interval_ms: u64,
+    #[arg(long, default_value_t = 10_000)]
+    max_batch_records: usize,
+    #[arg(long, default_value_t = 100_000)]
+    full_snapshot_every: u64,
+    #[arg(long, default_value_t = 60_000)]
+    full_snapshot_interval_ms: u64,
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    full_snapshots: bool,
+    /// fail | skip | dead-letter:<topic>
+    #[arg(long, default_value = "fail")]
+    error_policy: String,
+    /// Record id that makes the processor return an error.
+    #[arg(long)]
+    poison: Option<String>,
+    /// Mix the process id into the state (a deliberately non-deterministic processor).
+    #[arg(long)]
+    nondeterministic: bool,
+    /// Sleep this long per record (to keep transactions open for kill/pause tests).
+    #[arg(long, default_value_t = 0)]
+    per_record_delay_ms: u64,
+    #[arg(long, default_value_t = 10_000)]
+    transaction_timeout_ms: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Counts {
+    counts: BTreeMap<String, u64>,
+    salt: u64,
+}
+
+struct EosCounter {
+    output: String,
+    poison: Option<String>,
+    salt: Option<u64>,
+    delay: Duration,
+}
+
+impl Processor for EosCounter {
+    type State = Counts;
+    type Key = Utf8;
+    type Value = Utf8;
+
+    fn process(
+        &self,
+        state: &mut Counts,
+        record: &Record<'_, String, String>,
+        out: &mut Output,
+    ) -> Result<(), ProcessError> {
+        let id = record.value();
+        if self.poison.as_deref() == Some(id.as_str()) {
+            return Err(format!("poison record {id}").into());
+        }
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+        let count = state.counts.entry(record.key().clone()).or_default();
+        *count += 1;
+        let count = *count;
+        if let Some(salt) = self.salt {
+            state.salt = state.salt.wrapping_add(salt);
+        }
+        out.send(
+            OutputRecord::new(&self.output)
+                .key(record.key().as_bytes())
+                .value(format!("{id} {} {count}", record.key())),
+        );
+        Ok(())
+    }
+}
+
+fn error_policy(spec: &str) -> Result<ErrorPolicy, String> {
+    match spec {
+        "fail" => Ok(ErrorPolicy::Fail),
+        "skip" => Ok(ErrorPolicy::Skip),
+        other => match other.strip_prefix("dead-letter:") {
+            Some(topic) if !topic.is_empty() => Ok(ErrorPolicy::DeadLetter {
+                topic: topic.to_owned(),
+            }),
+            _ => Err(format!("unknown error policy {other:?}")),
+        },
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(false)
+        .init();
+    let args = Args::parse();
+    let policy = match error_policy(&args.error_policy) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("eos-service: {e}");
+            std::process::exit(2);
+        }
+    };
+    let config = AppConfig::new(&args.app_id, &args.brokers)
+        .input_topic(&args.input)
+        .commit_interval(Duration::from_millis(args.commit_interval_ms))
+        .max_batch_records(args.max_batch_records)
+        .full_snapshot_every_records(args.full_snapshot_every)
+        .full_snapshot_interval(Duration::from_millis(args.full_snapshot_interval_ms))
+        .full_snapshots(args.full_snapshots)
+        .error_policy(policy)
+        .transaction_timeout(Duration::from_millis(args.transaction_timeout_ms))
+        // Fast group membership changes for the rebalance / zombie tests.
+        .consumer_kafka("session.timeout.ms", "6000")
+        .consumer_kafka("heartbeat.interval.ms", "500");
+    let processor = EosCounter {
+        output: args.output.clone(),
+        poison: args.poison.clone(),
+        salt: args.nondeterministic.then(|| u64::from(std::process::id())),
+        delay: Duration::from_millis(args.per_record_delay_ms),
+    };
+    let app = match App::new(config, processor) {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("eos-service failed: {e}");
+            std::process::exit(2);
+        }
+    };
+    let metrics = app.metrics();
+    let final_metrics = metrics.clone();
+    let reporter = tokio::spawn(async move {
+        let mut last = String::new();
+        loop {
+            let line = metrics_line(&metrics.snapshot());
+            if line != last {
+                println!("EXACTLY_METRICS {line}");
+                last = line;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let result = app.run().await;
+    reporter.abort();
+    println!(
+        "EXACTLY_METRICS {}",
+        metrics_line(&final_metrics.snapshot())
+    );
+    match result {
+        Ok(()) => println!("eos-service stopped cleanly"),
+        Err(e) => {
+            println!("eos-service failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn metrics_line(m: &exactly::MetricsSnapshot) -> String {
+    serde_json::json!({
+        "records_processed": m.records_processed,
+        "records_skipped": m.records_skipped,
+        "records_dead_lettered": m.records_dead_lettered,
+        "transactions_committed": m.transactions_committed,
+        "transactions_aborted": m.transactions_aborted,
+        "full_snapshots_written": m.full_snapshots_written,
+        "recoveries": m.recoveries,
+        "recoveries_from_full_snapshot": m.recoveries_from_full_snapshot,
+        "last_recovery_replayed_records": m.last_recovery_replayed_records,
+        "max_recovery_replayed_records": m.max_recovery_replayed_records,
+        "partitions_assigned": m.partitions_assigned,
+        "partitions_fenced": m.partitions_fenced,
+    })
+    .to_string()
+}

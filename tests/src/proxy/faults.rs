@@ -1,0 +1,133 @@
+//! Faults the proxy injects on command from a test.
+//!
+//! All settings are shared by every connection of one proxy and take effect for requests
+//! and connections that arrive after the call (except [`Faults::drop_connections`] and
+//! [`Faults::refuse_connections_for`], which also close connections that are open now).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use kafka_protocol::messages::ApiKey;
+use tokio::sync::watch;
+
+/// The fault settings of one proxy. Obtain it with [`Proxy::faults`](super::Proxy::faults).
+#[derive(Debug)]
+pub struct Faults {
+    settings: Mutex<Settings>,
+    /// Bumped to make every open connection close itself.
+    kill_generation: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Settings {
+    latency: HashMap<i16, Duration>,
+    end_txn_response_delay: Option<Duration>,
+    refuse_until: Option<Instant>,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            settings: Mutex::new(Settings::default()),
+            kill_generation: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Faults {
+    /// Delays forwarding every request of kind `api_key` to the broker by `latency` (and with
+    /// it every later request on the same connection, as Kafka connections are ordered).
+    /// `Duration::ZERO` removes the latency.
+    pub fn set_latency(&self, api_key: ApiKey, latency: Duration) {
+        let mut settings = self.lock();
+        if latency.is_zero() {
+            settings.latency.remove(&(api_key as i16));
+        } else {
+            settings.latency.insert(api_key as i16, latency);
+        }
+    }
+
+    /// Holds every EndTxn response (commit or abort) for `delay` before passing it on: the
+    /// broker has already completed the transaction, the client only learns it late (or
+    /// times out). `Duration::ZERO` removes the delay.
+    pub fn delay_end_txn_response(&self, delay: Duration) {
+        self.lock().end_txn_response_delay = (!delay.is_zero()).then_some(delay);
+    }
+
+    /// Closes every client connection and its upstream connection now. Clients reconnect.
+    pub fn drop_connections(&self) {
+        self.kill_generation.send_modify(|g| *g += 1);
+    }
+
+    /// An outage: closes every connection now, and for `duration` accepts new connections
+    /// only to close them at once.
+    pub fn refuse_connections_for(&self, duration: Duration) {
+        self.lock().refuse_until = Some(Instant::now() + duration);
+        self.drop_connections();
+    }
+
+    /// Removes every fault (latency, EndTxn delay, an ongoing outage).
+    pub fn clear(&self) {
+        *self.lock() = Settings::default();
+    }
+
+    /// The latency to add before forwarding a request with this api key.
+    pub(crate) fn latency(&self, api_key: i16) -> Option<Duration> {
+        self.lock().latency.get(&api_key).copied()
+    }
+
+    /// The delay to add before passing on an EndTxn response.
+    pub(crate) fn end_txn_response_delay(&self) -> Option<Duration> {
+        self.lock().end_txn_response_delay
+    }
+
+    /// True while an outage set by [`Faults::refuse_connections_for`] lasts.
+    pub(crate) fn refusing(&self) -> bool {
+        self.lock()
+            .refuse_until
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// A receiver that changes whenever connections must be dropped.
+    pub(crate) fn kill_signal(&self) -> watch::Receiver<u64> {
+        self.kill_generation.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Settings> {
+        // The settings stay consistent even if a holder panicked: every update is one store.
+        self.settings
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_is_per_api_key_and_zero_clears() {
+        let faults = Faults::default();
+        faults.set_latency(ApiKey::Fetch, Duration::from_millis(5));
+        assert_eq!(
+            faults.latency(ApiKey::Fetch as i16),
+            Some(Duration::from_millis(5))
+        );
+        assert_eq!(faults.latency(ApiKey::Produce as i16), None);
+        faults.set_latency(ApiKey::Fetch, Duration::ZERO);
+        assert_eq!(faults.latency(ApiKey::Fetch as i16), None);
+    }
+
+    #[test]
+    fn outage_refuses_then_clear_ends_it() {
+        let faults = Faults::default();
+        let mut kill = faults.kill_signal();
+        faults.refuse_connections_for(Duration::from_secs(60));
+        assert!(faults.refusing());
+        assert!(kill.has_changed().unwrap());
+        kill.mark_unchanged();
+        faults.clear();
+        assert!(!faults.refusing());
+    }
+}

@@ -1,0 +1,222 @@
+//! A read-committed Kafka-protocol proxy with fault injection, in front of the test broker.
+//!
+//! nisshi 0.7.0 never lists aborted transactions in Fetch responses and answers
+//! ListOffsets(read_committed, latest) with 0 (DESIGN.md §4). This proxy sits between the
+//! clients and the broker and
+//!
+//! - fills `aborted_transactions` (and `last_stable_offset`) of read_committed Fetch responses
+//!   from a transaction index it builds by reading each partition uncommitted and parsing the
+//!   log's own control markers ([`txn_index`]), so librdkafka's own read_committed filter drops
+//!   aborted records;
+//! - answers ListOffsets(read_committed, latest) with the true last stable offset;
+//! - rewrites advertised addresses (Metadata, FindCoordinator, DescribeCluster) to itself so
+//!   clients never bypass it ([`rewrite`]);
+//! - injects faults on command ([`Faults`]).
+//!
+//! It never drops or invents records: it only adds abort information derived from markers in
+//! the log itself. So it can cause false failures (e.g. a connection dropped by a fault) but
+//! cannot hide a duplicate.
+
+pub mod client;
+mod connection;
+mod faults;
+pub mod framing;
+mod rewrite;
+pub mod txn_index;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::error::HarnessError;
+pub use faults::Faults;
+use txn_index::TxnIndex;
+
+/// Counters of what the proxy did, for tests that want to show a code path was exercised.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    /// Client connections accepted and forwarded.
+    pub connections: u64,
+    /// Client connections closed at once because of an outage.
+    pub connections_refused: u64,
+    /// read_committed Fetch responses the proxy rewrote.
+    pub fetches_rewritten: u64,
+    /// Aborted-transaction entries added to Fetch responses, summed over partitions.
+    pub aborted_entries_added: u64,
+    /// Fetch partitions whose `last_stable_offset` the proxy changed.
+    pub lso_adjusted: u64,
+    /// read_committed Fetch partitions cut to the client's `partition_max_bytes` (at batch
+    /// boundaries; nisshi ignores the limit, Kafka honours it).
+    pub fetch_partitions_truncated: u64,
+    /// ListOffsets(read_committed, latest) partition answers replaced by the true LSO.
+    pub list_offsets_rewritten: u64,
+    /// Uncommitted Fetch requests the proxy itself sent to index partitions.
+    pub index_fetches: u64,
+    /// Responses that should have been rewritten but could not be decoded or indexed (the
+    /// connection is closed instead, so the client retries).
+    pub rewrite_failures: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub connections: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub fetches_rewritten: AtomicU64,
+    pub aborted_entries_added: AtomicU64,
+    pub lso_adjusted: AtomicU64,
+    pub fetch_partitions_truncated: AtomicU64,
+    pub list_offsets_rewritten: AtomicU64,
+    pub index_fetches: AtomicU64,
+    pub rewrite_failures: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> ProxyStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ProxyStats {
+            connections: get(&self.connections),
+            connections_refused: get(&self.connections_refused),
+            fetches_rewritten: get(&self.fetches_rewritten),
+            aborted_entries_added: get(&self.aborted_entries_added),
+            lso_adjusted: get(&self.lso_adjusted),
+            fetch_partitions_truncated: get(&self.fetch_partitions_truncated),
+            list_offsets_rewritten: get(&self.list_offsets_rewritten),
+            index_fetches: get(&self.index_fetches),
+            rewrite_failures: get(&self.rewrite_failures),
+        }
+    }
+}
+
+/// State shared by the accept loop and every connection of one proxy.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub upstream: SocketAddr,
+    pub advertised: SocketAddr,
+    pub faults: Faults,
+    pub counters: Counters,
+    pub index: TxnIndex,
+}
+
+/// A running proxy. Dropping it stops accepting and closes every connection.
+#[derive(Debug)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    accept_task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts a proxy for the broker at `upstream`, listening on a free 127.0.0.1 port.
+    pub async fn start(upstream: SocketAddr) -> Result<Proxy, HarnessError> {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| HarnessError::io("binding the proxy listener on 127.0.0.1:0", e))?;
+        let advertised = listener
+            .local_addr()
+            .map_err(|e| HarnessError::io("reading the proxy listener's address", e))?;
+        let shared = Arc::new(Shared {
+            upstream,
+            advertised,
+            faults: Faults::default(),
+            counters: Counters::default(),
+            index: TxnIndex::new(upstream),
+        });
+        let accept_task = tokio::spawn(accept_loop(listener, shared.clone()));
+        tracing::info!(proxy = %advertised, %upstream, "read-committed proxy started");
+        Ok(Proxy {
+            shared,
+            accept_task,
+        })
+    }
+
+    /// The address clients connect to (and that the proxy advertises as the broker's).
+    pub fn address(&self) -> SocketAddr {
+        self.shared.advertised
+    }
+
+    /// The broker behind the proxy.
+    pub fn upstream(&self) -> SocketAddr {
+        self.shared.upstream
+    }
+
+    /// The fault settings; see [`Faults`].
+    pub fn faults(&self) -> &Faults {
+        &self.shared.faults
+    }
+
+    /// Delays forwarding requests of kind `api_key`; see [`Faults::set_latency`].
+    pub fn set_latency(
+        &self,
+        api_key: kafka_protocol::messages::ApiKey,
+        latency: std::time::Duration,
+    ) {
+        self.shared.faults.set_latency(api_key, latency);
+    }
+
+    /// Holds EndTxn responses; see [`Faults::delay_end_txn_response`].
+    pub fn delay_end_txn_response(&self, delay: std::time::Duration) {
+        self.shared.faults.delay_end_txn_response(delay);
+    }
+
+    /// Closes every connection now; see [`Faults::drop_connections`].
+    pub fn drop_connections(&self) {
+        self.shared.faults.drop_connections();
+    }
+
+    /// An outage; see [`Faults::refuse_connections_for`].
+    pub fn refuse_connections_for(&self, duration: std::time::Duration) {
+        self.shared.faults.refuse_connections_for(duration);
+    }
+
+    /// Removes every fault; see [`Faults::clear`].
+    pub fn clear_faults(&self) {
+        self.shared.faults.clear();
+    }
+
+    /// Forgets the transaction index, e.g. after a broker restart lost all data. (A partition
+    /// whose high watermark drops below what was indexed is also re-indexed automatically.)
+    pub fn reset_index(&self) {
+        self.shared.index.reset();
+    }
+
+    /// What the proxy did so far.
+    pub fn stats(&self) -> ProxyStats {
+        self.shared.counters.snapshot()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+        self.shared.faults.drop_connections();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (client, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "proxy accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if shared.faults.refusing() {
+            Counters::add(&shared.counters.connections_refused, 1);
+            drop(client);
+            continue;
+        }
+        Counters::add(&shared.counters.connections, 1);
+        // Subscribe before spawning so a drop_connections() right now also ends this one.
+        let kill = shared.faults.kill_signal();
+        tokio::spawn(connection::serve(client, peer, shared.clone(), kill));
+    }
+}

@@ -1,0 +1,467 @@
+//! Which requests need their response rewritten, and the rewrites themselves.
+//!
+//! Everything not listed here passes through as raw bytes. Rewritten: ApiVersions (cap the
+//! versions of the APIs rewritten here to what `kafka-protocol` decodes), Metadata /
+//! FindCoordinator / DescribeCluster (advertise the proxy), read_committed Fetch (aborted
+//! transactions, last stable offset) and ListOffsets(read_committed, latest) (true LSO).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::fetch_response::AbortedTransaction;
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsResponse, DescribeClusterResponse, FetchRequest, FetchResponse,
+    FindCoordinatorResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataResponse,
+    RequestHeader, ResponseHeader,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use uuid::Uuid;
+
+use super::framing::request_key_version_correlation;
+use super::txn_index::{parse_batches, ScanTarget};
+use super::{Counters, Shared};
+use crate::error::HarnessError;
+
+/// Kafka's `isolation_level` for read_committed.
+const READ_COMMITTED: i8 = 1;
+/// ListOffsets timestamp meaning "latest".
+const LATEST_TIMESTAMP: i64 = -1;
+
+/// APIs whose responses (or requests) the proxy decodes; clients must not use versions
+/// `kafka-protocol` cannot decode.
+const DECODED_APIS: [ApiKey; 6] = [
+    ApiKey::ApiVersions,
+    ApiKey::Metadata,
+    ApiKey::FindCoordinator,
+    ApiKey::DescribeCluster,
+    ApiKey::Fetch,
+    ApiKey::ListOffsets,
+];
+
+/// A topic as a Fetch request names it: by name before v13, by id from v13.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum TopicKey {
+    Name(String),
+    Id(Uuid),
+}
+
+/// Per client connection state needed to rewrite responses.
+#[derive(Debug, Default)]
+pub(crate) struct ConnectionState {
+    /// The fetch offset and byte limit last requested per partition. Incremental fetch
+    /// sessions leave out partitions whose offset did not change, so the latest value is the
+    /// session's.
+    fetch_positions: HashMap<(TopicKey, i32), FetchPosition>,
+}
+
+/// Where a client fetches a partition from, and how many bytes it accepts per response.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FetchPosition {
+    fetch_offset: i64,
+    max_bytes: i32,
+}
+
+/// What to do with the response to one request.
+#[derive(Debug)]
+pub(crate) enum Pending {
+    ApiVersions,
+    Metadata,
+    FindCoordinator,
+    DescribeCluster,
+    /// A read_committed fetch, with the fetch offset of every partition in its session.
+    ReadCommittedFetch {
+        positions: HashMap<(TopicKey, i32), FetchPosition>,
+    },
+    /// ListOffsets(read_committed) partitions asked for the latest offset.
+    ReadCommittedListOffsets {
+        latest: HashSet<(String, i32)>,
+    },
+    /// May be held back by [`Faults::delay_end_txn_response`](super::Faults::delay_end_txn_response).
+    EndTxn,
+}
+
+/// A response the connection waits for, keyed by correlation id.
+#[derive(Debug)]
+pub(crate) struct PendingResponse {
+    pub api_key: ApiKey,
+    pub version: i16,
+    pub pending: Pending,
+}
+
+/// Decides from a client request what its response needs. `None`: pass it through.
+pub(crate) fn classify_request(
+    frame: &[u8],
+    state: &mut ConnectionState,
+) -> Option<(i32, PendingResponse)> {
+    let (key, version, correlation_id) = request_key_version_correlation(frame)?;
+    let api_key = ApiKey::try_from(key).ok()?;
+    let pending = match api_key {
+        ApiKey::ApiVersions => Pending::ApiVersions,
+        ApiKey::Metadata => Pending::Metadata,
+        ApiKey::FindCoordinator => Pending::FindCoordinator,
+        ApiKey::DescribeCluster => Pending::DescribeCluster,
+        ApiKey::EndTxn => Pending::EndTxn,
+        ApiKey::Fetch => {
+            let request: FetchRequest = decode_request(frame, version)?;
+            track_fetch_positions(&request, version, state);
+            if request.isolation_level != READ_COMMITTED {
+                return None;
+            }
+            Pending::ReadCommittedFetch {
+                positions: state.fetch_positions.clone(),
+            }
+        }
+        ApiKey::ListOffsets => {
+            if version < 2 {
+                return None; // no isolation level before v2
+            }
+            let request: ListOffsetsRequest = decode_request(frame, version)?;
+            if request.isolation_level != READ_COMMITTED {
+                return None;
+            }
+            let latest: HashSet<(String, i32)> = request
+                .topics
+                .iter()
+                .flat_map(|t| {
+                    t.partitions
+                        .iter()
+                        .filter(|p| p.timestamp == LATEST_TIMESTAMP)
+                        .map(|p| (t.name.0.to_string(), p.partition_index))
+                })
+                .collect();
+            if latest.is_empty() {
+                return None;
+            }
+            Pending::ReadCommittedListOffsets { latest }
+        }
+        _ => return None,
+    };
+    Some((
+        correlation_id,
+        PendingResponse {
+            api_key,
+            version,
+            pending,
+        },
+    ))
+}
+
+fn decode_request<R: Decodable>(frame: &[u8], version: i16) -> Option<R> {
+    let mut bytes = Bytes::copy_from_slice(frame);
+    let decoded = kafka_protocol::protocol::decode_request_header_from_buffer(&mut bytes)
+        .and_then(|_: RequestHeader| R::decode(&mut bytes, version));
+    match decoded {
+        Ok(request) => Some(request),
+        Err(error) => {
+            tracing::warn!(%error, version, "proxy could not decode a request; passing it through");
+            None
+        }
+    }
+}
+
+fn track_fetch_positions(request: &FetchRequest, version: i16, state: &mut ConnectionState) {
+    let key = |name: &StrBytes, id: Uuid| {
+        if version >= 13 {
+            TopicKey::Id(id)
+        } else {
+            TopicKey::Name(name.to_string())
+        }
+    };
+    // A full fetch request (new session or no session) lists every partition.
+    if request.session_epoch <= 0 {
+        state.fetch_positions.clear();
+    }
+    for topic in &request.topics {
+        for partition in &topic.partitions {
+            state.fetch_positions.insert(
+                (key(&topic.topic.0, topic.topic_id), partition.partition),
+                FetchPosition {
+                    fetch_offset: partition.fetch_offset,
+                    max_bytes: partition.partition_max_bytes,
+                },
+            );
+        }
+    }
+    for forgotten in &request.forgotten_topics_data {
+        for partition in &forgotten.partitions {
+            state
+                .fetch_positions
+                .remove(&(key(&forgotten.topic.0, forgotten.topic_id), *partition));
+        }
+    }
+}
+
+/// Rewrites one response frame (correlation id first). `Ok(None)`: pass the original on.
+pub(crate) async fn rewrite_response(
+    frame: &Bytes,
+    pending: PendingResponse,
+    shared: &Shared,
+) -> Result<Option<BytesMut>, HarnessError> {
+    let PendingResponse {
+        api_key,
+        version,
+        pending,
+    } = pending;
+    if matches!(pending, Pending::EndTxn) {
+        return Ok(None); // only tracked for the delay fault
+    }
+    let context = || format!("rewriting a {api_key:?} v{version} response");
+    let mut body = frame.clone();
+    let header = ResponseHeader::decode(&mut body, api_key.response_header_version(version))
+        .map_err(|e| HarnessError::protocol(context(), e))?;
+    let correlation_id = header.correlation_id;
+    let encode = |message: &dyn Fn(&mut BytesMut) -> anyhow::Result<()>| -> Result<Option<BytesMut>, HarnessError> {
+        let mut buf = BytesMut::new();
+        ResponseHeader::default()
+            .with_correlation_id(correlation_id)
+            .encode(&mut buf, api_key.response_header_version(version))
+            .map_err(|e| HarnessError::protocol(context(), e))?;
+        message(&mut buf).map_err(|e| HarnessError::protocol(context(), e))?;
+        Ok(Some(buf))
+    };
+    match pending {
+        Pending::EndTxn => Ok(None),
+        Pending::ApiVersions => {
+            let Ok(mut response) = ApiVersionsResponse::decode(&mut body, version) else {
+                // An UNSUPPORTED_VERSION answer is encoded as v0; the client retries lower.
+                return Ok(None);
+            };
+            cap_api_versions(&mut response);
+            encode(&|buf| response.encode(buf, version))
+        }
+        Pending::Metadata => {
+            let mut response = MetadataResponse::decode(&mut body, version)
+                .map_err(|e| HarnessError::protocol(context(), e))?;
+            for broker in &mut response.brokers {
+                advertise(&mut broker.host, &mut broker.port, shared.advertised);
+            }
+            for topic in &response.topics {
+                if let Some(name) = &topic.name {
+                    shared.index.learn_topic(topic.topic_id, name.0.as_str());
+                }
+            }
+            encode(&|buf| response.encode(buf, version))
+        }
+        Pending::FindCoordinator => {
+            let mut response = FindCoordinatorResponse::decode(&mut body, version)
+                .map_err(|e| HarnessError::protocol(context(), e))?;
+            if version < 4 {
+                if response.error_code == 0 {
+                    advertise(&mut response.host, &mut response.port, shared.advertised);
+                }
+            } else {
+                for coordinator in &mut response.coordinators {
+                    if coordinator.error_code == 0 {
+                        advertise(
+                            &mut coordinator.host,
+                            &mut coordinator.port,
+                            shared.advertised,
+                        );
+                    }
+                }
+            }
+            encode(&|buf| response.encode(buf, version))
+        }
+        Pending::DescribeCluster => {
+            let mut response = DescribeClusterResponse::decode(&mut body, version)
+                .map_err(|e| HarnessError::protocol(context(), e))?;
+            for broker in &mut response.brokers {
+                advertise(&mut broker.host, &mut broker.port, shared.advertised);
+            }
+            encode(&|buf| response.encode(buf, version))
+        }
+        Pending::ReadCommittedFetch { positions } => {
+            let mut response = FetchResponse::decode(&mut body, version)
+                .map_err(|e| HarnessError::protocol(context(), e))?;
+            rewrite_fetch(&mut response, version, &positions, shared).await?;
+            Counters::add(&shared.counters.fetches_rewritten, 1);
+            encode(&|buf| response.encode(buf, version))
+        }
+        Pending::ReadCommittedListOffsets { latest } => {
+            let mut response = ListOffsetsResponse::decode(&mut body, version)
+                .map_err(|e| HarnessError::protocol(context(), e))?;
+            for topic in &mut response.topics {
+                let name = topic.name.0.to_string();
+                for partition in &mut topic.partitions {
+                    if partition.error_code != 0
+                        || !latest.contains(&(name.clone(), partition.partition_index))
+                    {
+                        continue;
+                    }
+                    let index = shared
+                        .index
+                        .scan(
+                            &name,
+                            partition.partition_index,
+                            ScanTarget::CurrentEnd,
+                            &shared.counters,
+                        )
+                        .await?;
+                    let txns = index.txns();
+                    partition.offset = txns.last_stable_offset(txns.high_watermark());
+                    Counters::add(&shared.counters.list_offsets_rewritten, 1);
+                }
+            }
+            encode(&|buf| response.encode(buf, version))
+        }
+    }
+}
+
+/// Caps the versions of the APIs the proxy decodes to what `kafka-protocol` supports.
+fn cap_api_versions(response: &mut ApiVersionsResponse) {
+    for api in &mut response.api_keys {
+        let Ok(key) = ApiKey::try_from(api.api_key) else {
+            continue;
+        };
+        if DECODED_APIS.contains(&key) {
+            let decodable = key.valid_versions();
+            api.max_version = api.max_version.min(decodable.max);
+            api.min_version = api.min_version.max(decodable.min).min(api.max_version);
+        }
+    }
+}
+
+fn advertise(host: &mut StrBytes, port: &mut i32, proxy: SocketAddr) {
+    *host = StrBytes::from_string(proxy.ip().to_string());
+    *port = i32::from(proxy.port());
+}
+
+/// Fills aborted transactions and the last stable offset of a read_committed fetch response.
+async fn rewrite_fetch(
+    response: &mut FetchResponse,
+    version: i16,
+    positions: &HashMap<(TopicKey, i32), FetchPosition>,
+    shared: &Shared,
+) -> Result<(), HarnessError> {
+    for endpoint in &mut response.node_endpoints {
+        advertise(&mut endpoint.host, &mut endpoint.port, shared.advertised);
+    }
+    for topic in &mut response.responses {
+        let (name, key) = if version >= 13 {
+            (
+                shared.index.topic_name(topic.topic_id).await?,
+                TopicKey::Id(topic.topic_id),
+            )
+        } else {
+            let name = topic.topic.0.to_string();
+            (name.clone(), TopicKey::Name(name))
+        };
+        for partition in &mut topic.partitions {
+            if partition.error_code != 0 {
+                continue;
+            }
+            let high_watermark = partition.high_watermark;
+            // Every marker of a transaction that is visible below the LSO lies below the
+            // high watermark: index up to it before answering.
+            let index = shared
+                .index
+                .scan(
+                    &name,
+                    partition.partition_index,
+                    ScanTarget::UpTo(high_watermark),
+                    &shared.counters,
+                )
+                .await?;
+            let txns = index.txns();
+            let lso = txns.last_stable_offset(high_watermark);
+            if partition.last_stable_offset != lso {
+                partition.last_stable_offset = lso;
+                Counters::add(&shared.counters.lso_adjusted, 1);
+            }
+            let position = positions
+                .get(&(key.clone(), partition.partition_index))
+                .copied();
+            let mut batches = partition
+                .records
+                .as_deref()
+                .map(parse_batches)
+                .unwrap_or_default();
+            if let (Some(position), Some(records)) = (position, partition.records.as_ref()) {
+                let kept_bytes = limit_to_max_bytes(&mut batches, position.max_bytes);
+                if kept_bytes < records.len() && kept_bytes > 0 {
+                    partition.records = Some(records.slice(..kept_bytes));
+                    Counters::add(&shared.counters.fetch_partitions_truncated, 1);
+                }
+            }
+            let aborted = match (batches.first(), batches.last()) {
+                (Some(first), Some(last)) => {
+                    let fetch_offset = position.map_or(first.base_offset, |p| p.fetch_offset);
+                    txns.aborted_between(fetch_offset, last.last_offset)
+                }
+                _ => Vec::new(),
+            };
+            tracing::debug!(
+                topic = %name,
+                partition = partition.partition_index,
+                version,
+                high_watermark,
+                lso,
+                batches = batches.len(),
+                aborted = aborted.len(),
+                "rewrote a read_committed fetch partition"
+            );
+            Counters::add(&shared.counters.aborted_entries_added, aborted.len() as u64);
+            partition.aborted_transactions = Some(
+                aborted
+                    .into_iter()
+                    .map(|(producer_id, first_offset)| {
+                        AbortedTransaction::default()
+                            .with_producer_id(producer_id.into())
+                            .with_first_offset(first_offset)
+                    })
+                    .collect(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Keeps the longest prefix of whole batches within `max_bytes` (at least one batch, as
+/// Kafka does since KIP-74) and returns its size in bytes. nisshi ignores a fetch's
+/// per-partition byte limit; honouring it makes small-fetch tests meaningful. The records
+/// left out are not lost: the client fetches them next, from the following offset.
+fn limit_to_max_bytes(batches: &mut Vec<super::txn_index::BatchInfo>, max_bytes: i32) -> usize {
+    let limit = usize::try_from(max_bytes).unwrap_or(0);
+    let mut kept = 0;
+    let mut bytes = 0;
+    for batch in batches.iter() {
+        if kept > 0 && bytes + batch.byte_len > limit {
+            break;
+        }
+        bytes += batch.byte_len;
+        kept += 1;
+    }
+    batches.truncate(kept);
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::api_versions_response::ApiVersion;
+
+    #[test]
+    fn api_versions_are_capped_for_decoded_apis_only() {
+        let mut response = ApiVersionsResponse::default().with_api_keys(vec![
+            ApiVersion::default()
+                .with_api_key(ApiKey::Fetch as i16)
+                .with_min_version(0)
+                .with_max_version(99),
+            ApiVersion::default()
+                .with_api_key(ApiKey::Produce as i16)
+                .with_min_version(0)
+                .with_max_version(99),
+        ]);
+        cap_api_versions(&mut response);
+        assert_eq!(
+            response.api_keys[0].max_version,
+            ApiKey::Fetch.valid_versions().max
+        );
+        assert_eq!(
+            response.api_keys[0].min_version,
+            ApiKey::Fetch.valid_versions().min
+        );
+        assert_eq!(response.api_keys[1].max_version, 99);
+    }
+}

@@ -1,0 +1,224 @@
+//! Exactly-once across crashes: the `eos-service` test binary is killed with SIGKILL while it
+//! processes, restarted, and the read_committed output must hold every expected record exactly
+//! once with the counts of the reference model (state survived the crash intact).
+
+mod framework_support;
+
+use std::time::Duration;
+
+use exactly_tests::cluster::{unique_name, TestCluster};
+use exactly_tests::process::ChildProcess;
+use framework_support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_then_restart_is_exactly_once() {
+    let cluster = TestCluster::start().await.expect("cluster");
+    let bootstrap = bootstrap_of(&cluster);
+    let input = unique_name("eos-in");
+    let output = unique_name("eos-out");
+    let app = unique_name("eos-app");
+    cluster.create_topic(&input, 3).await.expect("input topic");
+    cluster
+        .create_topic(&output, 3)
+        .await
+        .expect("output topic");
+
+    let first = inputs(0..3000, 3);
+    produce(&bootstrap, &input, &first);
+
+    // Slow processing + long transactions: a kill lands inside an open transaction.
+    let spec = service_spec(&bootstrap, &app, &input, &output).args([
+        "--commit-interval-ms",
+        "300",
+        "--full-snapshot-every",
+        "700",
+        "--per-record-delay-ms",
+        "1",
+    ]);
+    let mut service = ChildProcess::spawn(app.clone(), spec).expect("spawn service");
+
+    // Kill #1 once some, but not all, outputs committed.
+    let seen = wait_for_count(&bootstrap, &output, 400, Duration::from_secs(60)).await;
+    assert!(
+        seen >= 400,
+        "service made no progress:\n{}",
+        service.log_tail(80)
+    );
+    service.kill_hard().await.expect("kill -9");
+
+    // More input while it is down, then restart and kill #2 mid-stream again.
+    let second = inputs(3000..6000, 3);
+    produce(&bootstrap, &input, &second);
+    service.restart().expect("restart");
+    let seen2 = wait_for_count(&bootstrap, &output, seen + 1500, Duration::from_secs(90)).await;
+    assert!(
+        seen2 > seen,
+        "no progress after restart:\n{}",
+        service.log_tail(80)
+    );
+    service.kill_hard().await.expect("second kill -9");
+
+    service.restart().expect("second restart");
+    let all: Vec<Input> = first.iter().chain(second.iter()).cloned().collect();
+    let expected = expected_outputs(&all);
+    let report = wait_for_outputs(&bootstrap, &output, &expected, Duration::from_secs(120)).await;
+    assert!(
+        report.is_clean(),
+        "{report}\nservice log tail:\n{}",
+        service.log_tail(80)
+    );
+    assert_eq!(report.records_read, expected.len() as u64, "{report}");
+
+    // Recovery after the kills started from full snapshots.
+    let m = wait_for_metrics(&service, "a recovery", Duration::from_secs(10), |m| {
+        metric(m, "recoveries") >= 3
+    })
+    .await;
+    assert!(metric(&m, "recoveries_from_full_snapshot") >= 1, "{m}");
+    service
+        .terminate(Duration::from_secs(30))
+        .await
+        .expect("terminate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_replays_at_most_one_snapshot_interval() {
+    let cluster = TestCluster::start().await.expect("cluster");
+    let bootstrap = bootstrap_of(&cluster);
+    let input = unique_name("snap-in");
+    let output = unique_name("snap-out");
+    let app = unique_name("snap-app");
+    cluster.create_topic(&input, 1).await.expect("input topic");
+    cluster
+        .create_topic(&output, 1)
+        .await
+        .expect("output topic");
+
+    const EVERY: u64 = 200;
+    const MAX_BATCH: u64 = 50;
+    let records = inputs(0..1130, 1);
+    produce(&bootstrap, &input, &records);
+    // All input is there before the start, so transactions are full batches of MAX_BATCH
+    // (the commit interval is long): full snapshots land at 200, 400, ..., 1000.
+    let spec = service_spec(&bootstrap, &app, &input, &output).args([
+        "--full-snapshot-every",
+        &EVERY.to_string(),
+        "--max-batch-records",
+        &MAX_BATCH.to_string(),
+        "--commit-interval-ms",
+        "2000",
+    ]);
+    let mut service = ChildProcess::spawn(app.clone(), spec).expect("spawn service");
+    let expected = expected_outputs(&records);
+    let report = wait_for_outputs(&bootstrap, &output, &expected, Duration::from_secs(90)).await;
+    assert!(report.is_clean(), "{report}\n{}", service.log_tail(60));
+    let before = wait_for_metrics(&service, "snapshots", Duration::from_secs(10), |m| {
+        metric(m, "full_snapshots_written") >= 1
+    })
+    .await;
+    assert!(metric(&before, "full_snapshots_written") >= 5, "{before}");
+
+    service.kill_hard().await.expect("kill -9");
+    service.restart().expect("restart");
+    let m = wait_for_metrics(&service, "recovery", Duration::from_secs(60), |m| {
+        metric(m, "recoveries") >= 1
+    })
+    .await;
+    assert_eq!(metric(&m, "recoveries_from_full_snapshot"), 1, "{m}");
+    let replayed = metric(&m, "max_recovery_replayed_records");
+    // A full snapshot is written at the first commit with >= EVERY records since the last one.
+    assert!(
+        replayed < EVERY + MAX_BATCH,
+        "replayed {replayed} records, more than one snapshot interval: {m}"
+    );
+    // The last full snapshot is at 1000 at the latest, so the replay is not empty: the replay
+    // path really ran.
+    assert!(replayed > 0, "{m}");
+
+    // More input after recovery continues the same counts.
+    let more = inputs(1130..1300, 1);
+    produce(&bootstrap, &input, &more);
+    let all: Vec<Input> = records.iter().chain(more.iter()).cloned().collect();
+    let expected = expected_outputs(&all);
+    let report = wait_for_outputs(&bootstrap, &output, &expected, Duration::from_secs(60)).await;
+    assert!(report.is_clean(), "{report}\n{}", service.log_tail(60));
+    service
+        .terminate(Duration::from_secs(30))
+        .await
+        .expect("terminate");
+}
+
+/// Outputs and the incremental snapshot record are committed atomically: after each crash, at
+/// rest, the committed outputs of every input partition are exactly those of the input records
+/// below the partition's last committed `next_input_offset` — no output of an aborted or
+/// unfinished transaction is visible, and no snapshot record claims more than the outputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_and_snapshot_record_commit_atomically_across_crashes() {
+    let cluster = TestCluster::start().await.expect("cluster");
+    let bootstrap = bootstrap_of(&cluster);
+    let input = unique_name("atomic-in");
+    let output = unique_name("atomic-out");
+    let app = unique_name("atomic-app");
+    cluster.create_topic(&input, 2).await.expect("input topic");
+    cluster
+        .create_topic(&output, 2)
+        .await
+        .expect("output topic");
+    let records = inputs(0..6000, 2);
+    produce(&bootstrap, &input, &records);
+    // id -> input partition; the inputs of a partition have offsets 0, 1, 2, ... in id order.
+    let partition_of: std::collections::HashMap<String, i32> = records
+        .iter()
+        .map(|r| (r.id.clone(), r.partition))
+        .collect();
+    let snapshot_topic = format!("{app}.{input}.snapshots");
+
+    let spec = service_spec(&bootstrap, &app, &input, &output).args([
+        "--commit-interval-ms",
+        "200",
+        "--per-record-delay-ms",
+        "2",
+        "--full-snapshot-every",
+        "500",
+    ]);
+    let mut service = ChildProcess::spawn(app.clone(), spec).expect("spawn");
+    let mut seen = 0;
+    for round in 0..3 {
+        if round > 0 {
+            service.restart().expect("restart");
+        }
+        seen = wait_for_count(&bootstrap, &output, seen + 300, Duration::from_secs(60)).await;
+        service.kill_hard().await.expect("kill -9");
+
+        let committed = last_committed_offsets(&bootstrap, &snapshot_topic).await;
+        let mut outputs_per_partition: std::collections::HashMap<i32, i64> = Default::default();
+        for r in read_all(&bootstrap, &output).await {
+            let value = String::from_utf8(r.value.unwrap_or_default()).expect("utf-8");
+            let id = value.split(' ').next().unwrap_or_default();
+            *outputs_per_partition
+                .entry(*partition_of.get(id).expect("known id"))
+                .or_default() += 1;
+        }
+        for p in 0..2 {
+            assert_eq!(
+                outputs_per_partition.get(&p).copied().unwrap_or(0),
+                committed.get(&p).copied().unwrap_or(0),
+                "round {round}, input partition {p}: committed outputs vs the last committed \
+                 snapshot record's next_input_offset\n{}",
+                service.log_tail(40)
+            );
+        }
+        assert!(
+            committed.values().sum::<i64>() > 0,
+            "round {round}: nothing committed"
+        );
+    }
+    service.restart().expect("final restart");
+    let expected = expected_outputs(&records);
+    let report = wait_for_outputs(&bootstrap, &output, &expected, Duration::from_secs(120)).await;
+    assert!(report.is_clean(), "{report}\n{}", service.log_tail(60));
+    service
+        .terminate(Duration::from_secs(30))
+        .await
+        .expect("terminate");
+}

@@ -1,0 +1,172 @@
+//! Several instances of one app: rebalances hand partitions over with their state, and a
+//! paused instance whose partitions moved on is fenced when it wakes up.
+
+mod framework_support;
+
+use std::time::Duration;
+
+use exactly_tests::cluster::{unique_name, TestCluster};
+use exactly_tests::process::Supervisor;
+use framework_support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_hands_partitions_over_with_state_intact() {
+    let cluster = TestCluster::start().await.expect("cluster");
+    let bootstrap = bootstrap_of(&cluster);
+    let input = unique_name("rb-in");
+    let output = unique_name("rb-out");
+    let app = unique_name("rb-app");
+    cluster.create_topic(&input, 4).await.expect("input topic");
+    cluster
+        .create_topic(&output, 4)
+        .await
+        .expect("output topic");
+    let mut all = Vec::new();
+    let mut procs = Supervisor::new();
+
+    let batch = inputs(0..1500, 4);
+    produce(&bootstrap, &input, &batch);
+    all.extend(batch);
+    procs
+        .spawn("a", service_spec(&bootstrap, &app, &input, &output))
+        .expect("spawn a");
+    let report = wait_for_outputs(
+        &bootstrap,
+        &output,
+        &expected_outputs(&all),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(report.is_clean(), "{report}");
+
+    // A second instance joins: partitions are split between them.
+    procs
+        .spawn("b", service_spec(&bootstrap, &app, &input, &output))
+        .expect("spawn b");
+    let b_metrics = wait_for_metrics(
+        procs.get("b").expect("b"),
+        "b owns partitions",
+        Duration::from_secs(60),
+        |m| metric(m, "partitions_assigned") >= 1 && metric(m, "recoveries") >= 1,
+    )
+    .await;
+    // A wrote a final full snapshot when its partitions were revoked.
+    assert!(
+        metric(&b_metrics, "recoveries_from_full_snapshot") >= 1,
+        "{b_metrics}"
+    );
+
+    let batch = inputs(1500..3000, 4);
+    produce(&bootstrap, &input, &batch);
+    all.extend(batch);
+    let report = wait_for_outputs(
+        &bootstrap,
+        &output,
+        &expected_outputs(&all),
+        Duration::from_secs(90),
+    )
+    .await;
+    assert!(report.is_clean(), "{report}");
+    let a = last_metrics(procs.get("a").expect("a")).expect("a metrics");
+    let b = last_metrics(procs.get("b").expect("b")).expect("b metrics");
+    assert!(metric(&a, "partitions_assigned") >= 1, "a: {a}");
+    assert!(metric(&b, "partitions_assigned") >= 1, "b: {b}");
+
+    // A leaves gracefully: B takes everything over and continues every key's count.
+    let status = procs
+        .child("a")
+        .expect("a")
+        .terminate(Duration::from_secs(30))
+        .await
+        .expect("stop a");
+    assert!(status.success());
+    let batch = inputs(3000..4500, 4);
+    produce(&bootstrap, &input, &batch);
+    all.extend(batch);
+    let report = wait_for_outputs(
+        &bootstrap,
+        &output,
+        &expected_outputs(&all),
+        Duration::from_secs(90),
+    )
+    .await;
+    assert!(
+        report.is_clean(),
+        "{report}\nb:\n{}",
+        procs.get("b").expect("b").log_tail(40)
+    );
+    let b = last_metrics(procs.get("b").expect("b")).expect("b metrics");
+    assert_eq!(metric(&b, "partitions_assigned"), 4, "b: {b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_zombie_is_fenced_and_adds_no_duplicates() {
+    let cluster = TestCluster::start().await.expect("cluster");
+    let bootstrap = bootstrap_of(&cluster);
+    let input = unique_name("zombie-in");
+    let output = unique_name("zombie-out");
+    let app = unique_name("zombie-app");
+    cluster.create_topic(&input, 2).await.expect("input topic");
+    cluster
+        .create_topic(&output, 2)
+        .await
+        .expect("output topic");
+    let mut procs = Supervisor::new();
+
+    // Slow records and long transactions: the zombie always holds an open transaction.
+    let slow = ["--per-record-delay-ms", "3", "--commit-interval-ms", "1500"];
+    let records = inputs(0..4000, 2);
+    produce(&bootstrap, &input, &records);
+    procs
+        .spawn(
+            "zombie",
+            service_spec(&bootstrap, &app, &input, &output).args(slow),
+        )
+        .expect("spawn zombie");
+    let seen = wait_for_count(&bootstrap, &output, 300, Duration::from_secs(60)).await;
+    assert!(
+        seen >= 300,
+        "{}",
+        procs.get("zombie").expect("z").log_tail(60)
+    );
+
+    // Freeze it mid-transaction; a new instance takes its partitions after the session timeout.
+    procs
+        .child("zombie")
+        .expect("zombie")
+        .pause()
+        .expect("SIGSTOP");
+    procs
+        .spawn("heir", service_spec(&bootstrap, &app, &input, &output))
+        .expect("spawn heir");
+    wait_for_metrics(
+        procs.get("heir").expect("heir"),
+        "heir owns both partitions",
+        Duration::from_secs(90),
+        |m| metric(m, "partitions_assigned") == 2 && metric(m, "recoveries") >= 2,
+    )
+    .await;
+
+    // Wake the zombie: its open transaction was aborted by the heir's init_transactions and
+    // its commit must be fenced.
+    procs
+        .child("zombie")
+        .expect("zombie")
+        .resume()
+        .expect("SIGCONT");
+    procs
+        .child("zombie")
+        .expect("zombie")
+        .wait_for_log("fenced", Duration::from_secs(60))
+        .await
+        .expect("the zombie was fenced");
+
+    let expected = expected_outputs(&records);
+    let report = wait_for_outputs(&bootstrap, &output, &expected, Duration::from_secs(120)).await;
+    assert!(
+        report.is_clean(),
+        "{report}\nzombie:\n{}\nheir:\n{}",
+        procs.get("zombie").expect("z").log_tail(40),
+        procs.get("heir").expect("h").log_tail(40)
+    );
+}

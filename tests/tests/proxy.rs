@@ -1,0 +1,722 @@
+//! Integration tests of the read-committed proxy against a real nisshi broker.
+//!
+//! Every test starts its own [`TestCluster`] and uses unique topic and transactional ids.
+//! Clients are rdkafka (librdkafka) producers and `isolation.level=read_committed`
+//! consumers; what they read through the proxy must be exactly the committed records.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use exactly_tests::{unique_name, TestCluster};
+use kafka_protocol::messages::ApiKey;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+const DEADLINE: Duration = Duration::from_secs(90);
+const OP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Proxy logs go to the test output (`RUST_LOG=exactly_tests=debug` for details).
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "exactly_tests=warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Runs blocking rdkafka code off the reactor (the proxy runs on it).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking task panicked")
+}
+
+fn transactional_producer(bootstrap: &str, transactional_id: &str) -> BaseProducer {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("transactional.id", transactional_id)
+        .set("transaction.timeout.ms", "60000")
+        .set("message.timeout.ms", "50000")
+        // Small batches: many record batches per transaction, so a transaction spans fetches.
+        .set("batch.size", "200")
+        .set("linger.ms", "0")
+        .create()
+        .expect("producer");
+    producer
+        .init_transactions(OP_TIMEOUT)
+        .expect("init_transactions");
+    producer
+}
+
+fn send(producer: &BaseProducer, topic: &str, partition: i32, payload: &str) {
+    loop {
+        let record = BaseRecord::<str, str>::to(topic)
+            .partition(partition)
+            .key(payload)
+            .payload(payload);
+        match producer.send(record) {
+            Ok(()) => return,
+            Err((
+                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                _,
+            )) => {
+                producer.poll(Duration::from_millis(10));
+            }
+            Err((e, _)) => panic!("send {payload}: {e}"),
+        }
+    }
+}
+
+/// One transaction with `payloads` to `partition`; commits or aborts it.
+fn transaction(
+    producer: &BaseProducer,
+    topic: &str,
+    partition: i32,
+    payloads: &[String],
+    commit: bool,
+) {
+    producer.begin_transaction().expect("begin");
+    for payload in payloads {
+        send(producer, topic, partition, payload);
+    }
+    if commit {
+        producer.commit_transaction(OP_TIMEOUT).expect("commit");
+    } else {
+        producer.flush(OP_TIMEOUT).expect("flush");
+        producer.abort_transaction(OP_TIMEOUT).expect("abort");
+    }
+}
+
+fn names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+fn consumer(bootstrap: &str, isolation: &str, extra: &[(&str, &str)]) -> BaseConsumer {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique_name("proxy-test-group"))
+        .set("isolation.level", isolation)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest");
+    for (k, v) in extra {
+        config.set(*k, *v);
+    }
+    config.create().expect("consumer")
+}
+
+/// A record as a consumer saw it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Seen {
+    partition: i32,
+    offset: i64,
+    payload: String,
+}
+
+/// Reads the given partitions from the given offsets until every one reports EOF (the end
+/// of what this isolation level may see: the LSO for read_committed).
+fn read_to_end(consumer: &BaseConsumer, topic: &str, starts: &[(i32, Offset)]) -> Vec<Seen> {
+    let mut assignment = TopicPartitionList::new();
+    for (partition, offset) in starts {
+        assignment
+            .add_partition_offset(topic, *partition, *offset)
+            .expect("assignment");
+    }
+    consumer.assign(&assignment).expect("assign");
+    let mut pending: BTreeSet<i32> = starts.iter().map(|(p, _)| *p).collect();
+    let mut seen = Vec::new();
+    let started = Instant::now();
+    while !pending.is_empty() {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no EOF on partitions {pending:?} of {topic} after {DEADLINE:?}; seen {} records",
+            seen.len()
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Ok(message)) => {
+                pending.insert(message.partition());
+                seen.push(Seen {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    payload: String::from_utf8_lossy(message.payload().unwrap_or_default())
+                        .into_owned(),
+                });
+            }
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                pending.remove(&partition);
+            }
+            Some(Err(e)) => eprintln!("consumer error (retried by librdkafka): {e}"),
+        }
+    }
+    seen
+}
+
+fn payloads(seen: &[Seen]) -> Vec<String> {
+    seen.iter().map(|s| s.payload.clone()).collect()
+}
+
+/// Asserts every expected payload was seen exactly once and nothing else.
+fn assert_exactly(seen: &[Seen], expected: &BTreeSet<String>, what: &str) {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in seen {
+        *counts.entry(&s.payload).or_default() += 1;
+    }
+    let duplicates: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).collect();
+    let unexpected: Vec<_> = counts.keys().filter(|p| !expected.contains(**p)).collect();
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|p| !counts.contains_key(p.as_str()))
+        .collect();
+    assert!(
+        duplicates.is_empty() && unexpected.is_empty() && missing.is_empty(),
+        "{what}: duplicates {duplicates:?}, unexpected {unexpected:?}, missing {missing:?}"
+    );
+}
+
+fn offset_of(seen: &[Seen], payload: &str) -> i64 {
+    seen.iter()
+        .find(|s| s.payload == payload)
+        .unwrap_or_else(|| panic!("{payload} not in the log"))
+        .offset
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_abort_zombie_and_open_transaction() {
+    init_tracing();
+    let cluster = TestCluster::start().await.expect("cluster");
+    let topic = unique_name("scenario");
+    cluster.create_topic(&topic, 1).await.expect("topic");
+    let proxy = cluster.bootstrap_servers();
+    let bare = cluster.broker.address().to_string();
+
+    let (t, p) = (topic.clone(), proxy.clone());
+    let open_producer = blocking(move || {
+        let committer = transactional_producer(&p, &unique_name("committer"));
+        transaction(&committer, &t, 0, &names("c1", 1), true);
+        let aborter = transactional_producer(&p, &unique_name("aborter"));
+        transaction(&aborter, &t, 0, &names("a1", 1), false);
+        // A zombie: its open transaction is aborted when a new producer with the same
+        // transactional id initialises, and its own commit then fails.
+        let zombie_id = unique_name("zombie");
+        let zombie = transactional_producer(&p, &zombie_id);
+        zombie.begin_transaction().unwrap();
+        send(&zombie, &t, 0, "z1-0");
+        zombie.flush(OP_TIMEOUT).unwrap();
+        let successor = transactional_producer(&p, &zombie_id);
+        let fenced = zombie.commit_transaction(OP_TIMEOUT);
+        assert!(
+            fenced.is_err(),
+            "the zombie's commit must fail after fencing"
+        );
+        transaction(&successor, &t, 0, &names("c2", 1), true);
+        let open = transactional_producer(&p, &unique_name("open"));
+        open.begin_transaction().unwrap();
+        send(&open, &t, 0, "o1-0");
+        open.flush(OP_TIMEOUT).unwrap();
+        transaction(&committer, &t, 0, &names("c3", 1), true);
+        open
+    })
+    .await;
+
+    // The whole log, uncommitted, to learn offsets.
+    let (t, p) = (topic.clone(), proxy.clone());
+    let log = blocking(move || {
+        read_to_end(
+            &consumer(&p, "read_uncommitted", &[]),
+            &t,
+            &[(0, Offset::Beginning)],
+        )
+    })
+    .await;
+    assert_eq!(
+        payloads(&log),
+        ["c1-0", "a1-0", "z1-0", "c2-0", "o1-0", "c3-0"]
+    );
+    let open_offset = offset_of(&log, "o1-0");
+
+    // Through the proxy: aborted and zombie records are filtered, the open txn holds the LSO.
+    let (t, p) = (topic.clone(), proxy.clone());
+    let (seen, lso) = blocking(move || {
+        let c = consumer(&p, "read_committed", &[]);
+        let seen = read_to_end(&c, &t, &[(0, Offset::Beginning)]);
+        (seen, c.fetch_watermarks(&t, 0, OP_TIMEOUT).unwrap().1)
+    })
+    .await;
+    assert_eq!(payloads(&seen), ["c1-0", "c2-0"]);
+    assert_eq!(
+        lso, open_offset,
+        "read_committed high watermark must be the LSO"
+    );
+
+    // The bare broker shows the gap the proxy closes (nisshi 0.7.0, DESIGN.md §4): this is
+    // what makes the assertions above meaningful.
+    let (t, b) = (topic.clone(), bare.clone());
+    let bare_seen = blocking(move || {
+        read_to_end(
+            &consumer(&b, "read_committed", &[]),
+            &t,
+            &[(0, Offset::Beginning)],
+        )
+    })
+    .await;
+    assert!(
+        payloads(&bare_seen).contains(&"a1-0".to_string()),
+        "bare nisshi now filters aborted records: {bare_seen:?}"
+    );
+
+    // Commit the open transaction: everything committed becomes visible, LSO = HW.
+    blocking(move || open_producer.commit_transaction(OP_TIMEOUT))
+        .await
+        .expect("commit open");
+    let (t, p) = (topic.clone(), proxy.clone());
+    let (seen, (_, high)) = blocking(move || {
+        let c = consumer(&p, "read_committed", &[]);
+        let seen = read_to_end(&c, &t, &[(0, Offset::Beginning)]);
+        let uncommitted = consumer(&p, "read_uncommitted", &[])
+            .fetch_watermarks(&t, 0, OP_TIMEOUT)
+            .unwrap();
+        assert_eq!(
+            c.fetch_watermarks(&t, 0, OP_TIMEOUT).unwrap().1,
+            uncommitted.1
+        );
+        (seen, uncommitted)
+    })
+    .await;
+    assert_eq!(payloads(&seen), ["c1-0", "c2-0", "o1-0", "c3-0"]);
+    assert!(high > offset_of(&log, "c3-0"));
+    let stats = cluster.proxy.stats();
+    assert!(stats.aborted_entries_added >= 2, "{stats:?}");
+    assert!(stats.list_offsets_rewritten >= 2, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_transactions_spanning_many_fetch_responses() {
+    init_tracing();
+    let cluster = TestCluster::start().await.expect("cluster");
+    let topic = unique_name("spanning");
+    cluster.create_topic(&topic, 1).await.expect("topic");
+    let proxy = cluster.bootstrap_servers();
+
+    let (t, p) = (topic.clone(), proxy.clone());
+    let expected = blocking(move || {
+        let aborter = transactional_producer(&p, &unique_name("aborter"));
+        let committer = transactional_producer(&p, &unique_name("committer"));
+        let mut expected = BTreeSet::new();
+        for round in 0..3 {
+            // Interleave an aborted transaction with a committed one of another producer.
+            aborter.begin_transaction().unwrap();
+            committer.begin_transaction().unwrap();
+            for i in 0..60 {
+                send(&aborter, &t, 0, &format!("aborted-{round}-{i}"));
+                aborter.flush(OP_TIMEOUT).unwrap();
+                let committed = format!("committed-{round}-{i}");
+                send(&committer, &t, 0, &committed);
+                committer.flush(OP_TIMEOUT).unwrap();
+                expected.insert(committed);
+            }
+            aborter.abort_transaction(OP_TIMEOUT).unwrap();
+            committer.commit_transaction(OP_TIMEOUT).unwrap();
+            // The same producer id then commits: readers whose fetch offset is past the abort
+            // marker must still see this.
+            let later = names(&format!("aborter-commits-{round}"), 30);
+            transaction(&aborter, &t, 0, &later, true);
+            expected.extend(later);
+        }
+        expected
+    })
+    .await;
+
+    let small_fetches = [("max.partition.fetch.bytes", "600")];
+    let (t, p) = (topic.clone(), proxy.clone());
+    let seen = blocking(move || {
+        read_to_end(
+            &consumer(&p, "read_committed", &small_fetches),
+            &t,
+            &[(0, Offset::Beginning)],
+        )
+    })
+    .await;
+    assert_exactly(&seen, &expected, "small fetches through the proxy");
+    let stats = cluster.proxy.stats();
+    assert!(
+        stats.fetches_rewritten > 20,
+        "expected many small fetches: {stats:?}"
+    );
+    assert!(stats.fetch_partitions_truncated > 10, "{stats:?}");
+    // Each aborted transaction is listed in every response that overlaps it.
+    assert!(stats.aborted_entries_added > 6, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_partitions_and_concurrent_consumers() {
+    const PARTITIONS: i32 = 8;
+    init_tracing();
+    let cluster = TestCluster::start().await.expect("cluster");
+    let topic = unique_name("many");
+    cluster
+        .create_topic(&topic, PARTITIONS)
+        .await
+        .expect("topic");
+    let proxy = cluster.bootstrap_servers();
+
+    // Three producers write transactions across all partitions concurrently; every third
+    // transaction of each is aborted.
+    let mut writers = Vec::new();
+    for w in 0..3 {
+        let (t, p) = (topic.clone(), proxy.clone());
+        writers.push(blocking(move || {
+            let producer = transactional_producer(&p, &unique_name(&format!("writer{w}")));
+            let mut committed = BTreeSet::new();
+            for txn in 0..12 {
+                let commit = txn % 3 != 1;
+                producer.begin_transaction().unwrap();
+                for i in 0..(PARTITIONS * 3) {
+                    let payload = format!("w{w}-t{txn}-{i}-{}", if commit { "c" } else { "a" });
+                    send(&producer, &t, i % PARTITIONS, &payload);
+                    if commit {
+                        committed.insert(payload);
+                    }
+                }
+                if commit {
+                    producer.commit_transaction(OP_TIMEOUT).unwrap();
+                } else {
+                    producer.flush(OP_TIMEOUT).unwrap();
+                    producer.abort_transaction(OP_TIMEOUT).unwrap();
+                }
+            }
+            committed
+        }));
+    }
+    let mut expected = BTreeSet::new();
+    for writer in writers {
+        expected.extend(writer.await);
+    }
+
+    let starts: Vec<(i32, Offset)> = (0..PARTITIONS).map(|p| (p, Offset::Beginning)).collect();
+    let mut readers = Vec::new();
+    for r in 0..3 {
+        let (t, p, s) = (topic.clone(), proxy.clone(), starts.clone());
+        let extra: &'static [(&str, &str)] = if r == 0 {
+            &[("max.partition.fetch.bytes", "400")]
+        } else {
+            &[]
+        };
+        readers.push(blocking(move || {
+            read_to_end(&consumer(&p, "read_committed", extra), &t, &s)
+        }));
+    }
+    for (r, reader) in readers.into_iter().enumerate() {
+        let seen = reader.await;
+        assert_exactly(&seen, &expected, &format!("reader {r}"));
+    }
+    assert!(cluster.proxy.stats().aborted_entries_added >= PARTITIONS as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_starting_inside_an_aborted_transaction() {
+    init_tracing();
+    let cluster = TestCluster::start().await.expect("cluster");
+    let topic = unique_name("inside");
+    cluster.create_topic(&topic, 1).await.expect("topic");
+    let proxy = cluster.bootstrap_servers();
+
+    let (t, p) = (topic.clone(), proxy.clone());
+    blocking(move || {
+        let a = transactional_producer(&p, &unique_name("a"));
+        let b = transactional_producer(&p, &unique_name("b"));
+        transaction(&a, &t, 0, &names("before", 3), true);
+        a.begin_transaction().unwrap();
+        for payload in names("aborted", 10) {
+            send(&a, &t, 0, &payload);
+            a.flush(OP_TIMEOUT).unwrap();
+        }
+        transaction(&b, &t, 0, &names("other", 3), true);
+        a.abort_transaction(OP_TIMEOUT).unwrap();
+        // The same producer commits after its abort.
+        transaction(&a, &t, 0, &names("after", 3), true);
+    })
+    .await;
+    let (t, p) = (topic.clone(), proxy.clone());
+    let log = blocking(move || {
+        read_to_end(
+            &consumer(&p, "read_uncommitted", &[]),
+            &t,
+            &[(0, Offset::Beginning)],
+        )
+    })
+    .await;
+    let after: BTreeSet<String> = names("after", 3).into_iter().collect();
+    let other_and_after: BTreeSet<String> =
+        names("other", 3).into_iter().chain(after.clone()).collect();
+
+    // Start points: inside the aborted transaction, at its last record, and past its abort
+    // marker (which must then not be listed, or "after" would be skipped).
+    let inside = offset_of(&log, "aborted-5");
+    let last_aborted = offset_of(&log, "aborted-9");
+    let after_marker = offset_of(&log, "after-0");
+    for (start, expected) in [
+        (inside, other_and_after.clone()),
+        (last_aborted, other_and_after.clone()),
+        (after_marker, after.clone()),
+    ] {
+        for extra in [&[][..], &[("max.partition.fetch.bytes", "300")][..]] {
+            let (t, p) = (topic.clone(), proxy.clone());
+            let seen = blocking(move || {
+                read_to_end(
+                    &consumer(&p, "read_committed", extra),
+                    &t,
+                    &[(0, Offset::Offset(start))],
+                )
+            })
+            .await;
+            assert_exactly(
+                &seen,
+                &expected,
+                &format!("start at {start} with {extra:?}"),
+            );
+        }
+    }
+}
+
+/// Writes committed and aborted transactions with `producer_faults` active, retrying as
+/// an exactly-once application would; returns the payloads that committed.
+fn write_through_faults(
+    proxy: &str,
+    topic: &str,
+    phase: &str,
+    txns: usize,
+    commit_timeout: Duration,
+) -> (BTreeSet<String>, usize) {
+    let producer_id = unique_name("faulty");
+    let mut producer = transactional_producer(proxy, &producer_id);
+    let mut committed = BTreeSet::new();
+    let mut commit_retries = 0;
+    let mut txn = 0;
+    let started = Instant::now();
+    while txn < txns {
+        assert!(
+            started.elapsed() < DEADLINE * 2,
+            "transactions stuck under faults"
+        );
+        let abort_on_purpose = txn % 4 == 3;
+        let batch = names(
+            &format!(
+                "{phase}-t{txn}-{}",
+                if abort_on_purpose { "a" } else { "c" }
+            ),
+            5,
+        );
+        let outcome = (|| -> Result<bool, KafkaError> {
+            producer.begin_transaction()?;
+            for payload in &batch {
+                send(&producer, topic, 0, payload);
+            }
+            if abort_on_purpose {
+                producer.flush(OP_TIMEOUT)?;
+                producer.abort_transaction(OP_TIMEOUT)?;
+                return Ok(false);
+            }
+            loop {
+                match producer.commit_transaction(commit_timeout) {
+                    Ok(()) => return Ok(true),
+                    Err(KafkaError::Transaction(e)) if e.is_retriable() => {
+                        commit_retries += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })();
+        match outcome {
+            Ok(true) => {
+                committed.extend(batch);
+                txn += 1;
+            }
+            Ok(false) => txn += 1,
+            Err(KafkaError::Transaction(e)) if e.txn_requires_abort() => {
+                eprintln!("transaction {txn} must abort: {e}; retrying it");
+                if let Err(e) = producer.abort_transaction(OP_TIMEOUT) {
+                    eprintln!("abort failed: {e}; restarting the producer");
+                    producer = transactional_producer(proxy, &producer_id);
+                }
+            }
+            Err(e) => {
+                // Fatal or unclear: a new producer with the same id fences and aborts the
+                // old one's transaction, so the batch did not commit; write it again.
+                eprintln!("transaction {txn} failed: {e}; restarting the producer");
+                producer = transactional_producer(proxy, &producer_id);
+            }
+        }
+    }
+    (committed, commit_retries)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_latency_dropped_connections_outage_and_delayed_end_txn() {
+    init_tracing();
+    let cluster = TestCluster::start().await.expect("cluster");
+    let topic = unique_name("faults");
+    cluster.create_topic(&topic, 1).await.expect("topic");
+    let proxy = cluster.bootstrap_servers();
+    let mut expected = BTreeSet::new();
+
+    // Latency on the produce and commit paths and on fetches.
+    cluster
+        .proxy
+        .set_latency(ApiKey::Produce, Duration::from_millis(50));
+    cluster
+        .proxy
+        .set_latency(ApiKey::EndTxn, Duration::from_millis(200));
+    cluster
+        .proxy
+        .set_latency(ApiKey::Fetch, Duration::from_millis(30));
+    let (t, p) = (topic.clone(), proxy.clone());
+    let (committed, _) =
+        blocking(move || write_through_faults(&p, &t, "latency", 6, Duration::from_secs(10))).await;
+    expected.extend(committed);
+    cluster.proxy.clear_faults();
+
+    // An EndTxn response held longer than the client's commit timeout: the commit is retried
+    // and must not duplicate or lose anything.
+    cluster.proxy.delay_end_txn_response(Duration::from_secs(4));
+    let (t, p) = (topic.clone(), proxy.clone());
+    let delayed_at = Instant::now();
+    let (committed, retries) =
+        blocking(move || write_through_faults(&p, &t, "end-txn-delay", 2, Duration::from_secs(1)))
+            .await;
+    assert!(
+        delayed_at.elapsed() >= Duration::from_secs(8),
+        "EndTxn responses were not held"
+    );
+    assert!(
+        retries >= 2,
+        "commits did not time out and retry: {retries}"
+    );
+    expected.extend(committed);
+    cluster.proxy.clear_faults();
+
+    // Connections dropped and an outage while transactions are written.
+    let (t, p) = (topic.clone(), proxy.clone());
+    let writer = tokio::task::spawn_blocking(move || {
+        write_through_faults(&p, &t, "dropped", 16, Duration::from_secs(10))
+    });
+    for round in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300)).await; // spacing of injected faults, not a wait for a condition
+        if round == 3 {
+            cluster.proxy.refuse_connections_for(Duration::from_secs(2));
+        } else {
+            cluster.proxy.drop_connections();
+        }
+    }
+    expected.extend(writer.await.unwrap().0);
+
+    // Read while connections are being dropped: the consumer recovers and sees exactly the
+    // committed set.
+    let (t, p) = (topic.clone(), proxy.clone());
+    let reader = tokio::task::spawn_blocking(move || {
+        read_to_end(
+            &consumer(
+                &p,
+                "read_committed",
+                &[("max.partition.fetch.bytes", "500")],
+            ),
+            &t,
+            &[(0, Offset::Beginning)],
+        )
+    });
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(200)).await; // spacing of injected faults
+        cluster.proxy.drop_connections();
+    }
+    let seen = reader.await.unwrap();
+    assert_exactly(&seen, &expected, "read through faults");
+    let stats = cluster.proxy.stats();
+    assert!(stats.connections > 3, "{stats:?}");
+    assert!(stats.aborted_entries_added > 0, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_refuses_connections_then_recovers() {
+    init_tracing();
+    let cluster = TestCluster::start().await.expect("cluster");
+    let topic = unique_name("outage");
+    cluster.create_topic(&topic, 1).await.expect("topic");
+    let proxy = cluster.bootstrap_servers();
+    cluster.proxy.refuse_connections_for(Duration::from_secs(3));
+    let refused_at = Instant::now();
+    let (t, p) = (topic.clone(), proxy.clone());
+    let committed = blocking(move || {
+        let producer = transactional_producer(&p, &unique_name("after-outage"));
+        let batch = names("x", 3);
+        transaction(&producer, &t, 0, &batch, true);
+        batch
+    })
+    .await;
+    assert!(
+        refused_at.elapsed() >= Duration::from_secs(3),
+        "the outage did not hold the client back"
+    );
+    assert!(cluster.proxy.stats().connections_refused > 0);
+    let (t, p) = (topic.clone(), proxy.clone());
+    let seen = blocking(move || {
+        read_to_end(
+            &consumer(&p, "read_committed", &[]),
+            &t,
+            &[(0, Offset::Beginning)],
+        )
+    })
+    .await;
+    assert_exactly(&seen, &committed.into_iter().collect(), "after the outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_rebuilds_the_index() {
+    init_tracing();
+    let mut cluster = TestCluster::start().await.expect("cluster");
+    let topic = unique_name("restart");
+    cluster.create_topic(&topic, 1).await.expect("topic");
+    let proxy = cluster.bootstrap_servers();
+
+    let write = |prefix: &'static str, aborted: usize, committed: usize| {
+        let (t, p) = (topic.clone(), proxy.clone());
+        blocking(move || {
+            let producer = transactional_producer(&p, &unique_name(prefix));
+            transaction(
+                &producer,
+                &t,
+                0,
+                &names(&format!("{prefix}-a"), aborted),
+                false,
+            );
+            let batch = names(&format!("{prefix}-c"), committed);
+            transaction(&producer, &t, 0, &batch, true);
+            batch.into_iter().collect::<BTreeSet<String>>()
+        })
+    };
+    let read = || {
+        let (t, p) = (topic.clone(), proxy.clone());
+        blocking(move || {
+            read_to_end(
+                &consumer(&p, "read_committed", &[]),
+                &t,
+                &[(0, Offset::Beginning)],
+            )
+        })
+    };
+    let before = write("before", 20, 20).await;
+    assert_exactly(&read().await, &before, "before the restart");
+
+    // Memory storage: the restarted broker starts from an empty log at offset 0, where the
+    // old index would place aborted transactions that no longer exist.
+    cluster.restart_broker().await.expect("restart");
+    cluster.create_topic(&topic, 1).await.expect("topic again");
+    let after = write("after", 2, 3).await;
+    assert_exactly(&read().await, &after, "after the restart");
+}

@@ -1,0 +1,1241 @@
+//! The one-command demo: the payments chain A → B → C through a crash, checked end to end.
+//!
+//! `cargo run --release -p exactly-examples --bin demo [-- --count N --seed S --brokers H:P]`
+//!
+//! 1. Starts a local broker with the read-committed proxy in front (unless `--brokers`).
+//! 2. Creates the chain's topics (8 partitions).
+//! 3. Starts `validate`, two `ledger` instances and `stats` as child processes, and produces
+//!    the seeded payment commands at a steady rate.
+//! 4. Half-way through, kills one `ledger` instance with SIGKILL and restarts it.
+//! 5. Waits until every service has consumed everything committed on its input (checked
+//!    with the groups' committed offsets, not with a sleep), stops the services with SIGTERM.
+//! 6. Reads every output topic back with read_committed, checks for duplicates and missing
+//!    records, compares B's final balances and C's totals with the reference model, and
+//!    prints `EOS-CHECK ...`. Exits non-zero on any mismatch.
+//!
+//! The services are this same executable, re-run with a hidden `service-*` subcommand: a
+//! `cargo run --bin demo` builds only the demo binary, so separate service binaries next to
+//! it would be missing or stale. They run exactly the code of the `validate`, `ledger` and
+//! `stats` binaries (`exactly_examples::service`).
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Parser, Subcommand};
+use exactly_examples::generator::{self, InputCommand, Intent};
+use exactly_examples::model::{self, AccountCurrency, Expectation};
+use exactly_examples::payments::{
+    AccountSummary, BalanceChanged, Rejection, Transfer, PAYMENT_ID_HEADER,
+};
+use exactly_examples::service::{self, LedgerArgs, StatsArgs, ValidateArgs};
+use exactly_examples::stats::Totals;
+use exactly_tests::cluster::{unique_name, TestCluster};
+use exactly_tests::eos::{check_topic_with, CheckOptions, EosReport, Observed};
+use exactly_tests::process::{ProcessSpec, Supervisor};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "exactly demo: payments A -> B -> C through a SIGKILL, checked end to end"
+)]
+struct Cli {
+    #[command(subcommand)]
+    service: Option<ServiceCommand>,
+    #[command(flatten)]
+    demo: DemoArgs,
+}
+
+/// The services, run by the demo as its own child processes.
+#[derive(Debug, Subcommand)]
+enum ServiceCommand {
+    #[command(name = "service-validate", hide = true)]
+    Validate(ValidateArgs),
+    #[command(name = "service-ledger", hide = true)]
+    Ledger(LedgerArgs),
+    #[command(name = "service-stats", hide = true)]
+    Stats(StatsArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct DemoArgs {
+    /// Use these Kafka brokers instead of starting a local broker + read-committed proxy.
+    #[arg(long, env = "DEMO_BROKERS")]
+    brokers: Option<String>,
+    /// Payment commands to produce.
+    #[arg(long, default_value_t = 30_000)]
+    count: usize,
+    /// Production rate, commands per second (0 = as fast as possible).
+    #[arg(long, default_value_t = 1_200)]
+    rate: u64,
+    /// Seed of the command generator.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Number of accounts.
+    #[arg(long, default_value_t = 2_000)]
+    accounts: u64,
+    /// Partitions of every topic.
+    #[arg(long, default_value_t = 8)]
+    partitions: i32,
+    /// Kill a ledger instance when this fraction of the commands has been produced.
+    #[arg(long, default_value_t = 0.5)]
+    kill_at: f64,
+    /// Longest wait for the chain to drain after the last command, in seconds.
+    #[arg(long, default_value_t = 300)]
+    drain_timeout_secs: u64,
+    /// Directory for the services' logs (default: a fresh one under the temp directory).
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // nisshi at `info` logs every serialized protocol field (gigabytes per minute), which
+    // starves the machine; the local broker only needs to report warnings. Set before any
+    // thread exists (set_var is not thread-safe).
+    if cli.service.is_none() && std::env::var_os("EXACTLY_NISSHI_LOG").is_none() {
+        std::env::set_var("EXACTLY_NISSHI_LOG", "warn");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("demo: cannot start the tokio runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.service {
+            Some(command) => {
+                service::init_logging();
+                match command {
+                    ServiceCommand::Validate(args) => service::run_validate(args).await,
+                    ServiceCommand::Ledger(args) => service::run_ledger(args).await,
+                    ServiceCommand::Stats(args) => service::run_stats(args).await,
+                }
+                .map(|()| true)
+            }
+            None => {
+                // On ctrl-c / SIGTERM the demo's future is dropped, and with it the services
+                // (killed and reaped by the supervisor) and the local broker.
+                tokio::select! {
+                    result = run_demo(cli.demo) => result,
+                    () = interrupted() => Err(anyhow!("interrupted; services and broker stopped")),
+                }
+            }
+        }
+    });
+    match result {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("demo failed: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+async fn interrupted() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Topic and app names of one demo run (unique, so runs never see each other's data).
+#[derive(Debug, Clone)]
+struct Names {
+    commands: String,
+    ledger: String,
+    dead_letters: String,
+    balances: String,
+    rejections: String,
+    stats: String,
+    validate_app: String,
+    ledger_app: String,
+    stats_app: String,
+}
+
+impl Names {
+    fn new(run: &str) -> Self {
+        Names {
+            commands: format!("{run}.payments.commands"),
+            ledger: format!("{run}.payments.ledger"),
+            dead_letters: format!("{run}.payments.dead-letters"),
+            balances: format!("{run}.payments.balances"),
+            rejections: format!("{run}.payments.rejections"),
+            stats: format!("{run}.payments.stats"),
+            validate_app: format!("{run}.validate"),
+            ledger_app: format!("{run}.ledger"),
+            stats_app: format!("{run}.stats"),
+        }
+    }
+    fn topics(&self) -> [&str; 6] {
+        [
+            &self.commands,
+            &self.ledger,
+            &self.dead_letters,
+            &self.balances,
+            &self.rejections,
+            &self.stats,
+        ]
+    }
+}
+
+/// Prints a progress line with the time since the demo started.
+fn say(started: Instant, line: impl std::fmt::Display) {
+    println!("[{:6.1}s] {line}", started.elapsed().as_secs_f64());
+    let _ = std::io::stdout().flush();
+}
+
+async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let (cluster, bootstrap) = match &args.brokers {
+        Some(brokers) => (None, brokers.clone()),
+        None => {
+            say(
+                started,
+                "starting a local broker (nisshi) with the read-committed proxy",
+            );
+            let cluster = TestCluster::start()
+                .await
+                .context("starting the local broker")?;
+            let bootstrap = cluster.bootstrap_servers();
+            (Some(cluster), bootstrap)
+        }
+    };
+    let run = unique_name("demo");
+    let names = Names::new(&run);
+    say(started, format_args!("brokers {bootstrap}; run {run}"));
+
+    let commands = generator::generate(args.seed, args.count, args.accounts);
+    let expectation = model::expect(&commands).context("the reference model refused the input")?;
+    create_topics(&bootstrap, &names.topics(), args.partitions).await?;
+    say(
+        started,
+        format_args!("created 6 topics with {} partitions", args.partitions),
+    );
+
+    let log_dir = match &args.log_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join("exactly-demo").join(&run),
+    };
+    std::fs::create_dir_all(&log_dir)
+        .with_context(|| format!("creating the log directory {}", log_dir.display()))?;
+    let exe = std::env::current_exe().context("locating the demo executable")?;
+    let mut services = Supervisor::new();
+    let service_spec = |name: &str, subcommand: &str, app: &str, topics: &[(&str, &str)]| {
+        let mut spec = ProcessSpec::new(&exe)
+            .arg(subcommand)
+            .args(["--brokers", &bootstrap, "--app-id", app])
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            // Fast failover: a killed member leaves the group after 6 s, not librdkafka's 45 s.
+            .env("EXACTLY_CONSUMER_KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .env("EXACTLY_CONSUMER_KAFKA_HEARTBEAT_INTERVAL_MS", "500")
+            .env_remove("EXACTLY_APP_ID")
+            .env_remove("EXACTLY_BROKERS")
+            .env_remove("EXACTLY_BOOTSTRAP_SERVERS")
+            .env_remove("EXACTLY_INPUT_TOPICS")
+            .log_file(log_dir.join(format!("{name}.log")));
+        for (flag, topic) in topics {
+            spec = spec.args([*flag, *topic]);
+        }
+        spec
+    };
+    let specs = [
+        (
+            "validate",
+            service_spec(
+                "validate",
+                "service-validate",
+                &names.validate_app,
+                &[
+                    ("--commands-topic", &names.commands),
+                    ("--ledger-topic", &names.ledger),
+                    ("--dead-letter-topic", &names.dead_letters),
+                ],
+            ),
+        ),
+        (
+            "ledger-1",
+            service_spec(
+                "ledger-1",
+                "service-ledger",
+                &names.ledger_app,
+                &[
+                    ("--ledger-topic", &names.ledger),
+                    ("--balances-topic", &names.balances),
+                    ("--rejections-topic", &names.rejections),
+                ],
+            ),
+        ),
+        (
+            "ledger-2",
+            service_spec(
+                "ledger-2",
+                "service-ledger",
+                &names.ledger_app,
+                &[
+                    ("--ledger-topic", &names.ledger),
+                    ("--balances-topic", &names.balances),
+                    ("--rejections-topic", &names.rejections),
+                ],
+            ),
+        ),
+        (
+            "stats",
+            service_spec(
+                "stats",
+                "service-stats",
+                &names.stats_app,
+                &[
+                    ("--balances-topic", &names.balances),
+                    ("--stats-topic", &names.stats),
+                ],
+            ),
+        ),
+    ];
+    for (name, spec) in specs {
+        services.spawn(name, spec)?;
+    }
+    for name in ["validate", "ledger-1", "ledger-2", "stats"] {
+        services
+            .child(name)?
+            .wait_for_log("consumer started", Duration::from_secs(60))
+            .await?;
+    }
+    say(
+        started,
+        format_args!(
+            "started validate, ledger-1, ledger-2, stats (logs in {})",
+            log_dir.display()
+        ),
+    );
+
+    let probes = Arc::new(Probes::new(&bootstrap, &names, args.partitions)?);
+    let mut producer =
+        InputProducer::start(&bootstrap, &names.commands, commands.clone(), args.rate)?;
+    say(
+        started,
+        format_args!(
+            "producing {} payment commands at {} per second (seed {})",
+            commands.len(),
+            args.rate,
+            args.seed
+        ),
+    );
+
+    // Live phase: progress, the crash, and watching that no service dies on its own.
+    let kill_threshold = ((commands.len() as f64) * args.kill_at.clamp(0.0, 1.0)) as u64;
+    let mut killed_at: Option<u64> = None;
+    let reporter = ProgressReporter::start(started, &producer, &probes);
+    loop {
+        ensure_running(&mut services)?;
+        let produced = producer.produced();
+        if killed_at.is_none() && produced >= kill_threshold {
+            let victim = services.child("ledger-2")?;
+            let status = victim.kill_hard().await?;
+            victim.restart()?;
+            killed_at = Some(produced);
+            say(
+                started,
+                format_args!(
+                    "CRASH: killed ledger-2 with SIGKILL ({status}) after {produced} commands; restarted it"
+                ),
+            );
+        }
+        if producer.finished() && killed_at.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let production = producer.join()?;
+    say(
+        started,
+        format_args!(
+            "produced all {} commands; waiting for the chain to drain",
+            production
+        ),
+    );
+
+    // Drain: every group has consumed everything committed on its input, checked in chain
+    // order (A cannot produce more once drained, then B, then C).
+    let drain_deadline = Instant::now() + Duration::from_secs(args.drain_timeout_secs);
+    let drained = loop {
+        ensure_running(&mut services)?;
+        let p = Arc::clone(&probes);
+        match tokio::task::spawn_blocking(move || p.all_drained()).await? {
+            Ok(true) => break true,
+            Ok(false) => {}
+            // A slow broker answer is not a verdict: ask again until the deadline.
+            Err(error) => say(
+                started,
+                format_args!("drain check failed, retrying: {error:#}"),
+            ),
+        }
+        if Instant::now() >= drain_deadline {
+            say(started, "the chain did not drain in time");
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let drain_time = started.elapsed();
+    reporter.stop();
+    if drained {
+        say(started, "chain drained; stopping the services (SIGTERM)");
+    }
+    let mut stop_statuses = Vec::new();
+    for name in ["validate", "ledger-1", "ledger-2", "stats"] {
+        let status = services
+            .child(name)?
+            .terminate(Duration::from_secs(30))
+            .await?;
+        stop_statuses.push((name, status));
+    }
+    let recoveries = Recoveries::from_logs(&mut services)?;
+
+    say(started, "reading every output topic back (read_committed)");
+    let verdict = verify(&bootstrap, &names, &expectation).await?;
+    let wall = started.elapsed();
+
+    // The human summary.
+    println!();
+    println!("== exactly demo: payments validate -> ledger (x2) -> stats ==");
+    let intents = count_intents(&commands);
+    println!(
+        "inputs        {} commands: {} transfers, {} deposits, {} overdrafts, {} invalid, {} malformed",
+        commands.len(),
+        intents.get(&Intent::Transfer).unwrap_or(&0),
+        intents.get(&Intent::Deposit).unwrap_or(&0),
+        intents.get(&Intent::Overdraft).unwrap_or(&0),
+        intents.get(&Intent::Invalid).unwrap_or(&0),
+        intents.get(&Intent::Malformed).unwrap_or(&0),
+    );
+    println!(
+        "crash         ledger-2 killed with SIGKILL after {} commands, restarted",
+        killed_at.unwrap_or(0)
+    );
+    for report in &verdict.reports {
+        println!(
+            "{:<13} {:>7} records  duplicates={} missing={} unexpected={} order_violations={}",
+            report.label,
+            report.report.records_read,
+            report.report.duplicate_count,
+            report.report.missing_count,
+            report.report.unexpected_count,
+            report.report.order_violation_count
+        );
+    }
+    println!(
+        "state         B balances: {} of {} (account, currency) match the model; C totals: {} of {} match",
+        verdict.balances_matching,
+        expectation.balances.len(),
+        verdict.totals_matching,
+        expectation.totals.len()
+    );
+    for line in &verdict.state_problems {
+        println!("  state mismatch: {line}");
+    }
+    if verdict.state_mismatches > verdict.state_problems.len() {
+        println!("  ... {} state mismatches in all", verdict.state_mismatches);
+    }
+    println!(
+        "recoveries    {} (max {} ms): {}",
+        recoveries.count,
+        recoveries.max_ms,
+        recoveries.describe()
+    );
+    println!(
+        "time          drained after {:.1}s, total {:.1}s; service logs in {}",
+        drain_time.as_secs_f64(),
+        wall.as_secs_f64(),
+        log_dir.display()
+    );
+    for (name, status) in &stop_statuses {
+        if !status.success() {
+            println!("  note: {name} exited with {status} on SIGTERM");
+        }
+    }
+    for report in &verdict.reports {
+        if !report.report.is_clean() {
+            println!("{}", report.report);
+        }
+    }
+    let duplicates: usize = verdict
+        .reports
+        .iter()
+        .map(|r| r.report.duplicate_count)
+        .sum();
+    let missing: usize = verdict.reports.iter().map(|r| r.report.missing_count).sum();
+    let outputs: u64 = verdict.reports.iter().map(|r| r.report.records_read).sum();
+    let clean = drained
+        && verdict.reports.iter().all(|r| r.report.is_clean())
+        && verdict.state_problems.is_empty();
+    let state = if verdict.state_problems.is_empty() {
+        "match"
+    } else {
+        "mismatch"
+    };
+    println!();
+    println!(
+        "EOS-CHECK inputs={} outputs={outputs} duplicates={duplicates} missing={missing} state={state} recoveries={} max_recovery_ms={}",
+        commands.len(),
+        recoveries.count,
+        recoveries.max_ms
+    );
+    if !drained {
+        println!(
+            "FAILED: the chain did not drain within {}s",
+            args.drain_timeout_secs
+        );
+    }
+    drop(services);
+    drop(cluster);
+    Ok(clean)
+}
+
+fn count_intents(commands: &[InputCommand]) -> BTreeMap<Intent, usize> {
+    let mut counts = BTreeMap::new();
+    for c in commands {
+        *counts.entry(c.intent).or_default() += 1;
+    }
+    counts
+}
+
+/// Fails if a service exited on its own (the deliberate kill restarts at once).
+fn ensure_running(services: &mut Supervisor) -> anyhow::Result<()> {
+    let names: Vec<String> = services.names().map(str::to_owned).collect();
+    for name in names {
+        let child = services.child(&name)?;
+        if let Some(status) = child.try_status()? {
+            bail!(
+                "service {name} exited unexpectedly ({status}); last log lines of {}:\n{}",
+                child.log_path().display(),
+                child.log_tail(30)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Prints a progress line every few seconds, off the main loop (a slow broker answer must
+/// not delay the crash or the drain checks).
+struct ProgressReporter {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ProgressReporter {
+    const EVERY: Duration = Duration::from_secs(3);
+
+    fn start(started: Instant, producer: &InputProducer, probes: &Arc<Probes>) -> Self {
+        let produced = Arc::clone(&producer.produced);
+        let total = producer.total;
+        let probes = Arc::clone(probes);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Self::EVERY).await;
+                let p = Arc::clone(&probes);
+                let lag_text = match tokio::task::spawn_blocking(move || p.lags()).await {
+                    Ok(Ok(lags)) => lags
+                        .iter()
+                        .map(|(name, lag)| format!("{name} lag {lag}"))
+                        .collect::<Vec<_>>()
+                        .join(" | "),
+                    Ok(Err(e)) => format!("(lag unavailable: {e:#})"),
+                    Err(e) => format!("(lag unavailable: {e})"),
+                };
+                say(
+                    started,
+                    format_args!(
+                        "produced {}/{total} | {lag_text}",
+                        produced.load(Ordering::Relaxed)
+                    ),
+                );
+            }
+        });
+        ProgressReporter { task }
+    }
+
+    fn stop(self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Topics
+
+async fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .context("creating the admin client")?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new_topics, &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => bail!("creating topic {topic} on {bootstrap}: {code}"),
+        }
+    }
+    // Wait until metadata lists every partition with a leader.
+    let bootstrap = bootstrap.to_owned();
+    let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for topic in &topics {
+            loop {
+                let ready = consumer
+                    .fetch_metadata(Some(topic), Duration::from_secs(5))
+                    .map(|m| {
+                        m.topics().iter().any(|t| {
+                            t.name() == topic
+                                && t.error().is_none()
+                                && t.partitions().len() == partitions as usize
+                                && t.partitions().iter().all(|p| p.leader() >= 0)
+                        })
+                    })
+                    .unwrap_or(false);
+                if ready {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    bail!("topic {topic} did not appear with {partitions} partitions on {bootstrap} within 60 s");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    })
+    .await?
+}
+
+// ---------------------------------------------------------------------------------------
+// Producing the input
+
+/// Counts failed deliveries (an input that never arrived would look like a lost record).
+#[derive(Default)]
+struct DeliveryCounter {
+    failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl ClientContext for DeliveryCounter {}
+
+impl ProducerContext for DeliveryCounter {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, _)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut first) = self.first_error.lock() {
+                first.get_or_insert_with(|| error.to_string());
+            }
+        }
+    }
+}
+
+/// Produces the commands on a dedicated thread at a steady rate.
+struct InputProducer {
+    total: usize,
+    produced: Arc<AtomicU64>,
+    finished: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<u64>>>,
+}
+
+impl InputProducer {
+    fn start(
+        bootstrap: &str,
+        topic: &str,
+        commands: Vec<InputCommand>,
+        rate: u64,
+    ) -> anyhow::Result<Self> {
+        let producer: BaseProducer<DeliveryCounter> = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .create_with_context(DeliveryCounter::default())
+            .context("creating the input producer")?;
+        let produced = Arc::new(AtomicU64::new(0));
+        let finished = Arc::new(AtomicBool::new(false));
+        let total = commands.len();
+        let topic = topic.to_owned();
+        let (p, f) = (Arc::clone(&produced), Arc::clone(&finished));
+        let thread = std::thread::Builder::new()
+            .name("demo-producer".into())
+            .spawn(move || {
+                let result = produce_all(&producer, &topic, &commands, rate, &p);
+                f.store(true, Ordering::Release);
+                result
+            })
+            .context("starting the producer thread")?;
+        Ok(InputProducer {
+            total,
+            produced,
+            finished,
+            thread: Some(thread),
+        })
+    }
+
+    fn produced(&self) -> u64 {
+        self.produced.load(Ordering::Relaxed)
+    }
+
+    fn finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    fn join(&mut self) -> anyhow::Result<u64> {
+        self.thread
+            .take()
+            .ok_or_else(|| anyhow!("the producer thread was already joined"))?
+            .join()
+            .map_err(|_| anyhow!("the producer thread panicked"))?
+    }
+}
+
+fn produce_all(
+    producer: &BaseProducer<DeliveryCounter>,
+    topic: &str,
+    commands: &[InputCommand],
+    rate: u64,
+    produced: &AtomicU64,
+) -> anyhow::Result<u64> {
+    let started = Instant::now();
+    for (i, command) in commands.iter().enumerate() {
+        if rate > 0 {
+            let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+            let now = Instant::now();
+            if due > now {
+                producer.poll(Duration::ZERO);
+                std::thread::sleep(due - now);
+            }
+        }
+        let headers = OwnedHeaders::new().insert(Header {
+            key: PAYMENT_ID_HEADER,
+            value: Some(command.id.as_str()),
+        });
+        let mut record = BaseRecord::to(topic)
+            .key(command.key.as_str())
+            .payload(command.value.as_slice())
+            .headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    producer.poll(Duration::from_millis(20));
+                }
+                Err((error, _)) => bail!("producing command {} to {topic}: {error}", command.id),
+            }
+        }
+        produced.fetch_add(1, Ordering::Relaxed);
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .with_context(|| format!("flushing the commands to {topic}"))?;
+    let context = producer.context();
+    let failed = context.failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        let first = context
+            .first_error
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .unwrap_or_default();
+        bail!("{failed} command(s) were not delivered to {topic}; first error: {first}");
+    }
+    Ok(commands.len() as u64)
+}
+
+// ---------------------------------------------------------------------------------------
+// Watching the consumer groups
+
+/// Reads one service's committed offsets and its input's end offsets.
+struct GroupProbe {
+    service: &'static str,
+    topic: String,
+    partitions: i32,
+    consumer: BaseConsumer,
+    /// read_uncommitted: its high watermarks include open transactions, which is fine for a
+    /// progress display and needs no last-stable-offset lookup.
+    watermarks: BaseConsumer,
+}
+
+impl GroupProbe {
+    fn new(
+        bootstrap: &str,
+        service: &'static str,
+        group: &str,
+        topic: &str,
+        partitions: i32,
+    ) -> anyhow::Result<Self> {
+        // Assign-only (it never joins the group) and never commits: safe to share the
+        // service's group id just to read its committed offsets.
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .with_context(|| format!("creating the offset probe of {service}"))?;
+        let watermarks: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("isolation.level", "read_uncommitted")
+            .create()
+            .with_context(|| format!("creating the watermark probe of {service}"))?;
+        Ok(GroupProbe {
+            service,
+            topic: topic.to_owned(),
+            partitions,
+            consumer,
+            watermarks,
+        })
+    }
+
+    fn all_partitions(&self) -> anyhow::Result<TopicPartitionList> {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            tpl.add_partition(&self.topic, p);
+        }
+        Ok(tpl)
+    }
+
+    fn committed(&self) -> anyhow::Result<TopicPartitionList> {
+        self.consumer
+            .committed_offsets(self.all_partitions()?, Duration::from_secs(10))
+            .with_context(|| {
+                format!(
+                    "reading the committed offsets of {} on {}",
+                    self.service, self.topic
+                )
+            })
+    }
+
+    /// Σ (end offset − committed offset) over the partitions: offsets, not records (markers
+    /// occupy offsets too), good enough to watch progress.
+    fn lag(&self) -> anyhow::Result<i64> {
+        let committed = self.committed()?;
+        let mut lag = 0;
+        for e in committed.elements() {
+            let (_, high) = self.watermarks.fetch_watermarks(
+                &self.topic,
+                e.partition(),
+                Duration::from_secs(5),
+            )?;
+            let done = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            };
+            lag += (high - done).max(0);
+        }
+        Ok(lag)
+    }
+
+    /// Whether no committed record is left after the group's committed offsets: reads from
+    /// the committed offsets with read_committed until every partition reports its end.
+    fn drained(&self) -> anyhow::Result<bool> {
+        let committed = self.committed()?;
+        let mut assignment = TopicPartitionList::new();
+        for e in committed.elements() {
+            let offset = match e.offset() {
+                Offset::Offset(o) => Offset::Offset(o),
+                _ => Offset::Beginning,
+            };
+            assignment.add_partition_offset(&self.topic, e.partition(), offset)?;
+        }
+        self.consumer.assign(&assignment)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut at_end = std::collections::BTreeSet::new();
+        let result = loop {
+            if at_end.len() == self.partitions as usize {
+                break true;
+            }
+            if Instant::now() >= deadline {
+                break false;
+            }
+            match self.consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(_)) => break false,
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                }
+                Some(Err(_)) | None => {}
+            }
+        };
+        self.consumer.unassign()?;
+        Ok(result)
+    }
+}
+
+struct Probes {
+    chain: [GroupProbe; 3],
+}
+
+impl Probes {
+    fn new(bootstrap: &str, names: &Names, partitions: i32) -> anyhow::Result<Self> {
+        Ok(Probes {
+            chain: [
+                GroupProbe::new(
+                    bootstrap,
+                    "validate",
+                    &names.validate_app,
+                    &names.commands,
+                    partitions,
+                )?,
+                GroupProbe::new(
+                    bootstrap,
+                    "ledger",
+                    &names.ledger_app,
+                    &names.ledger,
+                    partitions,
+                )?,
+                GroupProbe::new(
+                    bootstrap,
+                    "stats",
+                    &names.stats_app,
+                    &names.balances,
+                    partitions,
+                )?,
+            ],
+        })
+    }
+
+    fn lags(&self) -> anyhow::Result<Vec<(&'static str, i64)>> {
+        self.chain
+            .iter()
+            .map(|p| Ok((p.service, p.lag()?)))
+            .collect()
+    }
+
+    /// In chain order: once A has nothing left it produces nothing more, so B's and then C's
+    /// checks see their final input.
+    fn all_drained(&self) -> anyhow::Result<bool> {
+        for probe in &self.chain {
+            if !probe.drained()? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Recoveries, from the services' logs
+
+/// Recoveries the framework logged (`partition recovered ... elapsed_ms=N`).
+#[derive(Debug, Default)]
+struct Recoveries {
+    count: usize,
+    max_ms: u64,
+    per_service: BTreeMap<String, (usize, u64)>,
+}
+
+impl Recoveries {
+    fn from_logs(services: &mut Supervisor) -> anyhow::Result<Self> {
+        let mut r = Recoveries::default();
+        let names: Vec<String> = services.names().map(str::to_owned).collect();
+        for name in names {
+            let text = services.child(&name)?.log_text()?;
+            for line in text.lines().filter(|l| l.contains("partition recovered")) {
+                let ms = field(line, "elapsed_ms")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                r.count += 1;
+                r.max_ms = r.max_ms.max(ms);
+                let entry = r.per_service.entry(name.clone()).or_default();
+                entry.0 += 1;
+                entry.1 = entry.1.max(ms);
+            }
+        }
+        Ok(r)
+    }
+
+    fn describe(&self) -> String {
+        if self.per_service.is_empty() {
+            return "none logged".into();
+        }
+        self.per_service
+            .iter()
+            .map(|(name, (n, ms))| format!("{name} {n} (max {ms} ms)"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The value of `name=value` in a `tracing` fmt line.
+fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{name}="))? + name.len() + 1;
+    let rest = &line[start..];
+    Some(
+        rest.split(|c: char| c.is_whitespace())
+            .next()
+            .unwrap_or(rest),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Verification
+
+struct LabelledReport {
+    label: &'static str,
+    report: EosReport,
+}
+
+struct Verdict {
+    reports: Vec<LabelledReport>,
+    balances_matching: usize,
+    totals_matching: usize,
+    /// How many (account, currency) entries differ from the model.
+    state_mismatches: usize,
+    /// The first of them, described.
+    state_problems: Vec<String>,
+}
+
+fn json<T: serde::de::DeserializeOwned>(m: &BorrowedMessage<'_>) -> Result<T, String> {
+    let bytes = m
+        .payload()
+        .ok_or_else(|| format!("record at {}/{} has no value", m.partition(), m.offset()))?;
+    serde_json::from_slice(bytes).map_err(|e| {
+        format!(
+            "undecodable record at {}/{}: {e}",
+            m.partition(),
+            m.offset()
+        )
+    })
+}
+
+async fn verify(
+    bootstrap: &str,
+    names: &Names,
+    expectation: &Expectation,
+) -> anyhow::Result<Verdict> {
+    let options = CheckOptions {
+        timeout: Duration::from_secs(180),
+        max_listed: 10,
+        ..CheckOptions::default()
+    };
+    let mut reports = Vec::new();
+
+    let dead = check_topic_with(
+        bootstrap,
+        &names.dead_letters,
+        expectation.dead_letters.clone(),
+        |m: &BorrowedMessage<'_>| {
+            let id = m
+                .headers()
+                .and_then(|h| {
+                    h.iter()
+                        .filter(|h| h.key == PAYMENT_ID_HEADER)
+                        .last()
+                        .and_then(|h| h.value)
+                })
+                .ok_or_else(|| {
+                    format!(
+                        "dead letter at {}/{} has no {PAYMENT_ID_HEADER} header",
+                        m.partition(),
+                        m.offset()
+                    )
+                })?;
+            Ok(Some(Observed::id(String::from_utf8_lossy(id).into_owned())))
+        },
+        &options,
+    )
+    .await?;
+    reports.push(LabelledReport {
+        label: "dead-letters",
+        report: dead,
+    });
+
+    let legs = check_topic_with(
+        bootstrap,
+        &names.ledger,
+        expectation.ledger_legs.clone(),
+        |m: &BorrowedMessage<'_>| {
+            let t: Transfer = json(m)?;
+            Ok(Some(Observed::id(t.leg_id())))
+        },
+        &options,
+    )
+    .await?;
+    reports.push(LabelledReport {
+        label: "ledger legs",
+        report: legs,
+    });
+
+    let balances: Arc<Mutex<BTreeMap<AccountCurrency, (u64, i64)>>> = Arc::default();
+    let seen = Arc::clone(&balances);
+    let events = check_topic_with(
+        bootstrap,
+        &names.balances,
+        expectation.balance_events.clone(),
+        move |m: &BorrowedMessage<'_>| {
+            let e: BalanceChanged = json(m)?;
+            if let Ok(mut seen) = seen.lock() {
+                let slot = seen
+                    .entry((e.account.clone(), e.currency.clone()))
+                    .or_insert((0, 0));
+                if e.version >= slot.0 {
+                    *slot = (e.version, e.balance_cents);
+                }
+            }
+            Ok(Some(Observed {
+                id: exactly_examples::payments::leg_id(&e.id, e.leg),
+                key: Some(e.account),
+                seq: Some(e.version),
+            }))
+        },
+        &options,
+    )
+    .await?;
+    reports.push(LabelledReport {
+        label: "balances",
+        report: events,
+    });
+
+    let rejections = check_topic_with(
+        bootstrap,
+        &names.rejections,
+        expectation.rejections.clone(),
+        |m: &BorrowedMessage<'_>| {
+            let r: Rejection = json(m)?;
+            Ok(Some(Observed::id(r.id)))
+        },
+        &options,
+    )
+    .await?;
+    reports.push(LabelledReport {
+        label: "rejections",
+        report: rejections,
+    });
+
+    let totals: Arc<Mutex<BTreeMap<AccountCurrency, (u64, Totals)>>> = Arc::default();
+    let seen = Arc::clone(&totals);
+    let summaries = check_topic_with(
+        bootstrap,
+        &names.stats,
+        expectation.balance_events.clone(),
+        move |m: &BorrowedMessage<'_>| {
+            let s: AccountSummary = json(m)?;
+            if let Ok(mut seen) = seen.lock() {
+                let slot = seen
+                    .entry((s.account.clone(), s.currency.clone()))
+                    .or_insert((0, Totals::default()));
+                if s.updates >= slot.0 {
+                    *slot = (
+                        s.updates,
+                        Totals {
+                            debit_count: s.debit_count,
+                            credit_count: s.credit_count,
+                            debited_cents: s.debited_cents,
+                            credited_cents: s.credited_cents,
+                            balance_cents: s.balance_cents,
+                        },
+                    );
+                }
+            }
+            Ok(Some(Observed {
+                id: s.event,
+                key: Some(s.account),
+                seq: Some(s.updates),
+            }))
+        },
+        &options,
+    )
+    .await?;
+    reports.push(LabelledReport {
+        label: "summaries",
+        report: summaries,
+    });
+
+    // State: B's last balance and C's last totals per (account, currency) vs the model.
+    let mut state_problems = Vec::new();
+    let balances = balances
+        .lock()
+        .map_err(|_| anyhow!("balance map poisoned"))?;
+    let totals = totals.lock().map_err(|_| anyhow!("totals map poisoned"))?;
+    let mut balances_matching = 0;
+    for (k, expected) in &expectation.balances {
+        match balances.get(k) {
+            Some((_, actual)) if actual == expected => balances_matching += 1,
+            Some((_, actual)) => {
+                state_problems.push(format!("B balance of {k:?}: {actual}, model {expected}"))
+            }
+            None => state_problems.push(format!("B balance of {k:?}: no event, model {expected}")),
+        }
+    }
+    for k in balances
+        .keys()
+        .filter(|k| !expectation.balances.contains_key(*k))
+    {
+        state_problems.push(format!("B balance of {k:?}: not in the model"));
+    }
+    let mut totals_matching = 0;
+    for (k, expected) in &expectation.totals {
+        match totals.get(k) {
+            Some((_, actual)) if actual == expected => totals_matching += 1,
+            Some((_, actual)) => {
+                state_problems.push(format!("C totals of {k:?}: {actual:?}, model {expected:?}"))
+            }
+            None => {
+                state_problems.push(format!("C totals of {k:?}: no summary, model {expected:?}"))
+            }
+        }
+    }
+    for k in totals
+        .keys()
+        .filter(|k| !expectation.totals.contains_key(*k))
+    {
+        state_problems.push(format!("C totals of {k:?}: not in the model"));
+    }
+    let state_mismatches = state_problems.len();
+    state_problems.truncate(20);
+    Ok(Verdict {
+        state_mismatches,
+        reports,
+        balances_matching,
+        totals_matching,
+        state_problems,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_tracing_fields() {
+        let line = "2026-11-21T20:00:00Z  INFO partition_worker{topic=t partition=3}: exactly::recovery: partition recovered topic=\"t\" partition=3 replayed=120 elapsed_ms=87";
+        assert_eq!(field(line, "elapsed_ms"), Some("87"));
+        assert_eq!(field(line, "replayed"), Some("120"));
+        assert_eq!(field(line, "missing"), None);
+    }
+}

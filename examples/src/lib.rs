@@ -1,0 +1,18 @@
+//! Example services built on `exactly`: a payments chain A → B → C and its demo.
+//!
+//! - [`validate`] (A): payment commands → ledger legs; bad commands → dead-letter topic.
+//! - [`ledger`] (B): account balances; applies legs, refuses overdrafts.
+//! - [`stats`] (C): per-account running totals.
+//!
+//! Each is a [`exactly::Processor`] here, unit-tested with [`exactly::testing::TestDriver`],
+//! and a thin binary (`src/bin/{validate,ledger,stats}.rs`). [`payments`] holds the records
+//! of every topic, [`generator`] the demo's seeded input, and [`model`] the reference model
+//! the demo checks the chain's final state against.
+
+pub mod generator;
+pub mod ledger;
+pub mod model;
+pub mod payments;
+pub mod service;
+pub mod stats;
+pub mod validate;

@@ -364,7 +364,8 @@ impl Broker {
             .map_err(|e| HarnessError::io(format!("cloning {}", self.log_path.display()), e))?;
         let url = format!("tcp://{}", self.address);
         let rust_log = std::env::var("EXACTLY_NISSHI_LOG").unwrap_or_else(|_| "warn".into());
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        command
             .arg("broker")
             .args(["--listener-url", &url])
             .args(["--advertised-listener-url", &url])
@@ -384,9 +385,16 @@ impl Broker {
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|e| HarnessError::io(format!("spawning {}", self.binary.display()), e))?;
+            .stderr(log_err);
+        // With PR_SET_PDEATHSIG, so a test process killed by SIGKILL leaks no broker. The spawn
+        // waits for the spawner thread: off the reactor.
+        let spawn_context = || format!("spawning {}", self.binary.display());
+        let child = tokio::task::spawn_blocking(move || {
+            crate::process::spawn_with_parent_death_signal(command)
+        })
+        .await
+        .map_err(|e| HarnessError::io(spawn_context(), std::io::Error::other(e)))?
+        .map_err(|e| HarnessError::io(spawn_context(), e))?;
         tracing::info!(pid = child.id(), address = %self.address, log = %self.log_path.display(), "started nisshi");
         self.child = Some(child);
 

@@ -7,11 +7,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+use exactly_tests::proxy::client::KafkaConnection;
+use exactly_tests::proxy::framing::{read_frame, response_correlation_id, write_frame};
 use exactly_tests::{unique_name, TestCluster};
-use kafka_protocol::messages::ApiKey;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::{
+    ApiKey, BrokerId, EndTxnRequest, EndTxnResponse, FetchRequest, InitProducerIdRequest,
+    RequestHeader, ResponseHeader, TopicName, TransactionalId,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
@@ -294,6 +302,239 @@ async fn commit_abort_zombie_and_open_transaction() {
     let stats = cluster.proxy.stats();
     assert!(stats.aborted_entries_added >= 2, "{stats:?}");
     assert!(stats.list_offsets_rewritten >= 2, "{stats:?}");
+}
+
+/// A fenced producer learns it promptly: the commit fails in well under this (nisshi alone
+/// closes the connection instead, and librdkafka retries until the 30 s `OP_TIMEOUT`; the
+/// transaction timeout is 60 s).
+const PROMPT: Duration = Duration::from_secs(10);
+
+/// True for the error librdkafka raises once a broker tells a producer it is fenced: a fatal
+/// transaction error with the fenced code.
+fn is_fatal_fenced(error: &KafkaError) -> bool {
+    let fenced_code = matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+        )
+    );
+    let fatal = match error {
+        KafkaError::Transaction(e) => e.is_fatal(),
+        _ => true,
+    };
+    fenced_code && fatal
+}
+
+/// A zombie (a producer whose transactional id a newer instance re-initialised) is told it is
+/// fenced at its next coordinator request - EndTxn, AddPartitionsToTxn or AddOffsetsToTxn -
+/// promptly, and none of its records becomes visible to read_committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zombie_commit_fails_promptly_as_fenced() {
+    init_tracing();
+    let cluster = TestCluster::start().await.expect("cluster");
+    let topic = unique_name("fenced");
+    cluster.create_topic(&topic, 2).await.expect("topic");
+    let proxy = cluster.bootstrap_servers();
+
+    let (t, p) = (topic.clone(), proxy.clone());
+    let committed = blocking(move || {
+        let mut committed = BTreeSet::new();
+        for step in ["end-txn", "add-partitions", "add-offsets"] {
+            let id = unique_name(&format!("zombie-{step}"));
+            let zombie = transactional_producer(&p, &id);
+            zombie.begin_transaction().expect("begin");
+            send(&zombie, &t, 0, &format!("zombie-{step}"));
+            // The record (and its AddPartitionsToTxn) reaches the broker before the fencing.
+            zombie.flush(OP_TIMEOUT).expect("flush");
+            let successor = transactional_producer(&p, &id);
+            let started = Instant::now();
+            let outcome = match step {
+                "end-txn" => zombie.commit_transaction(OP_TIMEOUT),
+                "add-partitions" => {
+                    send(&zombie, &t, 1, &format!("zombie-{step}-p1"));
+                    zombie.commit_transaction(OP_TIMEOUT)
+                }
+                _ => {
+                    let group = consumer(&p, "read_committed", &[]);
+                    let metadata = group.group_metadata().expect("group metadata");
+                    let mut offsets = TopicPartitionList::new();
+                    offsets
+                        .add_partition_offset(&t, 0, Offset::Offset(1))
+                        .expect("offsets");
+                    zombie
+                        .send_offsets_to_transaction(&offsets, &metadata, OP_TIMEOUT)
+                        .and_then(|()| zombie.commit_transaction(OP_TIMEOUT))
+                }
+            };
+            let elapsed = started.elapsed();
+            let error = match outcome {
+                Ok(()) => panic!("{step}: the zombie committed"),
+                Err(error) => error,
+            };
+            assert!(
+                is_fatal_fenced(&error),
+                "{step}: not a fatal fenced error: {error:?}"
+            );
+            assert!(
+                elapsed < PROMPT,
+                "{step}: the zombie learnt it was fenced only after {elapsed:?}"
+            );
+            drop(zombie);
+            let batch = vec![format!("successor-{step}")];
+            transaction(&successor, &t, 0, &batch, true);
+            committed.extend(batch);
+        }
+        committed
+    })
+    .await;
+    let stats = cluster.proxy.stats();
+    assert!(stats.fences_synthesized >= 3, "{stats:?}");
+
+    // The zombies' records are in the log (so their absence below means something) ...
+    let (t, p) = (topic.clone(), proxy.clone());
+    let log = blocking(move || {
+        read_to_end(
+            &consumer(&p, "read_uncommitted", &[]),
+            &t,
+            &[(0, Offset::Beginning), (1, Offset::Beginning)],
+        )
+    })
+    .await;
+    for zombie in [
+        "zombie-end-txn",
+        "zombie-add-partitions",
+        "zombie-add-offsets",
+    ] {
+        assert!(
+            payloads(&log).contains(&zombie.to_string()),
+            "{zombie} not in the log: {log:?}"
+        );
+    }
+    // ... and read_committed shows exactly the successors' records.
+    let (t, p) = (topic.clone(), proxy.clone());
+    let seen = blocking(move || {
+        read_to_end(
+            &consumer(&p, "read_committed", &[]),
+            &t,
+            &[(0, Offset::Beginning), (1, Offset::Beginning)],
+        )
+    })
+    .await;
+    assert_exactly(&seen, &committed, "read_committed after fenced zombies");
+}
+
+/// Encodes a request frame (header and body) as a client would.
+fn request_frame<R: Encodable>(
+    api_key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    request: &R,
+) -> BytesMut {
+    let mut buf = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(api_key as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(correlation_id)
+        .with_client_id(Some(StrBytes::from_static_str("proxy-test-raw")))
+        .encode(&mut buf, api_key.request_header_version(version))
+        .expect("encode header");
+    request.encode(&mut buf, version).expect("encode request");
+    buf
+}
+
+/// The proxy answers a fenced request in request order: a response it synthesises does not
+/// overtake the response to an earlier request on the same connection that the broker holds
+/// (a Fetch waiting for data), and a request with the current epoch is still forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_answer_keeps_pipelined_response_order() {
+    init_tracing();
+    let cluster = TestCluster::start().await.expect("cluster");
+    let topic = unique_name("fence-order");
+    cluster.create_topic(&topic, 1).await.expect("topic");
+    let transactional_id = unique_name("fence-order-txn");
+    let txn_id = || TransactionalId(StrBytes::from_string(transactional_id.clone()));
+
+    // Two InitProducerIds: the second bumps the epoch, fencing the first.
+    let mut admin = KafkaConnection::connect(cluster.proxy.address())
+        .await
+        .expect("connect");
+    let init = InitProducerIdRequest::default()
+        .with_transactional_id(Some(txn_id()))
+        .with_transaction_timeout_ms(60_000);
+    let first = admin.send(1, &init).await.expect("init 1");
+    let second = admin.send(1, &init).await.expect("init 2");
+    assert_eq!((first.error_code, second.error_code), (0, 0));
+    assert_eq!(first.producer_id, second.producer_id);
+    assert!(
+        second.producer_epoch > first.producer_epoch,
+        "{first:?} {second:?}"
+    );
+
+    let end_txn = |epoch: i16| {
+        EndTxnRequest::default()
+            .with_transactional_id(txn_id())
+            .with_producer_id(first.producer_id)
+            .with_producer_epoch(epoch)
+            .with_committed(true)
+    };
+    let fetch = FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(1_500)
+        .with_min_bytes(1)
+        .with_max_bytes(1 << 20)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(TopicName(StrBytes::from_string(topic.clone())))
+            .with_partitions(vec![FetchPartition::default()
+                .with_partition(0)
+                .with_fetch_offset(0)
+                .with_partition_max_bytes(1 << 20)])]);
+
+    // Pipelined on one connection: a Fetch the broker holds (empty partition), the zombie's
+    // EndTxn, and an EndTxn with the current epoch (forwarded: the broker judges it).
+    let mut stream = tokio::net::TcpStream::connect(cluster.proxy.address())
+        .await
+        .expect("connect");
+    let sent_at = Instant::now();
+    for frame in [
+        request_frame(ApiKey::Fetch, 4, 1, &fetch),
+        request_frame(ApiKey::EndTxn, 1, 2, &end_txn(first.producer_epoch)),
+        request_frame(ApiKey::EndTxn, 1, 3, &end_txn(second.producer_epoch)),
+    ] {
+        write_frame(&mut stream, &frame).await.expect("write");
+    }
+    let mut responses = Vec::new();
+    for _ in 0..3 {
+        let frame = tokio::time::timeout(OP_TIMEOUT, read_frame(&mut stream))
+            .await
+            .expect("a response in time")
+            .expect("read")
+            .expect("connection open");
+        responses.push((sent_at.elapsed(), frame.freeze()));
+    }
+    let correlation_ids: Vec<i32> = responses
+        .iter()
+        .map(|(_, frame)| response_correlation_id(frame).expect("correlation id"))
+        .collect();
+    assert_eq!(correlation_ids, [1, 2, 3], "responses out of request order");
+    eprintln!(
+        "fetch answered after {:?}, fenced EndTxn after {:?}",
+        responses[0].0, responses[1].0
+    );
+
+    let mut fenced = responses[1].1.clone();
+    ResponseHeader::decode(&mut fenced, ApiKey::EndTxn.response_header_version(1)).expect("header");
+    let fenced = EndTxnResponse::decode(&mut fenced, 1).expect("EndTxn response");
+    assert_eq!(
+        fenced.error_code, 47,
+        "INVALID_PRODUCER_EPOCH for EndTxn v1"
+    );
+    assert_eq!(
+        cluster.proxy.stats().fences_synthesized,
+        1,
+        "only the stale EndTxn is answered by the proxy"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use super::fencing::{fenced_request, placeholder_request};
 use super::framing::{
     read_frame, request_key_version_correlation, response_correlation_id, write_frame,
 };
@@ -82,6 +83,22 @@ async fn forward_requests(
         };
         if let Some(latency) = shared.faults.latency(api_key) {
             tokio::time::sleep(latency).await;
+        }
+        if let Some(fenced) = fenced_request(&frame, &shared.producer_epochs) {
+            // Withheld; the placeholder keeps its answer in order (see `fencing`).
+            let placeholder =
+                placeholder_request(fenced.correlation_id).map_err(|e| e.to_string())?;
+            let correlation_id = fenced.correlation_id;
+            let expected = PendingResponse {
+                api_key: fenced.api_key,
+                version: fenced.version,
+                pending: Pending::Fenced(fenced),
+            };
+            lock(&pending).insert(correlation_id, expected);
+            write_frame(&mut upstream, &placeholder)
+                .await
+                .map_err(|e| e.to_string())?;
+            continue;
         }
         if let Some((correlation_id, expected)) = classify_request(&frame, &mut state) {
             // Registered before forwarding, so the response cannot overtake it.

@@ -11,15 +11,19 @@
 //! - answers ListOffsets(read_committed, latest) with the true last stable offset;
 //! - rewrites advertised addresses (Metadata, FindCoordinator, DescribeCluster) to itself so
 //!   clients never bypass it ([`rewrite`]);
+//! - answers the transactional requests of a fenced (zombie) producer with the fenced error
+//!   code Kafka gives, where nisshi closes the connection instead ([`fencing`]);
 //! - injects faults on command ([`Faults`]).
 //!
 //! It never drops or invents records: it only adds abort information derived from markers in
-//! the log itself. So it can cause false failures (e.g. a connection dropped by a fault) but
-//! cannot hide a duplicate.
+//! the log itself, and withholds (never invents) requests of producers the broker already
+//! fenced. So it can cause false failures (e.g. a connection dropped by a fault) but cannot
+//! hide a duplicate or let a stale producer commit.
 
 pub mod client;
 mod connection;
 mod faults;
+mod fencing;
 pub mod framing;
 mod rewrite;
 pub mod txn_index;
@@ -33,6 +37,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::HarnessError;
 pub use faults::Faults;
+use fencing::ProducerEpochs;
 use txn_index::TxnIndex;
 
 /// Counters of what the proxy did, for tests that want to show a code path was exercised.
@@ -58,6 +63,9 @@ pub struct ProxyStats {
     /// Responses that should have been rewritten but could not be decoded or indexed (the
     /// connection is closed instead, so the client retries).
     pub rewrite_failures: u64,
+    /// Transactional requests of fenced producers the proxy answered itself with
+    /// `PRODUCER_FENCED` / `INVALID_PRODUCER_EPOCH` instead of forwarding them.
+    pub fences_synthesized: u64,
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +79,7 @@ pub(crate) struct Counters {
     pub list_offsets_rewritten: AtomicU64,
     pub index_fetches: AtomicU64,
     pub rewrite_failures: AtomicU64,
+    pub fences_synthesized: AtomicU64,
 }
 
 impl Counters {
@@ -90,6 +99,7 @@ impl Counters {
             list_offsets_rewritten: get(&self.list_offsets_rewritten),
             index_fetches: get(&self.index_fetches),
             rewrite_failures: get(&self.rewrite_failures),
+            fences_synthesized: get(&self.fences_synthesized),
         }
     }
 }
@@ -102,6 +112,7 @@ pub(crate) struct Shared {
     pub faults: Faults,
     pub counters: Counters,
     pub index: TxnIndex,
+    pub producer_epochs: ProducerEpochs,
 }
 
 /// A running proxy. Dropping it stops accepting and closes every connection.
@@ -126,6 +137,7 @@ impl Proxy {
             faults: Faults::default(),
             counters: Counters::default(),
             index: TxnIndex::new(upstream),
+            producer_epochs: ProducerEpochs::default(),
         });
         let accept_task = tokio::spawn(accept_loop(listener, shared.clone()));
         tracing::info!(proxy = %advertised, %upstream, "read-committed proxy started");
@@ -179,10 +191,12 @@ impl Proxy {
         self.shared.faults.clear();
     }
 
-    /// Forgets the transaction index, e.g. after a broker restart lost all data. (A partition
-    /// whose high watermark drops below what was indexed is also re-indexed automatically.)
+    /// Forgets the transaction index and the producer epochs learnt for fencing, e.g. after a
+    /// broker restart lost all data. (A partition whose high watermark drops below what was
+    /// indexed is also re-indexed automatically.)
     pub fn reset_index(&self) {
         self.shared.index.reset();
+        self.shared.producer_epochs.reset();
     }
 
     /// What the proxy did so far.

@@ -4,6 +4,8 @@
 //! versions of the APIs rewritten here to what `kafka-protocol` decodes), Metadata /
 //! FindCoordinator / DescribeCluster (advertise the proxy), read_committed Fetch (aborted
 //! transactions, last stable offset) and ListOffsets(read_committed, latest) (true LSO).
+//! InitProducerId responses are read (not changed) to learn producer epochs for
+//! [`fencing`](super::fencing); a fenced request's placeholder answer is replaced.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -12,12 +14,13 @@ use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::fetch_response::AbortedTransaction;
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsResponse, DescribeClusterResponse, FetchRequest, FetchResponse,
-    FindCoordinatorResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataResponse,
-    RequestHeader, ResponseHeader,
+    FindCoordinatorResponse, InitProducerIdRequest, InitProducerIdResponse, ListOffsetsRequest,
+    ListOffsetsResponse, MetadataResponse, RequestHeader, ResponseHeader,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use uuid::Uuid;
 
+use super::fencing::{fenced_response, FencedRequest};
 use super::framing::request_key_version_correlation;
 use super::txn_index::{parse_batches, ScanTarget};
 use super::{Counters, Shared};
@@ -79,6 +82,12 @@ pub(crate) enum Pending {
     },
     /// May be held back by [`Faults::delay_end_txn_response`](super::Faults::delay_end_txn_response).
     EndTxn,
+    /// A transactional producer's InitProducerId: its answer is the id's newest epoch.
+    InitProducerId {
+        transactional_id: String,
+    },
+    /// The placeholder of a request the proxy answers as fenced; its answer is replaced.
+    Fenced(FencedRequest),
 }
 
 /// A response the connection waits for, keyed by correlation id.
@@ -102,6 +111,11 @@ pub(crate) fn classify_request(
         ApiKey::FindCoordinator => Pending::FindCoordinator,
         ApiKey::DescribeCluster => Pending::DescribeCluster,
         ApiKey::EndTxn => Pending::EndTxn,
+        ApiKey::InitProducerId => {
+            let request: InitProducerIdRequest = decode_request(frame, version)?;
+            let transactional_id = request.transactional_id?.0.to_string();
+            Pending::InitProducerId { transactional_id }
+        }
         ApiKey::Fetch => {
             let request: FetchRequest = decode_request(frame, version)?;
             track_fetch_positions(&request, version, state);
@@ -147,7 +161,8 @@ pub(crate) fn classify_request(
     ))
 }
 
-fn decode_request<R: Decodable>(frame: &[u8], version: i16) -> Option<R> {
+/// Decodes a request frame (header and body); `None` (with a warning) if it cannot be.
+pub(crate) fn decode_request<R: Decodable>(frame: &[u8], version: i16) -> Option<R> {
     let mut bytes = Bytes::copy_from_slice(frame);
     let decoded = kafka_protocol::protocol::decode_request_header_from_buffer(&mut bytes)
         .and_then(|_: RequestHeader| R::decode(&mut bytes, version));
@@ -203,8 +218,23 @@ pub(crate) async fn rewrite_response(
         version,
         pending,
     } = pending;
-    if matches!(pending, Pending::EndTxn) {
-        return Ok(None); // only tracked for the delay fault
+    match pending {
+        Pending::EndTxn => return Ok(None), // only tracked for the delay fault
+        // The frame answers the placeholder (an ApiVersions request): replace it whole.
+        Pending::Fenced(request) => {
+            Counters::add(&shared.counters.fences_synthesized, 1);
+            tracing::info!(
+                transactional_id = %request.transactional_id,
+                producer_id = request.producer_id,
+                producer_epoch = request.producer_epoch,
+                api_key = ?request.api_key,
+                version = request.version,
+                error_code = request.error_code(),
+                "proxy answered a fenced producer's request"
+            );
+            return fenced_response(&request).map(Some);
+        }
+        _ => {}
     }
     let context = || format!("rewriting a {api_key:?} v{version} response");
     let mut body = frame.clone();
@@ -221,7 +251,23 @@ pub(crate) async fn rewrite_response(
         Ok(Some(buf))
     };
     match pending {
-        Pending::EndTxn => Ok(None),
+        Pending::EndTxn | Pending::Fenced(_) => Ok(None),
+        Pending::InitProducerId { transactional_id } => {
+            // Only read: a response that cannot be decoded records nothing, which only
+            // means the broker alone judges this id's zombies.
+            match InitProducerIdResponse::decode(&mut body, version) {
+                Ok(response) if response.error_code == 0 => shared.producer_epochs.record(
+                    &transactional_id,
+                    response.producer_id.0,
+                    response.producer_epoch,
+                ),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, version, "proxy could not decode an InitProducerId response");
+                }
+            }
+            Ok(None)
+        }
         Pending::ApiVersions => {
             let Ok(mut response) = ApiVersionsResponse::decode(&mut body, version) else {
                 // An UNSUPPORTED_VERSION answer is encoded as v0; the client retries lower.

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::producer::{BaseRecord, Producer, PurgeConfig};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{AppConfig, ErrorPolicy};
@@ -136,16 +136,19 @@ enum TxnErrorClass {
     Abortable,
 }
 
+/// Error codes that mean a newer producer owns the transactional id.
+fn is_fenced_code(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Fenced
+            | RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::TransactionCoordinatorFenced
+    )
+}
+
 fn classify(error: &KafkaError) -> TxnErrorClass {
-    let fenced_code = |code: RDKafkaErrorCode| {
-        matches!(
-            code,
-            RDKafkaErrorCode::Fenced
-                | RDKafkaErrorCode::ProducerFenced
-                | RDKafkaErrorCode::InvalidProducerEpoch
-                | RDKafkaErrorCode::TransactionCoordinatorFenced
-        )
-    };
+    let fenced_code = is_fenced_code;
     match error {
         KafkaError::Transaction(e) if fenced_code(e.code()) => TxnErrorClass::Fenced,
         KafkaError::Transaction(e) if e.is_fatal() => TxnErrorClass::Fatal,
@@ -246,7 +249,7 @@ impl<P: Processor> PartitionWorker<P> {
                     LiveExit::Stopped => return WorkerOutcome::Finished,
                     LiveExit::Fenced => return WorkerOutcome::Fenced,
                     LiveExit::Failed(error) => {
-                        let _ = producer.abort_transaction(self.txn_timeout());
+                        let _ = abort(&producer, self.txn_timeout());
                         self.metrics.transaction_aborted();
                         return WorkerOutcome::Failed(error);
                     }
@@ -259,10 +262,17 @@ impl<P: Processor> PartitionWorker<P> {
                     LiveExit::Abort(reason) => {
                         tracing::warn!(error = %reason, "aborting the transaction; rebuilding state through recovery");
                         producer.context().reset();
-                        match producer.abort_transaction(self.txn_timeout()) {
+                        match abort(&producer, self.txn_timeout()) {
                             Ok(()) => self.metrics.transaction_aborted(),
                             Err(e) => match classify(&e) {
                                 TxnErrorClass::Fenced => return WorkerOutcome::Fenced,
+                                _ if producer
+                                    .client()
+                                    .fatal_error()
+                                    .is_some_and(|(code, _)| is_fenced_code(code)) =>
+                                {
+                                    return WorkerOutcome::Fenced
+                                }
                                 _ => {
                                     tracing::warn!(error = %e, "abort failed; recreating the producer");
                                     continue 'producer;
@@ -464,15 +474,38 @@ impl<P: Processor> PartitionWorker<P> {
         if let Some(timestamp) = record.timestamp {
             base = base.timestamp(timestamp);
         }
-        send_blocking(producer, base).map_err(|source| {
-            // A local refusal (e.g. a record larger than message.max.bytes, an unknown
-            // partition) would fail again after recovery: stop the partition.
-            LiveExit::Failed(Error::Produce {
+        send_blocking(producer, base).map_err(|source| self.send_failure(producer, record, source))
+    }
+
+    /// What a refused `send` means. The producer's transaction may have failed underneath
+    /// (fenced by a newer producer, an abortable produce error: librdkafka then refuses every
+    /// send with an "erroneous state" error): that is the transaction's fate, not the
+    /// record's. Only a refusal of the record itself stops the partition.
+    fn send_failure(
+        &self,
+        producer: &TxnProducer,
+        record: &OutputRecord,
+        source: KafkaError,
+    ) -> LiveExit {
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            tracing::debug!(code = ?code, reason = %reason, "the producer has a fatal error");
+            return if is_fenced_code(code) {
+                LiveExit::Fenced
+            } else {
+                LiveExit::FatalProducer(source)
+            };
+        }
+        match source.rdkafka_error_code() {
+            Some(code) if is_fenced_code(code) => LiveExit::Fenced,
+            Some(RDKafkaErrorCode::State) => LiveExit::Abort(source),
+            // A local refusal of this record (larger than message.max.bytes, an unknown
+            // topic or partition, ...) would fail again after recovery: stop the partition.
+            _ => LiveExit::Failed(Error::Produce {
                 topic: record.topic.clone(),
                 transactional_id: self.transactional_id.clone(),
                 source: Box::new(source),
-            })
-        })
+            }),
+        }
     }
 
     fn full_snapshot_due(&self, live: &Live<P::State>, final_snapshot: bool) -> bool {
@@ -614,6 +647,21 @@ impl<P: Processor> PartitionWorker<P> {
         Ok(())
     }
 }
+
+/// Aborts the open transaction. librdkafka's abort waits until every outstanding message has
+/// its delivery report, and a `BaseProducer` only serves those when polled: purge what is
+/// queued or in flight (it is being aborted anyway) and serve the reports first, or the abort
+/// times out on any transaction that failed with messages outstanding.
+fn abort(producer: &TxnProducer, timeout: Duration) -> Result<(), KafkaError> {
+    producer.purge(PurgeConfig::default().queue().inflight());
+    if let Err(error) = producer.flush(PURGED_REPORTS_TIMEOUT) {
+        tracing::debug!(error = %error, "serving the purged messages' delivery reports");
+    }
+    producer.abort_transaction(timeout)
+}
+
+/// How long serving the delivery reports of purged messages may take before aborting anyway.
+const PURGED_REPORTS_TIMEOUT: Duration = Duration::from_secs(2);
 
 enum ProducerStart {
     Fenced,

@@ -40,6 +40,8 @@ use crate::recovery::raw_record;
 
 /// Records buffered per partition between the consumer thread and its worker.
 const WORKER_CHANNEL_CAPACITY: usize = 2048;
+/// librdkafka's `session.timeout.ms` when the configuration does not set it.
+const LIBRDKAFKA_DEFAULT_SESSION_TIMEOUT_MS: u64 = 45_000;
 
 /// A stream-processing application: a [`Processor`] run with exactly-once semantics.
 ///
@@ -159,6 +161,17 @@ struct Slot {
 /// never contended, it only satisfies `ConsumerContext: Sync`).
 struct Registry {
     slots: HashMap<PartitionKey, Slot>,
+    /// Partitions still assigned to this consumer whose worker was fenced, with the time at
+    /// which a new worker takes them over again.
+    ///
+    /// A fenced worker means another producer initialised its transactional id. Either this
+    /// instance is a zombie (its group membership is gone: the consumer learns it within a
+    /// session timeout and revokes the partition, which removes it from here), or a zombie
+    /// elsewhere fenced the rightful owner (this instance): then nobody would process the
+    /// partition until some unrelated rebalance. After a session timeout without a revoke the
+    /// partition is ours, so a new worker fences the zombie back (fencing first, then reading
+    /// state: safe whichever instance wins).
+    dormant: HashMap<PartitionKey, Instant>,
     /// First fatal partition error.
     failure: Option<Error>,
 }
@@ -169,6 +182,9 @@ struct Shared<P: Processor> {
     metrics: Metrics,
     requests: Sender<ConsumerRequest>,
     registry: Mutex<Registry>,
+    /// How long a fenced partition that is still assigned stays without a worker (see
+    /// [`Registry::dormant`]): a session timeout plus a margin.
+    readopt_after: Duration,
     topics: HashMap<String, Arc<str>>,
 }
 
@@ -241,6 +257,7 @@ impl<P: Processor> Shared<P> {
         partition: i32,
         group_metadata: Arc<rdkafka::consumer::ConsumerGroupMetadata>,
     ) {
+        self.lock().dormant.remove(&(Arc::clone(&topic), partition));
         let (records_tx, records_rx) = mpsc::sync_channel(WORKER_CHANNEL_CAPACITY);
         let (outcome_tx, outcome_rx) = mpsc::sync_channel(1);
         let stop = Arc::new(AtomicBool::new(false));
@@ -288,6 +305,9 @@ impl<P: Processor> Shared<P> {
     fn stop_workers(&self, keys: &[PartitionKey]) {
         let mut slots: Vec<(PartitionKey, Slot)> = {
             let mut registry = self.lock();
+            for key in keys {
+                registry.dormant.remove(key);
+            }
             keys.iter()
                 .filter_map(|k| registry.slots.remove_entry(k))
                 .collect()
@@ -336,13 +356,21 @@ impl<P: Processor> ConsumerLoop<P> {
             .iter()
             .map(|t| (t.clone(), Arc::<str>::from(t.as_str())))
             .collect();
+        let session_timeout_ms = self
+            .config
+            .consumer_config(true)
+            .get("session.timeout.ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(LIBRDKAFKA_DEFAULT_SESSION_TIMEOUT_MS);
         let shared = Arc::new(Shared {
+            readopt_after: Duration::from_millis(session_timeout_ms) + Duration::from_secs(2),
             config: Arc::clone(&self.config),
             processor: Arc::clone(&self.processor),
             metrics: self.metrics.clone(),
             requests: requests_tx,
             registry: Mutex::new(Registry {
                 slots: HashMap::new(),
+                dormant: HashMap::new(),
                 failure: None,
             }),
             topics,
@@ -373,6 +401,7 @@ impl<P: Processor> ConsumerLoop<P> {
             pending_seeks.extend(requests_rx.try_iter());
             pending_seeks.retain(|request| !serve_request(&consumer, &shared, request));
             service_slots(&consumer, &shared);
+            readopt_fenced(&consumer, &shared);
             let timeout = if pending_seeks.is_empty() {
                 Duration::from_millis(100)
             } else {
@@ -448,6 +477,44 @@ fn single(topic: &str, partition: i32) -> TopicPartitionList {
     tpl
 }
 
+/// Starts a new worker for each fenced partition that is still assigned to this consumer
+/// after [`Shared::readopt_after`] (see [`Registry::dormant`]).
+fn readopt_fenced<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, shared: &Shared<P>) {
+    let now = Instant::now();
+    let due: Vec<PartitionKey> = {
+        let mut registry = shared.lock();
+        let due: Vec<PartitionKey> = registry
+            .dormant
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &due {
+            registry.dormant.remove(key);
+        }
+        due
+    };
+    if due.is_empty() {
+        return;
+    }
+    let assignment = match consumer.assignment() {
+        Ok(assignment) => assignment,
+        Err(error) => {
+            tracing::warn!(error = %error, "reading the assignment failed; fenced partitions wait for a rebalance");
+            return;
+        }
+    };
+    let Some(group_metadata) = consumer.group_metadata().map(Arc::new) else {
+        return;
+    };
+    for (topic, partition) in due {
+        if assignment.find_partition(&topic, partition).is_some() {
+            tracing::info!(topic = %topic, partition, "fenced partition still assigned after a session timeout: taking it over again");
+            shared.start_worker(topic, partition, Arc::clone(&group_metadata));
+        }
+    }
+}
+
 /// Delivers held records, notices workers that ended on their own.
 fn service_slots<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, shared: &Shared<P>) {
     let mut registry = shared.lock();
@@ -486,8 +553,15 @@ fn service_slots<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, sha
         }
         // Stop fetching a partition nobody processes; a rebalance will hand it over.
         let _ = consumer.pause(&single(&key.0, key.1));
-        if let WorkerOutcome::Failed(error) = outcome {
-            registry.failure.get_or_insert(error);
+        match outcome {
+            WorkerOutcome::Failed(error) => {
+                registry.failure.get_or_insert(error);
+            }
+            WorkerOutcome::Fenced => {
+                let at = Instant::now() + shared.readopt_after;
+                registry.dormant.insert(key, at);
+            }
+            WorkerOutcome::Finished => {}
         }
     }
 }

@@ -222,3 +222,53 @@ async fn outputs_and_snapshot_record_commit_atomically_across_crashes() {
         .await
         .expect("terminate");
 }
+
+/// SIGTERM: the service commits, writes a final full snapshot per partition and leaves the
+/// group; the next start recovers from those snapshots without replaying anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_writes_final_snapshots() {
+    let cluster = TestCluster::start().await.expect("cluster");
+    let bootstrap = bootstrap_of(&cluster);
+    let input = unique_name("term-in");
+    let output = unique_name("term-out");
+    let app = unique_name("term-app");
+    cluster.create_topic(&input, 2).await.expect("input topic");
+    cluster
+        .create_topic(&output, 2)
+        .await
+        .expect("output topic");
+    let records = inputs(0..500, 2);
+    produce(&bootstrap, &input, &records);
+    // Full snapshots by count or time would never be due here: only shutdown writes one.
+    let spec = service_spec(&bootstrap, &app, &input, &output);
+    let mut service = ChildProcess::spawn(app.clone(), spec).expect("spawn");
+    let expected = expected_outputs(&records);
+    let report = wait_for_outputs(&bootstrap, &output, &expected, Duration::from_secs(60)).await;
+    assert!(report.is_clean(), "{report}");
+
+    let status = service
+        .terminate(Duration::from_secs(30))
+        .await
+        .expect("terminate");
+    assert!(status.success(), "{}", service.log_tail(40));
+    let m = last_metrics(&service).expect("metrics");
+    assert_eq!(metric(&m, "full_snapshots_written"), 2, "{m}");
+    assert!(service
+        .run_log_text()
+        .expect("log")
+        .contains("eos-service stopped cleanly"));
+
+    service.restart().expect("restart");
+    let m = wait_for_metrics(&service, "recovered", Duration::from_secs(60), |m| {
+        metric(m, "recoveries") >= 2
+    })
+    .await;
+    assert_eq!(metric(&m, "recoveries_from_full_snapshot"), 2, "{m}");
+    assert_eq!(metric(&m, "max_recovery_replayed_records"), 0, "{m}");
+    let report = check(&bootstrap, &output, &expected).await;
+    assert!(report.is_clean(), "{report}");
+    service
+        .terminate(Duration::from_secs(30))
+        .await
+        .expect("terminate");
+}

@@ -8,6 +8,8 @@ use std::time::Duration;
 use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::process::Supervisor;
 use framework_support::*;
+use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::ClientConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalance_hands_partitions_over_with_state_intact() {
@@ -169,4 +171,76 @@ async fn paused_zombie_is_fenced_and_adds_no_duplicates() {
         procs.get("zombie").expect("z").log_tail(40),
         procs.get("heir").expect("h").log_tail(40)
     );
+}
+
+/// A zombie elsewhere re-initialises the transactional id of a partition this instance
+/// rightfully owns, fencing it. Nobody revokes the partition (this instance's membership is
+/// fine), so after a session timeout the instance takes it over again - fencing the zombie
+/// back - and finishes the input exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_owner_takes_its_partition_back() {
+    let cluster = TestCluster::start().await.expect("cluster");
+    let bootstrap = bootstrap_of(&cluster);
+    let input = unique_name("refence-in");
+    let output = unique_name("refence-out");
+    let app = unique_name("refence-app");
+    cluster.create_topic(&input, 1).await.expect("input topic");
+    cluster
+        .create_topic(&output, 1)
+        .await
+        .expect("output topic");
+    let mut procs = Supervisor::new();
+
+    // Slow records and long transactions: the owner always holds an open transaction.
+    let slow = ["--per-record-delay-ms", "2", "--commit-interval-ms", "500"];
+    let records = inputs(0..3000, 1);
+    produce(&bootstrap, &input, &records);
+    procs
+        .spawn(
+            "owner",
+            service_spec(&bootstrap, &app, &input, &output).args(slow),
+        )
+        .expect("spawn owner");
+    let seen = wait_for_count(&bootstrap, &output, 200, Duration::from_secs(60)).await;
+    assert!(
+        seen >= 200,
+        "{}",
+        procs.get("owner").expect("o").log_tail(60)
+    );
+
+    // The "zombie": a producer with the owner's transactional id.
+    let transactional_id = format!("{app}.{input}.0");
+    let rogue_bootstrap = bootstrap.clone();
+    let rogue = tokio::task::spawn_blocking(move || {
+        let rogue: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &rogue_bootstrap)
+            .set("transactional.id", &transactional_id)
+            .create()
+            .expect("rogue producer");
+        rogue
+            .init_transactions(Duration::from_secs(30))
+            .expect("rogue init_transactions");
+        rogue
+    })
+    .await
+    .expect("rogue task");
+
+    let owner = procs.child("owner").expect("owner");
+    owner
+        .wait_for_log("fenced", Duration::from_secs(60))
+        .await
+        .expect("the owner was fenced");
+    owner
+        .wait_for_log("taking it over again", Duration::from_secs(60))
+        .await
+        .expect("the owner took its partition back");
+
+    let expected = expected_outputs(&records);
+    let report = wait_for_outputs(&bootstrap, &output, &expected, Duration::from_secs(120)).await;
+    assert!(
+        report.is_clean(),
+        "{report}\nowner:\n{}",
+        procs.get("owner").expect("o").log_tail(60)
+    );
+    drop(rogue);
 }

@@ -10,13 +10,19 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use exactly_tests::proxy::client::KafkaConnection;
 use exactly_tests::proxy::framing::{read_frame, response_correlation_id, write_frame};
-use exactly_tests::{unique_name, TestCluster};
+use exactly_tests::{unique_name, Proxy, ProxyStats, TestCluster};
+use kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
-    ApiKey, BrokerId, EndTxnRequest, EndTxnResponse, FetchRequest, InitProducerIdRequest,
-    RequestHeader, ResponseHeader, TopicName, TransactionalId,
+    AddPartitionsToTxnRequest, ApiKey, ApiVersionsRequest, BrokerId, EndTxnRequest, EndTxnResponse,
+    FetchRequest, InitProducerIdRequest, ProduceRequest, ProducerId, RequestHeader, ResponseHeader,
+    TopicName, TransactionalId,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -960,4 +966,376 @@ async fn broker_restart_rebuilds_the_index() {
     cluster.create_topic(&topic, 1).await.expect("topic again");
     let after = write("after", 2, 3).await;
     assert_exactly(&read().await, &after, "after the restart");
+}
+
+/// Polls the proxy's counters until `condition` holds.
+async fn wait_for_stats(
+    proxy: &Proxy,
+    what: &str,
+    condition: impl Fn(&ProxyStats) -> bool,
+) -> ProxyStats {
+    let started = Instant::now();
+    loop {
+        let stats = proxy.stats();
+        if condition(&stats) {
+            return stats;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "timed out waiting for {what}: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn read_committed_lso(bootstrap: &str, topic: &str) -> i64 {
+    consumer(bootstrap, "read_committed", &[])
+        .fetch_watermarks(topic, 0, OP_TIMEOUT)
+        .expect("read_committed watermarks")
+        .1
+}
+
+/// While EndTxn requests are held, a producer's commit waits and its transaction stays open
+/// on the broker (read_committed stops before it); a release lets the commit complete, and
+/// turning the hold off releases too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_end_txn_blocks_the_commit_until_released() {
+    init_tracing();
+    let cluster = TestCluster::start().await.expect("cluster");
+    let topic = unique_name("hold");
+    cluster.create_topic(&topic, 1).await.expect("topic");
+    let proxy = cluster.bootstrap_servers();
+
+    let (t, p) = (topic.clone(), proxy.clone());
+    let producer = blocking(move || {
+        let producer = transactional_producer(&p, &unique_name("held"));
+        transaction(&producer, &t, 0, &names("before", 2), true);
+        producer.begin_transaction().expect("begin");
+        for payload in names("held", 3) {
+            send(&producer, &t, 0, &payload);
+        }
+        producer.flush(OP_TIMEOUT).expect("flush");
+        producer
+    })
+    .await;
+
+    cluster.proxy.hold_end_txn_requests(true);
+    let commit = tokio::task::spawn_blocking(move || {
+        let outcome = producer.commit_transaction(OP_TIMEOUT);
+        (outcome, producer)
+    });
+    let stats = wait_for_stats(&cluster.proxy, "a held EndTxn", |s| {
+        s.end_txn_holding() == 1
+    })
+    .await;
+    assert_eq!(stats.end_txn_held, 1, "{stats:?}");
+
+    // Held: the transaction is open on the broker, so read_committed ends before it.
+    let (t, p) = (topic.clone(), proxy.clone());
+    let seen = blocking(move || {
+        read_to_end(
+            &consumer(&p, "read_committed", &[]),
+            &t,
+            &[(0, Offset::Beginning)],
+        )
+    })
+    .await;
+    assert_eq!(payloads(&seen), ["before-0", "before-1"]);
+    assert!(
+        !commit.is_finished(),
+        "the commit completed while its EndTxn was held"
+    );
+
+    cluster.proxy.release_end_txn_requests();
+    let (outcome, producer) = commit.await.expect("commit task");
+    outcome.expect("commit after the release");
+    let stats = cluster.proxy.stats();
+    assert_eq!(
+        (stats.end_txn_released, stats.end_txn_discarded),
+        (1, 0),
+        "{stats:?}"
+    );
+
+    // The hold is still on: the next commit is held as well, until the hold is turned off.
+    let (t, p) = (topic.clone(), proxy.clone());
+    let commit = tokio::task::spawn_blocking(move || {
+        transaction(&producer, &t, 0, &names("after", 2), true);
+        read_committed_lso(&p, &t)
+    });
+    wait_for_stats(&cluster.proxy, "the second held EndTxn", |s| {
+        s.end_txn_holding() == 1 && s.end_txn_held == 2
+    })
+    .await;
+    assert!(!commit.is_finished(), "the second commit was not held");
+    cluster.proxy.hold_end_txn_requests(false);
+    commit.await.expect("second commit");
+    let stats = cluster.proxy.stats();
+    assert_eq!(
+        (
+            stats.end_txn_held,
+            stats.end_txn_released,
+            stats.end_txn_discarded
+        ),
+        (2, 2, 0),
+        "{stats:?}"
+    );
+
+    let (t, p) = (topic.clone(), proxy.clone());
+    let seen = blocking(move || {
+        read_to_end(
+            &consumer(&p, "read_committed", &[]),
+            &t,
+            &[(0, Offset::Beginning)],
+        )
+    })
+    .await;
+    let expected: BTreeSet<String> = [names("before", 2), names("held", 3), names("after", 2)]
+        .concat()
+        .into_iter()
+        .collect();
+    assert_exactly(&seen, &expected, "after the releases");
+}
+
+/// A transaction written with raw requests: InitProducerId, AddPartitionsToTxn and one
+/// transactional Produce of `payloads` to partition 0, left open. Returns the producer id,
+/// epoch and the offset of its first record.
+async fn open_raw_transaction(
+    proxy: &Proxy,
+    topic: &str,
+    transactional_id: &str,
+    payloads: &[String],
+) -> (i64, i16, i64) {
+    let txn_id = || TransactionalId(StrBytes::from_string(transactional_id.to_string()));
+    let topic_name = || TopicName(StrBytes::from_string(topic.to_string()));
+    let mut connection = KafkaConnection::connect(proxy.address())
+        .await
+        .expect("connect");
+    let init = connection
+        .send(
+            1,
+            &InitProducerIdRequest::default()
+                .with_transactional_id(Some(txn_id()))
+                .with_transaction_timeout_ms(60_000),
+        )
+        .await
+        .expect("InitProducerId");
+    assert_eq!(init.error_code, 0, "{init:?}");
+    let (producer_id, epoch) = (init.producer_id, init.producer_epoch);
+
+    let added = connection
+        .send(
+            1,
+            &AddPartitionsToTxnRequest::default()
+                .with_v3_and_below_transactional_id(txn_id())
+                .with_v3_and_below_producer_id(producer_id)
+                .with_v3_and_below_producer_epoch(epoch)
+                .with_v3_and_below_topics(vec![AddPartitionsToTxnTopic::default()
+                    .with_name(topic_name())
+                    .with_partitions(vec![0])]),
+        )
+        .await
+        .expect("AddPartitionsToTxn");
+    for topic_result in &added.results_by_topic_v3_and_below {
+        for partition in &topic_result.results_by_partition {
+            assert_eq!(partition.partition_error_code, 0, "{added:?}");
+        }
+    }
+
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let records: Vec<Record> = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, payload)| Record {
+            transactional: true,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: producer_id.0,
+            producer_epoch: epoch,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            sequence: i as i32,
+            timestamp: now_ms,
+            key: Some(bytes::Bytes::from(payload.clone())),
+            value: Some(bytes::Bytes::from(payload.clone())),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut batch = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut batch,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .expect("encode records");
+    let produced = connection
+        .send(
+            3,
+            &ProduceRequest::default()
+                .with_transactional_id(Some(txn_id()))
+                .with_acks(-1)
+                .with_timeout_ms(30_000)
+                .with_topic_data(vec![TopicProduceData::default()
+                    .with_name(topic_name())
+                    .with_partition_data(vec![PartitionProduceData::default()
+                        .with_index(0)
+                        .with_records(Some(batch.freeze()))])]),
+        )
+        .await
+        .expect("Produce");
+    let partition = &produced.responses[0].partition_responses[0];
+    assert_eq!(partition.error_code, 0, "{produced:?}");
+    (producer_id.0, epoch, partition.base_offset)
+}
+
+/// Writes an EndTxn(commit) and an ApiVersions request pipelined on a new raw connection.
+async fn pipelined_end_txn(
+    proxy: &Proxy,
+    transactional_id: &str,
+    producer_id: i64,
+    epoch: i16,
+) -> tokio::net::TcpStream {
+    let end_txn = EndTxnRequest::default()
+        .with_transactional_id(TransactionalId(StrBytes::from_string(
+            transactional_id.to_string(),
+        )))
+        .with_producer_id(ProducerId(producer_id))
+        .with_producer_epoch(epoch)
+        .with_committed(true);
+    let mut stream = tokio::net::TcpStream::connect(proxy.address())
+        .await
+        .expect("connect");
+    for frame in [
+        request_frame(ApiKey::EndTxn, 1, 1, &end_txn),
+        request_frame(ApiKey::ApiVersions, 0, 2, &ApiVersionsRequest::default()),
+    ] {
+        write_frame(&mut stream, &frame).await.expect("write");
+    }
+    stream
+}
+
+/// A held EndTxn keeps the connection's response order when released (the request behind it
+/// is answered after it). A held EndTxn whose client dies is discarded: it never reaches the
+/// broker, the transaction stays open until a new producer with the same transactional id
+/// initialises (which aborts it), and read_committed never shows its records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_end_txn_keeps_order_and_dies_with_its_client() {
+    init_tracing();
+    let cluster = TestCluster::start().await.expect("cluster");
+    let topic = unique_name("hold-raw");
+    cluster.create_topic(&topic, 1).await.expect("topic");
+    let proxy = cluster.bootstrap_servers();
+    cluster.proxy.hold_end_txn_requests(true);
+
+    // Released: both pipelined responses arrive, in request order, and the commit succeeded.
+    let released_id = unique_name("released");
+    let (producer_id, epoch, _) =
+        open_raw_transaction(&cluster.proxy, &topic, &released_id, &names("released", 3)).await;
+    let mut stream = pipelined_end_txn(&cluster.proxy, &released_id, producer_id, epoch).await;
+    wait_for_stats(&cluster.proxy, "the first held EndTxn", |s| {
+        s.end_txn_holding() == 1
+    })
+    .await;
+    cluster.proxy.release_end_txn_requests();
+    let mut correlation_ids = Vec::new();
+    let mut end_txn_error = None;
+    for _ in 0..2 {
+        let frame = tokio::time::timeout(OP_TIMEOUT, read_frame(&mut stream))
+            .await
+            .expect("a response in time")
+            .expect("read")
+            .expect("connection open");
+        let mut frame = frame.freeze();
+        let correlation_id = response_correlation_id(&frame).expect("correlation id");
+        if correlation_id == 1 {
+            ResponseHeader::decode(&mut frame, ApiKey::EndTxn.response_header_version(1))
+                .expect("header");
+            end_txn_error = Some(
+                EndTxnResponse::decode(&mut frame, 1)
+                    .expect("EndTxn")
+                    .error_code,
+            );
+        }
+        correlation_ids.push(correlation_id);
+    }
+    assert_eq!(correlation_ids, [1, 2], "responses out of request order");
+    assert_eq!(end_txn_error, Some(0), "the released commit failed");
+    drop(stream);
+
+    // Discarded: the client dies while its EndTxn is held.
+    let killed_id = unique_name("killed");
+    let (producer_id, epoch, first_offset) =
+        open_raw_transaction(&cluster.proxy, &topic, &killed_id, &names("killed", 3)).await;
+    let mut stream = pipelined_end_txn(&cluster.proxy, &killed_id, producer_id, epoch).await;
+    wait_for_stats(&cluster.proxy, "the second held EndTxn", |s| {
+        s.end_txn_holding() == 1 && s.end_txn_held == 2
+    })
+    .await;
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), async {
+        use tokio::io::AsyncReadExt;
+        stream.read(&mut byte).await
+    })
+    .await;
+    assert!(
+        early.is_err(),
+        "a response arrived while its EndTxn was held: {early:?}"
+    );
+    drop(stream);
+    let stats = wait_for_stats(&cluster.proxy, "the discarded EndTxn", |s| {
+        s.end_txn_discarded == 1
+    })
+    .await;
+    cluster.proxy.hold_end_txn_requests(false);
+    assert_eq!(
+        (
+            stats.end_txn_held,
+            stats.end_txn_released,
+            stats.end_txn_holding()
+        ),
+        (2, 1, 0),
+        "{stats:?}"
+    );
+
+    // The commit never reached the broker: the transaction is still open and holds the LSO.
+    let (t, p) = (topic.clone(), proxy.clone());
+    let lso = blocking(move || read_committed_lso(&p, &t)).await;
+    assert_eq!(
+        lso, first_offset,
+        "the killed client's transaction is not open"
+    );
+
+    // A successor with the same transactional id aborts it; only committed records show.
+    let (t, p) = (topic.clone(), proxy.clone());
+    let (seen, log) = blocking(move || {
+        let successor = transactional_producer(&p, &killed_id);
+        transaction(&successor, &t, 0, &names("successor", 2), true);
+        let seen = read_to_end(
+            &consumer(&p, "read_committed", &[]),
+            &t,
+            &[(0, Offset::Beginning)],
+        );
+        let log = read_to_end(
+            &consumer(&p, "read_uncommitted", &[]),
+            &t,
+            &[(0, Offset::Beginning)],
+        );
+        (seen, log)
+    })
+    .await;
+    assert!(
+        payloads(&log).contains(&"killed-0".to_string()),
+        "the killed client's records are not in the log: {log:?}"
+    );
+    let expected: BTreeSet<String> = [names("released", 3), names("successor", 2)]
+        .concat()
+        .into_iter()
+        .collect();
+    assert_exactly(&seen, &expected, "read_committed after the killed client");
 }

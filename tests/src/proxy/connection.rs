@@ -1,16 +1,23 @@
 //! One proxied client connection: a client socket, its own upstream socket, and two loops
 //! (requests up, responses down) that run until either side closes or a fault drops them.
+//!
+//! Requests are read from the client by their own loop into a short queue and forwarded from
+//! there in order. The split lets a connection that holds a request back (an EndTxn under
+//! [`Faults::hold_end_txn_requests`](super::Faults::hold_end_txn_requests)) still notice that
+//! its client went away, and discard the held request instead of forwarding it later.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use kafka_protocol::messages::ApiKey;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
+use super::faults::EndTxnHold;
 use super::fencing::{fenced_request, placeholder_request};
 use super::framing::{
     read_frame, request_key_version_correlation, response_correlation_id, write_frame,
@@ -23,7 +30,15 @@ use super::{Counters, Shared};
 /// How long the proxy waits to connect to the broker for a new client.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Requests read from the client ahead of forwarding (beyond it, the client's socket buffers
+/// them: the usual backpressure).
+const REQUEST_QUEUE: usize = 32;
+
 type PendingMap = Arc<Mutex<HashMap<i32, PendingResponse>>>;
+
+/// What the client-reading loop passes on: a request frame, `Ok(None)` at a clean end of the
+/// client's stream, or the read error that ended it.
+type ClientRead = Result<Option<BytesMut>, String>;
 
 /// Serves one client until it disconnects, the broker disconnects, or `kill` changes.
 pub(crate) async fn serve(
@@ -67,14 +82,56 @@ pub(crate) async fn serve(
     // Dropping both halves of both sockets closes them.
 }
 
+/// Forwards the client's requests upstream until the client's stream ends (`Ok`) or either
+/// socket fails.
 async fn forward_requests(
-    mut client: OwnedReadHalf,
+    client: OwnedReadHalf,
+    upstream: OwnedWriteHalf,
+    pending: PendingMap,
+    shared: Arc<Shared>,
+) -> Result<(), String> {
+    let (reads_tx, reads) = mpsc::channel(REQUEST_QUEUE);
+    // The reader's end is reported through the queue, after every request it read; the
+    // forwarder decides when the connection is done.
+    let reader = async move {
+        read_requests(client, reads_tx).await;
+        std::future::pending::<Result<(), String>>().await
+    };
+    tokio::select! {
+        outcome = reader => outcome,
+        outcome = forward_queued_requests(reads, upstream, pending, shared) => outcome,
+    }
+}
+
+/// Reads request frames from the client into `queue` until its stream ends or fails.
+async fn read_requests(mut client: OwnedReadHalf, queue: mpsc::Sender<ClientRead>) {
+    loop {
+        let read = read_frame(&mut client).await.map_err(|e| e.to_string());
+        let last = !matches!(read, Ok(Some(_)));
+        if queue.send(read).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+async fn forward_queued_requests(
+    mut reads: mpsc::Receiver<ClientRead>,
     mut upstream: OwnedWriteHalf,
     pending: PendingMap,
     shared: Arc<Shared>,
 ) -> Result<(), String> {
     let mut state = ConnectionState::default();
-    while let Some(frame) = read_frame(&mut client).await.map_err(|e| e.to_string())? {
+    let mut hold = shared.faults.end_txn_hold();
+    // Requests read while an EndTxn was held, to forward after it.
+    let mut backlog: VecDeque<ClientRead> = VecDeque::new();
+    loop {
+        let read = match backlog.pop_front() {
+            Some(read) => read,
+            None => reads.recv().await.unwrap_or(Ok(None)),
+        };
+        let Some(frame) = read? else {
+            return Ok(());
+        };
         let Some((api_key, _, _)) = request_key_version_correlation(&frame) else {
             return Err(format!(
                 "request frame of {} bytes is too short",
@@ -84,6 +141,24 @@ async fn forward_requests(
         if let Some(latency) = shared.faults.latency(api_key) {
             tokio::time::sleep(latency).await;
         }
+        if api_key == ApiKey::EndTxn as i16 {
+            let held_under = *hold.borrow_and_update();
+            if held_under.holding
+                && !wait_for_end_txn_release(
+                    held_under,
+                    &mut hold,
+                    &mut reads,
+                    &mut backlog,
+                    &shared,
+                )
+                .await?
+            {
+                // The client went away: the held EndTxn (and anything behind it) is never
+                // forwarded, as if the client had died before sending it.
+                return Ok(());
+            }
+        }
+        // Checked after any hold: a successor may have fenced this producer meanwhile.
         if let Some(fenced) = fenced_request(&frame, &shared.producer_epochs) {
             // Withheld; the placeholder keeps its answer in order (see `fencing`).
             let placeholder =
@@ -108,7 +183,68 @@ async fn forward_requests(
             .await
             .map_err(|e| e.to_string())?;
     }
-    Ok(())
+}
+
+/// Holds an EndTxn request until the hold is released (`Ok(true)`: forward it) or the client's
+/// stream ends (`Ok(false)`: discard it). Requests the client sends meanwhile go to `backlog`.
+async fn wait_for_end_txn_release(
+    held_under: EndTxnHold,
+    hold: &mut watch::Receiver<EndTxnHold>,
+    reads: &mut mpsc::Receiver<ClientRead>,
+    backlog: &mut VecDeque<ClientRead>,
+    shared: &Shared,
+) -> Result<bool, String> {
+    let held = HeldRequest::start(&shared.counters);
+    tracing::info!("proxy holds an EndTxn request");
+    loop {
+        tokio::select! {
+            released = hold.wait_for(|now| now.releases_request_held_under(held_under)) => {
+                released.map_err(|_| "the proxy's fault settings are gone".to_string())?;
+                held.released();
+                tracing::info!("proxy releases a held EndTxn request");
+                return Ok(true);
+            }
+            read = reads.recv() => match read {
+                Some(Ok(Some(frame))) => backlog.push_back(Ok(Some(frame))),
+                Some(Ok(None)) | None => {
+                    tracing::info!("client closed its connection; discarding its held EndTxn request");
+                    return Ok(false);
+                }
+                // Dropping `held` counts the request as discarded.
+                Some(Err(error)) => return Err(error),
+            },
+        }
+    }
+}
+
+/// Counts one held EndTxn request: released, or (when dropped unreleased: the client closed,
+/// a read failed, a fault dropped the connection) discarded.
+struct HeldRequest<'a> {
+    counters: &'a Counters,
+    released: bool,
+}
+
+impl<'a> HeldRequest<'a> {
+    fn start(counters: &'a Counters) -> Self {
+        Counters::add(&counters.end_txn_held, 1);
+        HeldRequest {
+            counters,
+            released: false,
+        }
+    }
+
+    fn released(mut self) {
+        self.released = true;
+        Counters::add(&self.counters.end_txn_released, 1);
+    }
+}
+
+impl Drop for HeldRequest<'_> {
+    fn drop(&mut self) {
+        if !self.released {
+            Counters::add(&self.counters.end_txn_discarded, 1);
+        }
+    }
 }
 
 async fn forward_responses(

@@ -2,7 +2,8 @@
 //!
 //! All settings are shared by every connection of one proxy and take effect for requests
 //! and connections that arrive after the call (except [`Faults::drop_connections`] and
-//! [`Faults::refuse_connections_for`], which also close connections that are open now).
+//! [`Faults::refuse_connections_for`], which also close connections that are open now, and
+//! [`Faults::release_end_txn_requests`], which acts on requests held now).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,6 +18,25 @@ pub struct Faults {
     settings: Mutex<Settings>,
     /// Bumped to make every open connection close itself.
     kill_generation: watch::Sender<u64>,
+    /// Whether EndTxn requests are held; connections wait on it (see
+    /// [`Faults::hold_end_txn_requests`]).
+    end_txn_hold: watch::Sender<EndTxnHold>,
+}
+
+/// The EndTxn hold as connections see it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EndTxnHold {
+    /// EndTxn requests arriving now are held.
+    pub holding: bool,
+    /// Bumped by every release: a request held under an older value may go.
+    pub releases: u64,
+}
+
+impl EndTxnHold {
+    /// True when a request held while the hold read `held_under` may be forwarded now.
+    pub fn releases_request_held_under(&self, held_under: EndTxnHold) -> bool {
+        !self.holding || self.releases != held_under.releases
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -31,6 +51,7 @@ impl Default for Faults {
         Faults {
             settings: Mutex::new(Settings::default()),
             kill_generation: watch::Sender::new(0),
+            end_txn_hold: watch::Sender::new(EndTxnHold::default()),
         }
     }
 }
@@ -55,6 +76,32 @@ impl Faults {
         self.lock().end_txn_response_delay = (!delay.is_zero()).then_some(delay);
     }
 
+    /// While `hold` is true, EndTxn requests (commit or abort) from clients are not forwarded
+    /// to the broker but held by the proxy: the client's transaction stays open on the broker
+    /// with everything it produced, and the client waits for the answer. Each connection
+    /// stops forwarding at its held request, so later requests of that client stay behind it
+    /// and responses keep their order. A held request is forwarded by
+    /// [`Faults::release_end_txn_requests`] (or by `hold_end_txn_requests(false)`, which also
+    /// releases); if its client connection closes first (the client was killed, or
+    /// [`Faults::drop_connections`]), it is discarded and never reaches the broker.
+    ///
+    /// Counted in [`ProxyStats`](super::ProxyStats) as `end_txn_held`, `end_txn_released` and
+    /// `end_txn_discarded`.
+    pub fn hold_end_txn_requests(&self, hold: bool) {
+        self.end_txn_hold.send_modify(|state| {
+            if !hold && state.holding {
+                state.releases += 1;
+            }
+            state.holding = hold;
+        });
+    }
+
+    /// Forwards every EndTxn request held now (in each connection's order). Holding goes on
+    /// for requests that arrive later if [`Faults::hold_end_txn_requests`] is still on.
+    pub fn release_end_txn_requests(&self) {
+        self.end_txn_hold.send_modify(|state| state.releases += 1);
+    }
+
     /// Closes every client connection and its upstream connection now. Clients reconnect.
     pub fn drop_connections(&self) {
         self.kill_generation.send_modify(|g| *g += 1);
@@ -67,9 +114,16 @@ impl Faults {
         self.drop_connections();
     }
 
-    /// Removes every fault (latency, EndTxn delay, an ongoing outage).
+    /// Removes every fault (latency, EndTxn delay, an ongoing outage, the EndTxn hold, which
+    /// releases what it holds).
     pub fn clear(&self) {
         *self.lock() = Settings::default();
+        self.hold_end_txn_requests(false);
+    }
+
+    /// A receiver of the EndTxn hold state.
+    pub(crate) fn end_txn_hold(&self) -> watch::Receiver<EndTxnHold> {
+        self.end_txn_hold.subscribe()
     }
 
     /// The latency to add before forwarding a request with this api key.
@@ -129,5 +183,38 @@ mod tests {
         kill.mark_unchanged();
         faults.clear();
         assert!(!faults.refusing());
+    }
+
+    #[test]
+    fn end_txn_hold_releases_what_it_holds() {
+        let faults = Faults::default();
+        let mut hold = faults.end_txn_hold();
+        assert!(!hold.borrow_and_update().holding);
+
+        faults.hold_end_txn_requests(true);
+        let held_under = *hold.borrow_and_update();
+        assert!(held_under.holding);
+        assert!(!held_under.releases_request_held_under(held_under));
+
+        // An explicit release lets the held request go, and holding goes on for later ones.
+        faults.release_end_txn_requests();
+        let now = *hold.borrow_and_update();
+        assert!(now.holding && now.releases_request_held_under(held_under));
+        assert!(!now.releases_request_held_under(now));
+
+        // Turning the hold off releases too; turning it off twice releases nothing new.
+        faults.hold_end_txn_requests(false);
+        let off = *hold.borrow_and_update();
+        assert!(off.releases_request_held_under(now));
+        faults.hold_end_txn_requests(false);
+        assert_eq!(*hold.borrow_and_update(), off);
+
+        // clear() ends a hold as well.
+        faults.hold_end_txn_requests(true);
+        let held_under = *hold.borrow_and_update();
+        faults.clear();
+        assert!(hold
+            .borrow_and_update()
+            .releases_request_held_under(held_under));
     }
 }

@@ -13,12 +13,16 @@
 //!   clients never bypass it ([`rewrite`]);
 //! - answers the transactional requests of a fenced (zombie) producer with the fenced error
 //!   code Kafka gives, where nisshi closes the connection instead ([`fencing`]);
-//! - injects faults on command ([`Faults`]).
+//! - injects faults on command ([`Faults`]): latency, dropped connections, outages, late
+//!   EndTxn responses, and EndTxn requests held back (a transaction left open with its
+//!   records, whose commit a killed client never sends).
 //!
 //! It never drops or invents records: it only adds abort information derived from markers in
 //! the log itself, and withholds (never invents) requests of producers the broker already
-//! fenced. So it can cause false failures (e.g. a connection dropped by a fault) but cannot
-//! hide a duplicate or let a stale producer commit.
+//! fenced. A held EndTxn request looks to the broker like a client that has not sent it yet,
+//! and a discarded one like a client that died before sending it. So it can cause false
+//! failures (e.g. a connection dropped by a fault) but cannot hide a duplicate or let a stale
+//! producer commit.
 
 pub mod client;
 mod connection;
@@ -66,6 +70,22 @@ pub struct ProxyStats {
     /// Transactional requests of fenced producers the proxy answered itself with
     /// `PRODUCER_FENCED` / `INVALID_PRODUCER_EPOCH` instead of forwarding them.
     pub fences_synthesized: u64,
+    /// EndTxn requests held by [`Faults::hold_end_txn_requests`] (each counted once, when
+    /// the hold starts).
+    pub end_txn_held: u64,
+    /// Held EndTxn requests forwarded to the broker after a release.
+    pub end_txn_released: u64,
+    /// Held EndTxn requests discarded, never forwarded, because their client connection
+    /// closed (or was dropped by a fault) while they were held.
+    pub end_txn_discarded: u64,
+}
+
+impl ProxyStats {
+    /// EndTxn requests held right now.
+    pub fn end_txn_holding(&self) -> u64 {
+        self.end_txn_held
+            .saturating_sub(self.end_txn_released + self.end_txn_discarded)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -80,6 +100,9 @@ pub(crate) struct Counters {
     pub index_fetches: AtomicU64,
     pub rewrite_failures: AtomicU64,
     pub fences_synthesized: AtomicU64,
+    pub end_txn_held: AtomicU64,
+    pub end_txn_released: AtomicU64,
+    pub end_txn_discarded: AtomicU64,
 }
 
 impl Counters {
@@ -100,6 +123,9 @@ impl Counters {
             index_fetches: get(&self.index_fetches),
             rewrite_failures: get(&self.rewrite_failures),
             fences_synthesized: get(&self.fences_synthesized),
+            end_txn_held: get(&self.end_txn_held),
+            end_txn_released: get(&self.end_txn_released),
+            end_txn_discarded: get(&self.end_txn_discarded),
         }
     }
 }
@@ -174,6 +200,17 @@ impl Proxy {
     /// Holds EndTxn responses; see [`Faults::delay_end_txn_response`].
     pub fn delay_end_txn_response(&self, delay: std::time::Duration) {
         self.shared.faults.delay_end_txn_response(delay);
+    }
+
+    /// Holds (or, with `false`, stops holding and releases) EndTxn requests; see
+    /// [`Faults::hold_end_txn_requests`].
+    pub fn hold_end_txn_requests(&self, hold: bool) {
+        self.shared.faults.hold_end_txn_requests(hold);
+    }
+
+    /// Forwards the EndTxn requests held now; see [`Faults::release_end_txn_requests`].
+    pub fn release_end_txn_requests(&self) {
+        self.shared.faults.release_end_txn_requests();
     }
 
     /// Closes every connection now; see [`Faults::drop_connections`].

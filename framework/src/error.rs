@@ -118,6 +118,24 @@ pub enum Error {
         /// Value after the replay.
         actual: u64,
     },
+    /// Replaying committed input met a different number of records than were processed the
+    /// first time: the input changed underneath (compaction, deleted records, a broker that
+    /// lost data). Continuing would silently diverge from the committed outputs.
+    #[error("replaying {topic}/{partition} offsets [{from_offset}, {to_offset}) met {replayed} records, but {recorded} were processed there before: the input changed since (a compacted input topic, deleted records or data loss on the broker); the state cannot be rebuilt from it")]
+    ReplayMismatch {
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+        /// Start of the replayed range (offsetSTART).
+        from_offset: i64,
+        /// End of the replayed range (offsetEND, exclusive).
+        to_offset: i64,
+        /// Records met by the replay.
+        replayed: u64,
+        /// Records the snapshot record says were processed in that range.
+        recorded: u64,
+    },
     /// An offset the runtime must read was deleted (offset out of range).
     #[error("offset {offset} of {topic}/{partition} is out of range (deleted by retention?)")]
     OffsetOutOfRange {

@@ -186,14 +186,16 @@ pub(crate) fn recover<P: Processor>(
         );
         return Ok(None);
     }
+    // Checked before the fingerprint: a changed input is not a non-deterministic processor.
     if replayed != inc.records_since_base {
-        tracing::warn!(
-            topic,
+        return Err(Error::ReplayMismatch {
+            topic: topic.to_owned(),
             partition,
+            from_offset: start,
+            to_offset: end,
             replayed,
-            expected = inc.records_since_base,
-            "replayed a different number of records than the snapshot recorded"
-        );
+            recorded: inc.records_since_base,
+        });
     }
 
     if target.fingerprint_enabled && inc.state_fingerprint_enabled {

@@ -203,10 +203,12 @@ pub(crate) fn find_latest_incremental(
     snapshot_topic: &str,
     partition: i32,
 ) -> Result<Option<LatestIncremental>, Error> {
+    // The watermarks only size the first window. Whether a record exists is decided by
+    // reading to the end of the partition, never by the watermarks alone: a broker answering
+    // a stale or wrong high watermark must not make a partition with snapshots look empty
+    // (that would restart it from the default state and reprocess its input).
     let (low, high) = reader.bounds(snapshot_topic, partition)?;
-    if high <= low {
-        return Ok(None);
-    }
+    let high = high.max(low);
     let mut window: i64 = 64;
     loop {
         let start = (high - window).max(low);

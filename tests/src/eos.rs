@@ -610,7 +610,13 @@ where
                     pending.remove(&position.partition);
                 }
             }
-            Some(Err(KafkaError::PartitionEOF(_))) | None => {
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                // The fetcher reached the partition's last stable offset, which only grows:
+                // it is at or past the end fixed at the start. (Positions need not move past
+                // a trailing control marker, so they alone may never confirm the end.)
+                pending.remove(&partition);
+            }
+            None => {
                 // Positions move past control markers and aborted records without a message,
                 // so the end is confirmed through positions, not through the last message.
                 pending.retain(|partition, end| {

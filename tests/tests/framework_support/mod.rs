@@ -331,9 +331,15 @@ fn read_all_blocking(bootstrap: &str, topic: &str, isolation: &str) -> Vec<ReadR
     }
     consumer.assign(&tpl).expect("assign");
     let mut at_end: std::collections::HashSet<i32> = Default::default();
+    // A partition is read when the fetcher reported its end (for read_committed: the last
+    // stable offset, which only grows, so it is at or past `ends`) or, for read_committed,
+    // when the position passed the end taken at the start.
     let done = |consumer: &BaseConsumer, at_end: &std::collections::HashSet<i32>| {
+        if at_end.len() == partitions as usize {
+            return true;
+        }
         if uncommitted {
-            return at_end.len() == partitions as usize;
+            return false;
         }
         let Ok(positions) = consumer.position() else {
             return false;
@@ -341,6 +347,7 @@ fn read_all_blocking(bootstrap: &str, topic: &str, isolation: &str) -> Vec<ReadR
         (0..partitions).all(|p| {
             let end = ends[&p];
             end == 0
+                || at_end.contains(&p)
                 || positions
                     .find_partition(topic, p)
                     .and_then(|e| e.offset().to_raw())

@@ -10,19 +10,24 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use exactly_tests::proxy::client::KafkaConnection;
 use exactly_tests::proxy::framing::{read_frame, response_correlation_id, write_frame};
+use exactly_tests::proxy::txn_index::parse_batches;
 use exactly_tests::{unique_name, Proxy, ProxyStats, TestCluster};
 use kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::fetch_response::PartitionData;
+use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
     AddPartitionsToTxnRequest, ApiKey, ApiVersionsRequest, BrokerId, EndTxnRequest, EndTxnResponse,
-    FetchRequest, InitProducerIdRequest, ProduceRequest, ProducerId, RequestHeader, ResponseHeader,
-    TopicName, TransactionalId,
+    FetchRequest, InitProducerIdRequest, ListOffsetsRequest, ProduceRequest, ProducerId,
+    RequestHeader, ResponseHeader, TopicName, TransactionalId,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use kafka_protocol::records::{
     Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -1338,4 +1343,433 @@ async fn held_end_txn_keeps_order_and_dies_with_its_client() {
         .into_iter()
         .collect();
     assert_exactly(&seen, &expected, "read_committed after the killed client");
+}
+
+/// The partitions of the watermark test, one situation each.
+const EMPTY: i32 = 0;
+const PLAIN: i32 = 1;
+const TXNS: i32 = 2;
+const OPEN: i32 = 3;
+const DELETED: i32 = 4;
+const SITUATIONS: [(i32, &str); 5] = [
+    (EMPTY, "empty"),
+    (PLAIN, "non-transactional batches"),
+    (TXNS, "committed + aborted transactions"),
+    (OPEN, "open transaction"),
+    (DELETED, "after DeleteRecords"),
+];
+/// Records of the non-transactional partition.
+const PLAIN_RECORDS: usize = 4000;
+/// Where DeleteRecords cuts the deleted partition (inside a batch).
+const DELETE_BEFORE: i64 = 45;
+
+/// Kafka's answers for one partition, known from how the test wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Truth {
+    log_start: i64,
+    high_watermark: i64,
+    last_stable: i64,
+}
+
+/// What one address answers for one partition: raw ListOffsets (latest, earliest) per
+/// isolation level, the offsets in a raw uncommitted Fetch, and rdkafka's
+/// `fetch_watermarks` per isolation level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Answers {
+    latest_uncommitted: i64,
+    earliest_uncommitted: i64,
+    latest_committed: i64,
+    earliest_committed: i64,
+    /// (log_start_offset, high_watermark, last_stable_offset) of a Fetch at the log start.
+    fetch: (i64, i64, i64),
+    watermarks_uncommitted: (i64, i64),
+    watermarks_committed: (i64, i64),
+}
+
+impl Answers {
+    /// The differences from Kafka's answers, as `field: got != want` strings.
+    fn mismatches(&self, truth: &Truth) -> Vec<String> {
+        let Truth {
+            log_start,
+            high_watermark: hw,
+            last_stable: lso,
+        } = *truth;
+        let checks = [
+            (
+                "ListOffsets(uncommitted, latest)",
+                self.latest_uncommitted,
+                hw,
+            ),
+            (
+                "ListOffsets(uncommitted, earliest)",
+                self.earliest_uncommitted,
+                log_start,
+            ),
+            ("ListOffsets(committed, latest)", self.latest_committed, lso),
+            (
+                "ListOffsets(committed, earliest)",
+                self.earliest_committed,
+                log_start,
+            ),
+            (
+                "watermarks(uncommitted).low",
+                self.watermarks_uncommitted.0,
+                log_start,
+            ),
+            (
+                "watermarks(uncommitted).high",
+                self.watermarks_uncommitted.1,
+                hw,
+            ),
+            (
+                "watermarks(committed).low",
+                self.watermarks_committed.0,
+                log_start,
+            ),
+            (
+                "watermarks(committed).high",
+                self.watermarks_committed.1,
+                lso,
+            ),
+        ];
+        checks
+            .iter()
+            .filter(|(_, got, want)| got != want)
+            .map(|(what, got, want)| format!("{what}: {got} != {want}"))
+            .collect()
+    }
+}
+
+/// One raw ListOffsets request for `partition` at `timestamp` with `isolation_level`.
+async fn raw_list_offsets(
+    connection: &mut KafkaConnection,
+    topic: &str,
+    partition: i32,
+    isolation_level: i8,
+    timestamp: i64,
+) -> i64 {
+    let request = ListOffsetsRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_isolation_level(isolation_level)
+        .with_topics(vec![ListOffsetsTopic::default()
+            .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partitions(vec![ListOffsetsPartition::default()
+                .with_partition_index(partition)
+                .with_current_leader_epoch(-1)
+                .with_timestamp(timestamp)])]);
+    let response = connection.send(5, &request).await.expect("ListOffsets");
+    let answer = &response.topics[0].partitions[0];
+    assert_eq!(answer.error_code, 0, "{response:?}");
+    answer.offset
+}
+
+/// One raw uncommitted Fetch of `partition` from `offset`: the response's partition data.
+async fn raw_fetch(
+    connection: &mut KafkaConnection,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> PartitionData {
+    let request = FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(100)
+        .with_min_bytes(0)
+        .with_max_bytes(64 * 1024 * 1024)
+        .with_isolation_level(0)
+        .with_session_epoch(-1)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partitions(vec![FetchPartition::default()
+                .with_partition(partition)
+                .with_current_leader_epoch(-1)
+                .with_fetch_offset(offset)
+                .with_last_fetched_epoch(-1)
+                .with_log_start_offset(-1)
+                .with_partition_max_bytes(64 * 1024 * 1024)])]);
+    let response = connection.send(11, &request).await.expect("Fetch");
+    let data = response.responses[0]
+        .partitions
+        .iter()
+        .find(|p| p.partition_index == partition)
+        .expect("the partition in the Fetch response")
+        .clone();
+    assert_eq!(
+        data.error_code, 0,
+        "Fetch of {topic}/{partition} at {offset}"
+    );
+    data
+}
+
+/// Everything `address` answers about `topic`/`partition` (whose log starts at `log_start`).
+async fn answers(
+    address: std::net::SocketAddr,
+    topic: &str,
+    partition: i32,
+    log_start: i64,
+) -> Answers {
+    let mut connection = KafkaConnection::connect(address).await.expect("connect");
+    let fetched = raw_fetch(&mut connection, topic, partition, log_start).await;
+    let watermarks = |isolation: &'static str| {
+        let (t, b) = (topic.to_string(), address.to_string());
+        blocking(move || {
+            consumer(&b, isolation, &[])
+                .fetch_watermarks(&t, partition, OP_TIMEOUT)
+                .expect("fetch_watermarks")
+        })
+    };
+    Answers {
+        latest_uncommitted: raw_list_offsets(&mut connection, topic, partition, 0, -1).await,
+        earliest_uncommitted: raw_list_offsets(&mut connection, topic, partition, 0, -2).await,
+        latest_committed: raw_list_offsets(&mut connection, topic, partition, 1, -1).await,
+        earliest_committed: raw_list_offsets(&mut connection, topic, partition, 1, -2).await,
+        fetch: (
+            fetched.log_start_offset,
+            fetched.high_watermark,
+            fetched.last_stable_offset,
+        ),
+        watermarks_uncommitted: watermarks("read_uncommitted").await,
+        watermarks_committed: watermarks("read_committed").await,
+    }
+}
+
+/// The end of `partition`'s log from its own record batches (markers included), read raw
+/// and uncommitted: the true high watermark, independent of the broker's offset fields.
+async fn log_end_from_batches(
+    address: std::net::SocketAddr,
+    topic: &str,
+    partition: i32,
+    log_start: i64,
+) -> i64 {
+    let mut connection = KafkaConnection::connect(address).await.expect("connect");
+    let mut next = log_start;
+    loop {
+        let data = raw_fetch(&mut connection, topic, partition, next).await;
+        let batches = data
+            .records
+            .as_deref()
+            .map(parse_batches)
+            .unwrap_or_default();
+        match batches.last() {
+            Some(last) if last.last_offset >= next => next = last.last_offset + 1,
+            _ => return next,
+        }
+    }
+}
+
+/// ListOffsets(latest/earliest) and `fetch_watermarks` through the proxy give Kafka's answers
+/// for both isolation levels: an empty partition, many non-transactional batches, committed
+/// and aborted transactions, an open transaction, and a partition after DeleteRecords. Bare
+/// nisshi 0.7.0 answers some of them wrongly (asserted too, so the test shows what the proxy
+/// fixes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_offsets_and_watermarks_match_kafka() {
+    init_tracing();
+    let cluster = TestCluster::start().await.expect("cluster");
+    let topic = unique_name("watermarks");
+    cluster.create_topic(&topic, 5).await.expect("topic");
+    let proxy = cluster.bootstrap_servers();
+    let bare = cluster.broker.address();
+
+    // Non-transactional batches: flushed in chunks so the log holds many batches.
+    let plain_producer = |records: usize, partition: i32| {
+        let (t, p) = (topic.clone(), proxy.clone());
+        blocking(move || {
+            let producer: BaseProducer = ClientConfig::new()
+                .set("bootstrap.servers", &p)
+                .set("linger.ms", "0")
+                .create()
+                .expect("producer");
+            for chunk in 0..records.div_ceil(500) {
+                for i in chunk * 500..records.min((chunk + 1) * 500) {
+                    send(&producer, &t, partition, &format!("plain-{i}"));
+                }
+                producer.flush(OP_TIMEOUT).expect("flush");
+            }
+        })
+    };
+    plain_producer(PLAIN_RECORDS, PLAIN).await;
+    plain_producer(100, DELETED).await;
+
+    let (t, p) = (topic.clone(), proxy.clone());
+    let (open_producer, open_first) = blocking(move || {
+        let committer = transactional_producer(&p, &unique_name("committer"));
+        let aborter = transactional_producer(&p, &unique_name("aborter"));
+        transaction(&committer, &t, TXNS, &names("c1", 3), true);
+        transaction(&aborter, &t, TXNS, &names("a1", 2), false);
+        transaction(&committer, &t, TXNS, &names("c2", 2), true);
+        transaction(&committer, &t, OPEN, &names("c3", 2), true);
+        let open = transactional_producer(&p, &unique_name("open"));
+        open.begin_transaction().unwrap();
+        send(&open, &t, OPEN, "open-0");
+        open.flush(OP_TIMEOUT).unwrap();
+        // Written after the open transaction began: the high watermark moves past it, the
+        // last stable offset stays at its first record.
+        transaction(&committer, &t, OPEN, &names("c4", 2), true);
+        let log = read_to_end(
+            &consumer(&p, "read_uncommitted", &[]),
+            &t,
+            &[(OPEN, Offset::Beginning)],
+        );
+        (open, offset_of(&log, "open-0"))
+    })
+    .await;
+
+    // DeleteRecords: everything below DELETE_BEFORE goes.
+    let admin: AdminClient<DefaultClientContext> =
+        cluster.client_config().create().expect("admin client");
+    let mut cut = TopicPartitionList::new();
+    cut.add_partition_offset(&topic, DELETED, Offset::Offset(DELETE_BEFORE))
+        .expect("cut");
+    let deleted = admin
+        .delete_records(
+            &cut,
+            &AdminOptions::new().operation_timeout(Some(OP_TIMEOUT)),
+        )
+        .await
+        .expect("DeleteRecords");
+    let low_watermark = deleted
+        .find_partition(&topic, DELETED)
+        .expect("the partition in the DeleteRecords result");
+    assert_eq!(low_watermark.error(), Ok(()));
+    assert_eq!(low_watermark.offset(), Offset::Offset(DELETE_BEFORE));
+
+    let mut truths = BTreeMap::new();
+    for (partition, _) in SITUATIONS {
+        let log_start = if partition == DELETED {
+            DELETE_BEFORE
+        } else {
+            0
+        };
+        let hw = log_end_from_batches(bare, &topic, partition, log_start).await;
+        let lso = if partition == OPEN { open_first } else { hw };
+        truths.insert(
+            partition,
+            Truth {
+                log_start,
+                high_watermark: hw,
+                last_stable: lso,
+            },
+        );
+    }
+    // Sanity of the construction: markers take offsets, an open transaction holds the LSO.
+    assert_eq!(truths[&EMPTY].high_watermark, 0);
+    assert_eq!(truths[&PLAIN].high_watermark, PLAIN_RECORDS as i64);
+    assert_eq!(truths[&TXNS].high_watermark, 3 + 1 + 2 + 1 + 2 + 1);
+    assert!(truths[&OPEN].last_stable < truths[&OPEN].high_watermark - 1);
+    assert_eq!(truths[&DELETED].high_watermark, 100);
+
+    let mut bare_mismatches = Vec::new();
+    let mut proxy_mismatches = Vec::new();
+    for (partition, situation) in SITUATIONS {
+        let truth = truths[&partition];
+        let from_bare = answers(bare, &topic, partition, truth.log_start).await;
+        let from_proxy = answers(cluster.proxy.address(), &topic, partition, truth.log_start).await;
+        eprintln!("{situation} (partition {partition}): {truth:?}\n  bare:  {from_bare:?}\n  proxy: {from_proxy:?}");
+        // What nisshi gets right, and what the proxy derives its answers from.
+        assert_eq!(
+            (from_bare.fetch.0, from_bare.fetch.1),
+            (truth.log_start, truth.high_watermark),
+            "{situation}: bare Fetch offsets"
+        );
+        bare_mismatches.extend(
+            from_bare
+                .mismatches(&truth)
+                .into_iter()
+                .map(|m| format!("{situation}: {m}")),
+        );
+        proxy_mismatches.extend(
+            from_proxy
+                .mismatches(&truth)
+                .into_iter()
+                .map(|m| format!("{situation}: {m}")),
+        );
+    }
+    eprintln!("bare nisshi differs from Kafka in: {bare_mismatches:#?}");
+    assert!(
+        proxy_mismatches.is_empty(),
+        "the proxy's answers differ from Kafka's: {proxy_mismatches:#?}"
+    );
+    assert!(
+        !bare_mismatches.is_empty(),
+        "bare nisshi now answers like Kafka; the proxy's rewrite may be unneeded"
+    );
+    drop(open_producer);
+}
+
+/// While a producer writes, every `fetch_watermarks` through the proxy answers a high
+/// watermark the partition really had during the call: at least what was acknowledged before
+/// it, at most what was sent by its end, and never less than an earlier answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watermarks_under_concurrent_writes() {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
+    init_tracing();
+    let cluster = TestCluster::start().await.expect("cluster");
+    let topic = unique_name("concurrent-watermarks");
+    cluster.create_topic(&topic, 1).await.expect("topic");
+    let proxy = cluster.bootstrap_servers();
+    let acked = Arc::new(AtomicI64::new(0));
+    let sent = Arc::new(AtomicI64::new(0));
+    let writing = Arc::new(AtomicBool::new(true));
+
+    let writer = {
+        let (t, p) = (topic.clone(), proxy.clone());
+        let (acked, sent, writing) = (acked.clone(), sent.clone(), writing.clone());
+        tokio::task::spawn_blocking(move || {
+            let producer: BaseProducer = ClientConfig::new()
+                .set("bootstrap.servers", &p)
+                .set("linger.ms", "0")
+                .create()
+                .expect("producer");
+            let mut n = 0;
+            while writing.load(Ordering::SeqCst) {
+                for _ in 0..20 {
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    send(&producer, &t, 0, &format!("w-{n}"));
+                    n += 1;
+                }
+                producer.flush(OP_TIMEOUT).expect("flush");
+                acked.store(n, Ordering::SeqCst);
+            }
+        })
+    };
+
+    let (t, p) = (topic.clone(), proxy.clone());
+    let (acked_r, sent_r) = (acked.clone(), sent.clone());
+    let answers = blocking(move || {
+        let uncommitted = consumer(&p, "read_uncommitted", &[]);
+        let committed = consumer(&p, "read_committed", &[]);
+        let mut answers = Vec::new();
+        let mut last = 0;
+        for call in 0..40 {
+            let client = if call % 2 == 0 {
+                &uncommitted
+            } else {
+                &committed
+            };
+            let before = acked_r.load(Ordering::SeqCst);
+            let (low, high) = client
+                .fetch_watermarks(&t, 0, OP_TIMEOUT)
+                .expect("watermarks");
+            let after = sent_r.load(Ordering::SeqCst);
+            assert_eq!(low, 0, "call {call}");
+            assert!(
+                before <= high && high <= after && high >= last,
+                "call {call}: high watermark {high} outside [{before}, {after}] or below the \
+                 earlier {last}"
+            );
+            last = high;
+            answers.push(high);
+        }
+        answers
+    })
+    .await;
+    writing.store(false, Ordering::SeqCst);
+    writer.await.expect("writer");
+    assert!(
+        answers.first() < answers.last(),
+        "the partition did not grow during the calls: {answers:?}"
+    );
+    let stats = cluster.proxy.stats();
+    assert!(stats.list_offsets_rewritten >= 40, "{stats:?}");
 }

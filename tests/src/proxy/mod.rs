@@ -1,14 +1,23 @@
 //! A read-committed Kafka-protocol proxy with fault injection, in front of the test broker.
 //!
 //! nisshi 0.7.0 never lists aborted transactions in Fetch responses and answers
-//! ListOffsets(read_committed, latest) with 0 (DESIGN.md §4). This proxy sits between the
-//! clients and the broker and
+//! ListOffsets(read_committed, latest) with 0 (DESIGN.md §4). Its other ListOffsets answers
+//! for "latest" and "earliest" are wrong too: it answers from the batch object with the
+//! newest (oldest) modification time, and "latest" is that batch's *base* offset + 1
+//! (measured: 3509 for a 4000-record partition written in several batches; 1 for a
+//! 100-record partition after DeleteRecords, whose earliest was right at 45). Its Fetch
+//! responses carry the right high watermark and log start offset. This proxy sits between
+//! the clients and the broker and
 //!
 //! - fills `aborted_transactions` (and `last_stable_offset`) of read_committed Fetch responses
 //!   from a transaction index it builds by reading each partition uncommitted and parsing the
 //!   log's own control markers ([`txn_index`]), so librdkafka's own read_committed filter drops
 //!   aborted records;
-//! - answers ListOffsets(read_committed, latest) with the true last stable offset;
+//! - answers every ListOffsets "latest" (-1) and "earliest" (-2) as Kafka does: the high
+//!   watermark (read_uncommitted), the last stable offset (read_committed) and the log start
+//!   offset, taken from a Fetch the proxy sends itself while the client's request is in
+//!   flight ([`txn_index::TxnIndex`]'s probe). Timestamp lookups (>= 0) and the other special
+//!   timestamps pass through unchanged;
 //! - rewrites advertised addresses (Metadata, FindCoordinator, DescribeCluster) to itself so
 //!   clients never bypass it ([`rewrite`]);
 //! - answers the transactional requests of a fenced (zombie) producer with the fenced error
@@ -23,6 +32,16 @@
 //! and a discarded one like a client that died before sending it. So it can cause false
 //! failures (e.g. a connection dropped by a fault) but cannot hide a duplicate or let a stale
 //! producer commit.
+//!
+//! ListOffsets answers are replaced, never invented: each is an offset the broker itself
+//! reported (in a Fetch response) at an instant after it received the client's request and
+//! before the client gets the answer, so it is an answer Kafka could have given to that
+//! request even with writes, commits and deletions running concurrently (these offsets only
+//! grow). Readers of the framework rely on them: a "latest" too low would end a snapshot
+//! tail read early (stale state, i.e. possible duplicates), an "earliest" too low would hide
+//! a retention gap. When the proxy cannot derive an answer it closes the connection instead
+//! of passing the broker's, so the client retries: a delay or a false failure, never a wrong
+//! offset.
 
 pub mod client;
 mod connection;
@@ -60,8 +79,11 @@ pub struct ProxyStats {
     /// read_committed Fetch partitions cut to the client's `partition_max_bytes` (at batch
     /// boundaries; nisshi ignores the limit, Kafka honours it).
     pub fetch_partitions_truncated: u64,
-    /// ListOffsets(read_committed, latest) partition answers replaced by the true LSO.
+    /// ListOffsets(latest/earliest) partition answers the proxy derived itself (high
+    /// watermark, last stable offset or log start), whether or not the broker's differed.
     pub list_offsets_rewritten: u64,
+    /// Of those, answers where the broker's offset was wrong and the proxy changed it.
+    pub list_offsets_corrected: u64,
     /// Uncommitted Fetch requests the proxy itself sent to index partitions.
     pub index_fetches: u64,
     /// Responses that should have been rewritten but could not be decoded or indexed (the
@@ -97,6 +119,7 @@ pub(crate) struct Counters {
     pub lso_adjusted: AtomicU64,
     pub fetch_partitions_truncated: AtomicU64,
     pub list_offsets_rewritten: AtomicU64,
+    pub list_offsets_corrected: AtomicU64,
     pub index_fetches: AtomicU64,
     pub rewrite_failures: AtomicU64,
     pub fences_synthesized: AtomicU64,
@@ -120,6 +143,7 @@ impl Counters {
             lso_adjusted: get(&self.lso_adjusted),
             fetch_partitions_truncated: get(&self.fetch_partitions_truncated),
             list_offsets_rewritten: get(&self.list_offsets_rewritten),
+            list_offsets_corrected: get(&self.list_offsets_corrected),
             index_fetches: get(&self.index_fetches),
             rewrite_failures: get(&self.rewrite_failures),
             fences_synthesized: get(&self.fences_synthesized),

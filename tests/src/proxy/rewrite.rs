@@ -3,11 +3,13 @@
 //! Everything not listed here passes through as raw bytes. Rewritten: ApiVersions (cap the
 //! versions of the APIs rewritten here to what `kafka-protocol` decodes), Metadata /
 //! FindCoordinator / DescribeCluster (advertise the proxy), read_committed Fetch (aborted
-//! transactions, last stable offset) and ListOffsets(read_committed, latest) (true LSO).
+//! transactions, last stable offset) and ListOffsets "latest"/"earliest" for both isolation
+//! levels (high watermark, last stable offset, log start offset; see [`super`] for why these
+//! are safe to replace).
 //! InitProducerId responses are read (not changed) to learn producer epochs for
 //! [`fencing`](super::fencing); a fenced request's placeholder answer is replaced.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
@@ -22,7 +24,7 @@ use uuid::Uuid;
 
 use super::fencing::{fenced_response, FencedRequest};
 use super::framing::request_key_version_correlation;
-use super::txn_index::{parse_batches, ScanTarget};
+use super::txn_index::{clamp_to_log_start, parse_batches, ScanTarget};
 use super::{Counters, Shared};
 use crate::error::HarnessError;
 
@@ -30,6 +32,8 @@ use crate::error::HarnessError;
 const READ_COMMITTED: i8 = 1;
 /// ListOffsets timestamp meaning "latest".
 const LATEST_TIMESTAMP: i64 = -1;
+/// ListOffsets timestamp meaning "earliest".
+const EARLIEST_TIMESTAMP: i64 = -2;
 
 /// APIs whose responses (or requests) the proxy decodes; clients must not use versions
 /// `kafka-protocol` cannot decode.
@@ -76,9 +80,11 @@ pub(crate) enum Pending {
     ReadCommittedFetch {
         positions: HashMap<(TopicKey, i32), FetchPosition>,
     },
-    /// ListOffsets(read_committed) partitions asked for the latest offset.
-    ReadCommittedListOffsets {
-        latest: HashSet<(String, i32)>,
+    /// ListOffsets partitions asked for the latest or earliest offset (the timestamp
+    /// asked, per partition).
+    ListOffsets {
+        read_committed: bool,
+        positions: HashMap<(String, i32), i64>,
     },
     /// May be held back by [`Faults::delay_end_txn_response`](super::Faults::delay_end_txn_response).
     EndTxn,
@@ -127,27 +133,29 @@ pub(crate) fn classify_request(
             }
         }
         ApiKey::ListOffsets => {
-            if version < 2 {
-                return None; // no isolation level before v2
+            if version < 1 {
+                return None; // v0 answers with a list of offsets; no client here uses it
             }
             let request: ListOffsetsRequest = decode_request(frame, version)?;
-            if request.isolation_level != READ_COMMITTED {
-                return None;
-            }
-            let latest: HashSet<(String, i32)> = request
+            // No isolation level before v2: read_uncommitted.
+            let read_committed = version >= 2 && request.isolation_level == READ_COMMITTED;
+            let positions: HashMap<(String, i32), i64> = request
                 .topics
                 .iter()
                 .flat_map(|t| {
                     t.partitions
                         .iter()
-                        .filter(|p| p.timestamp == LATEST_TIMESTAMP)
-                        .map(|p| (t.name.0.to_string(), p.partition_index))
+                        .filter(|p| matches!(p.timestamp, LATEST_TIMESTAMP | EARLIEST_TIMESTAMP))
+                        .map(|p| ((t.name.0.to_string(), p.partition_index), p.timestamp))
                 })
                 .collect();
-            if latest.is_empty() {
+            if positions.is_empty() {
                 return None;
             }
-            Pending::ReadCommittedListOffsets { latest }
+            Pending::ListOffsets {
+                read_committed,
+                positions,
+            }
         }
         _ => return None,
     };
@@ -324,28 +332,51 @@ pub(crate) async fn rewrite_response(
             Counters::add(&shared.counters.fetches_rewritten, 1);
             encode(&|buf| response.encode(buf, version))
         }
-        Pending::ReadCommittedListOffsets { latest } => {
+        Pending::ListOffsets {
+            read_committed,
+            positions,
+        } => {
             let mut response = ListOffsetsResponse::decode(&mut body, version)
                 .map_err(|e| HarnessError::protocol(context(), e))?;
             for topic in &mut response.topics {
                 let name = topic.name.0.to_string();
                 for partition in &mut topic.partitions {
-                    if partition.error_code != 0
-                        || !latest.contains(&(name.clone(), partition.partition_index))
-                    {
+                    let key = (name.clone(), partition.partition_index);
+                    let Some(&timestamp) = positions.get(&key) else {
+                        continue;
+                    };
+                    if partition.error_code != 0 {
                         continue;
                     }
-                    let index = shared
+                    let offsets = shared
                         .index
-                        .scan(
+                        .offsets(
                             &name,
                             partition.partition_index,
-                            ScanTarget::CurrentEnd,
+                            read_committed && timestamp == LATEST_TIMESTAMP,
                             &shared.counters,
                         )
                         .await?;
-                    let txns = index.txns();
-                    partition.offset = txns.last_stable_offset(txns.high_watermark());
+                    let offset = match (timestamp, read_committed) {
+                        (EARLIEST_TIMESTAMP, _) => offsets.log_start,
+                        (_, true) => offsets.last_stable,
+                        (_, false) => offsets.high_watermark,
+                    };
+                    if partition.offset != offset {
+                        tracing::debug!(
+                            topic = %name,
+                            partition = partition.partition_index,
+                            timestamp,
+                            read_committed,
+                            broker = partition.offset,
+                            proxy = offset,
+                            "corrected a ListOffsets answer"
+                        );
+                        Counters::add(&shared.counters.list_offsets_corrected, 1);
+                    }
+                    partition.offset = offset;
+                    // Kafka sends no timestamp with these answers.
+                    partition.timestamp = -1;
                     Counters::add(&shared.counters.list_offsets_rewritten, 1);
                 }
             }
@@ -410,7 +441,13 @@ async fn rewrite_fetch(
                 )
                 .await?;
             let txns = index.txns();
-            let lso = txns.last_stable_offset(high_watermark);
+            // Clamped with this response's own log start: one seen later (by a scan) could
+            // lie above records this response still carries.
+            let lso = clamp_to_log_start(
+                txns.last_stable_offset(high_watermark),
+                partition.log_start_offset,
+                high_watermark,
+            );
             if partition.last_stable_offset != lso {
                 partition.last_stable_offset = lso;
                 Counters::add(&shared.counters.lso_adjusted, 1);

@@ -9,12 +9,18 @@
 //! Per producer id it tracks the first offset of the open transaction; a marker closes it.
 //! Nothing here decompresses: control batches are never compressed, and data batches are
 //! only needed for their header.
+//!
+//! It also answers what a partition's offsets are now ([`TxnIndex`]'s `offsets`): one
+//! uncommitted Fetch above the end of the log, which nisshi answers at once with the high
+//! watermark and log start offset its Fetch responses carry (right, unlike its ListOffsets
+//! answers), plus the last stable offset the index computes at that high watermark.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::fetch_response::PartitionData;
 use kafka_protocol::messages::{ApiKey, FetchRequest, MetadataRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
@@ -36,6 +42,15 @@ const OFFSET_OUT_OF_RANGE: i16 = 1;
 const SCAN_FETCH_BYTES: i32 = 8 * 1024 * 1024;
 /// Consecutive fetches without progress before the scanner gives up.
 const MAX_STALLS: u32 = 50;
+/// The fetch offset of an offsets probe: above any log's end.
+const PROBE_OFFSET: i64 = i64::MAX;
+/// A scan fetch's `max_wait_ms`. Not 0: nisshi 0.7.0 answers max_wait_ms=0 with no
+/// partitions at all (its fetch loop runs only while max_wait has time left). min_bytes=0
+/// still makes it answer after one read round.
+const SCAN_MAX_WAIT_MS: i32 = 500;
+/// A probe's `max_wait_ms`: nisshi waits all of it above the log end, and every ListOffsets
+/// answer waits for a probe.
+const PROBE_MAX_WAIT_MS: i32 = 10;
 
 /// The header fields of one record batch that matter for transactions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,6 +259,10 @@ impl PartitionTxns {
 
     /// The last stable offset at high watermark `hw`: the first offset of the earliest
     /// transaction still open at `hw`, else `hw`. Requires the index to cover `hw`.
+    ///
+    /// Kafka never answers an LSO below the log start (it moves a first unstable offset that
+    /// retention or DeleteRecords removed up to the log start): callers clamp with the log
+    /// start seen together with `hw`, see [`clamp_to_log_start`].
     pub fn last_stable_offset(&self, hw: i64) -> i64 {
         let open_now = self.open.values().copied().filter(|first| *first < hw);
         let open_then = self
@@ -397,6 +416,174 @@ impl TxnIndex {
         result.map(|()| index)
     }
 
+    /// The partition's offsets now, as Kafka's ListOffsets gives them: log start, high
+    /// watermark and (with `with_last_stable`) the last stable offset, all at the instant
+    /// of one probe Fetch the broker answers after this call began.
+    pub(crate) async fn offsets(
+        &self,
+        topic: &str,
+        partition: i32,
+        with_last_stable: bool,
+        counters: &Counters,
+    ) -> Result<PartitionOffsets, HarnessError> {
+        let entry = lock(&self.partitions)
+            .entry((topic.to_string(), partition))
+            .or_default()
+            .clone();
+        let mut index = entry.lock_owned().await;
+        let result = self
+            .offsets_locked(&mut index, topic, partition, with_last_stable, counters)
+            .await;
+        if result.is_err() {
+            index.connection = None;
+        }
+        result
+    }
+
+    async fn offsets_locked(
+        &self,
+        index: &mut PartitionIndex,
+        topic: &str,
+        partition: i32,
+        with_last_stable: bool,
+        counters: &Counters,
+    ) -> Result<PartitionOffsets, HarnessError> {
+        let (log_start, high_watermark) = self.probe(index, topic, partition, counters).await?;
+        let last_stable = if with_last_stable {
+            if high_watermark < index.txns.next_offset {
+                // The log was replaced since the last scan (see `scan_locked`).
+                index.txns.restart_at(log_start);
+            }
+            self.scan_locked(
+                index,
+                topic,
+                partition,
+                ScanTarget::UpTo(high_watermark),
+                counters,
+            )
+            .await?;
+            clamp_to_log_start(
+                index.txns.last_stable_offset(high_watermark),
+                log_start,
+                high_watermark,
+            )
+        } else {
+            high_watermark
+        };
+        Ok(PartitionOffsets {
+            log_start,
+            high_watermark,
+            last_stable,
+        })
+    }
+
+    /// (log start offset, high watermark) from one Fetch above the end of the log: nisshi
+    /// 0.7.0 answers it at once, without records and without an error, with the offsets
+    /// its Fetch responses carry (which, unlike its ListOffsets answers, are right). A
+    /// broker that answers it with an error (Kafka: OFFSET_OUT_OF_RANGE) fails the probe.
+    async fn probe(
+        &self,
+        index: &mut PartitionIndex,
+        topic: &str,
+        partition: i32,
+        counters: &Counters,
+    ) -> Result<(i64, i64), HarnessError> {
+        let data = self
+            .fetch(index, topic, partition, PROBE_OFFSET, counters)
+            .await?;
+        let offsets = (data.log_start_offset, data.high_watermark);
+        if data.error_code != 0 || offsets.0 < 0 || offsets.1 < offsets.0 {
+            return Err(HarnessError::protocol(
+                format!("probing the offsets of {topic}/{partition}"),
+                format!(
+                    "error code {}, log start offset {}, high watermark {} in a Fetch above \
+                     the end of the log",
+                    data.error_code, offsets.0, offsets.1
+                ),
+            ));
+        }
+        Ok(offsets)
+    }
+
+    /// One uncommitted Fetch of `topic`/`partition` from `offset` over the partition's own
+    /// connection (opened if needed). `Ok(None)`: the response left the partition out.
+    async fn fetch_partition(
+        &self,
+        index: &mut PartitionIndex,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        counters: &Counters,
+    ) -> Result<Option<PartitionData>, HarnessError> {
+        if index.connection.is_none() {
+            let mut connection = KafkaConnection::connect(self.upstream).await?;
+            let versions = connection.api_versions().await?;
+            let version = supported_version(&versions, ApiKey::Fetch, 4, 12).ok_or_else(|| {
+                HarnessError::protocol(
+                    format!("indexing {topic}/{partition}: connecting"),
+                    "broker supports no Fetch v4..12",
+                )
+            })?;
+            index.connection = Some((connection, version));
+        }
+        let Some((connection, version)) = index.connection.as_mut() else {
+            return Ok(None);
+        };
+        let request = FetchRequest::default()
+            .with_replica_id((-1).into())
+            .with_max_wait_ms(if offset == PROBE_OFFSET {
+                PROBE_MAX_WAIT_MS
+            } else {
+                SCAN_MAX_WAIT_MS
+            })
+            .with_min_bytes(0)
+            .with_max_bytes(SCAN_FETCH_BYTES)
+            .with_isolation_level(0)
+            .with_session_id(0)
+            .with_session_epoch(-1)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition(partition)
+                    .with_current_leader_epoch(-1)
+                    .with_fetch_offset(offset)
+                    .with_last_fetched_epoch(-1)
+                    .with_log_start_offset(-1)
+                    .with_partition_max_bytes(SCAN_FETCH_BYTES)])]);
+        let response = connection.send(*version, &request).await?;
+        Counters::add(&counters.index_fetches, 1);
+        Ok(response
+            .responses
+            .into_iter()
+            .flat_map(|t| t.partitions)
+            .find(|p| p.partition_index == partition))
+    }
+
+    /// [`Self::fetch_partition`], asking again (a bounded number of times) while the
+    /// broker leaves the partition out of its responses.
+    async fn fetch(
+        &self,
+        index: &mut PartitionIndex,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        counters: &Counters,
+    ) -> Result<PartitionData, HarnessError> {
+        for _ in 0..MAX_STALLS {
+            if let Some(data) = self
+                .fetch_partition(index, topic, partition, offset, counters)
+                .await?
+            {
+                return Ok(data);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        Err(HarnessError::protocol(
+            format!("indexing {topic}/{partition}: fetch"),
+            format!("{MAX_STALLS} responses in a row lacked the partition"),
+        ))
+    }
+
     async fn scan_locked(
         &self,
         index: &mut PartitionIndex,
@@ -418,61 +605,46 @@ impl TxnIndex {
             if done {
                 return Ok(());
             }
-            if index.connection.is_none() {
-                let mut connection = KafkaConnection::connect(self.upstream).await?;
-                let versions = connection.api_versions().await?;
-                let version =
-                    supported_version(&versions, ApiKey::Fetch, 4, 12).ok_or_else(|| {
-                        HarnessError::protocol(
-                            context("connecting"),
-                            "broker supports no Fetch v4..12",
-                        )
-                    })?;
-                index.connection = Some((connection, version));
-            }
-            let Some((connection, version)) = index.connection.as_mut() else {
-                continue;
-            };
-            let request = FetchRequest::default()
-                .with_replica_id((-1).into())
-                // Not 0: nisshi 0.7.0 answers max_wait_ms=0 with no partitions at all (its
-                // fetch loop runs only while max_wait has time left). min_bytes=0 still makes it
-                // answer after one read round.
-                .with_max_wait_ms(500)
-                .with_min_bytes(0)
-                .with_max_bytes(SCAN_FETCH_BYTES)
-                .with_isolation_level(0)
-                .with_session_id(0)
-                .with_session_epoch(-1)
-                .with_topics(vec![FetchTopic::default()
-                    .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
-                    .with_partitions(vec![FetchPartition::default()
-                        .with_partition(partition)
-                        .with_current_leader_epoch(-1)
-                        .with_fetch_offset(index.txns.next_offset)
-                        .with_last_fetched_epoch(-1)
-                        .with_log_start_offset(-1)
-                        .with_partition_max_bytes(SCAN_FETCH_BYTES)])]);
-            let response = connection.send(*version, &request).await?;
-            Counters::add(&counters.index_fetches, 1);
+            let offset = index.txns.next_offset;
+            let data = self
+                .fetch(index, topic, partition, offset, counters)
+                .await?;
             fetched_once = true;
-            let data = response
-                .responses
-                .iter()
-                .flat_map(|t| t.partitions.iter())
-                .find(|p| p.partition_index == partition);
-            let Some(data) = data else {
-                // Brokers may leave out a partition without news; ask again.
-                stalls += 1;
-                if stalls > MAX_STALLS {
-                    return Err(HarnessError::protocol(
-                        context("fetch"),
-                        format!("{MAX_STALLS} responses in a row lacked the partition"),
-                    ));
+            if data.error_code == OFFSET_OUT_OF_RANGE {
+                // Retention or DeleteRecords removed the start. The error carries no offsets
+                // (Kafka and nisshi send -1), so ask for the log start; index from there
+                // (transactions that began before it cannot be delivered anyway).
+                let (log_start, _) = self.probe(index, topic, partition, counters).await?;
+                if log_start <= offset {
+                    stalls += 1;
+                    if stalls > MAX_STALLS {
+                        return Err(HarnessError::protocol(
+                            context("fetch"),
+                            format!(
+                                "offset {offset} is out of range, but the log starts at \
+                                 {log_start}"
+                            ),
+                        ));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                tracing::info!(
+                    topic,
+                    partition,
+                    log_start,
+                    indexed = offset,
+                    "log start moved past the index; indexing from the log start"
+                );
+                index.txns.restart_at(log_start);
                 continue;
-            };
+            }
+            if data.error_code != 0 {
+                return Err(HarnessError::protocol(
+                    context("fetch"),
+                    format!("error code {} from offset {offset}", data.error_code),
+                ));
+            }
             if data.high_watermark < index.txns.next_offset {
                 // The log was replaced (broker restart with memory storage, topic recreated).
                 tracing::info!(
@@ -484,21 +656,6 @@ impl TxnIndex {
                 );
                 index.txns.restart_at(data.log_start_offset.max(0));
                 continue;
-            }
-            if data.error_code == OFFSET_OUT_OF_RANGE {
-                // Retention removed the start; index from the log start (transactions that
-                // began before it cannot be delivered anyway).
-                index.txns.restart_at(data.log_start_offset.max(0));
-                continue;
-            }
-            if data.error_code != 0 {
-                return Err(HarnessError::protocol(
-                    context("fetch"),
-                    format!(
-                        "error code {} from offset {}",
-                        data.error_code, index.txns.next_offset
-                    ),
-                ));
             }
             index.txns.high_watermark = data.high_watermark;
             let batches = data
@@ -536,6 +693,24 @@ impl TxnIndex {
             }
         }
     }
+}
+
+/// A partition's offsets as ListOffsets answers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionOffsets {
+    /// The log start offset (ListOffsets "earliest").
+    pub log_start: i64,
+    /// The high watermark (ListOffsets "latest", read_uncommitted).
+    pub high_watermark: i64,
+    /// The last stable offset (ListOffsets "latest", read_committed); the high watermark
+    /// when it was not asked for.
+    pub last_stable: i64,
+}
+
+/// A last stable offset computed by [`PartitionTxns::last_stable_offset`] at `hw`, moved up
+/// to `log_start` (seen together with `hw`; unknown when negative) as Kafka does.
+pub fn clamp_to_log_start(last_stable: i64, log_start: i64, hw: i64) -> i64 {
+    last_stable.max(log_start.min(hw))
 }
 
 /// The highest version of `key` in `[min, max]` that the broker supports.
@@ -664,6 +839,19 @@ mod tests {
         assert_eq!(txns.last_stable_offset(5), 2);
         assert_eq!(txns.last_stable_offset(8), 8);
         assert_eq!(txns.last_stable_offset(2), 0);
+    }
+
+    #[test]
+    fn last_stable_offset_is_never_below_the_log_start() {
+        // pid 1 open from 2; the log start moved to 5 (DeleteRecords), the end is at 9.
+        let txns = index_of(&[batch(0, 2, 9, false, None), batch(2, 7, 1, true, None)]);
+        let lso = txns.last_stable_offset(9);
+        assert_eq!(lso, 2);
+        assert_eq!(clamp_to_log_start(lso, 5, 9), 5);
+        assert_eq!(clamp_to_log_start(lso, 0, 9), 2);
+        // Unknown log start (-1), and a log start at the high watermark.
+        assert_eq!(clamp_to_log_start(lso, -1, 9), 2);
+        assert_eq!(clamp_to_log_start(lso, 9, 9), 9);
     }
 
     #[test]

@@ -184,6 +184,13 @@ pub enum Error {
 }
 
 impl Error {
+    /// True for failures of the broker or the network that may pass (a stalled read, a client
+    /// error), as opposed to what the data or the processor decide (non-determinism, a
+    /// retention gap, a corrupt snapshot, a bad record): those would fail the same way again.
+    pub(crate) fn is_transient(&self) -> bool {
+        matches!(self, Error::Kafka { .. } | Error::ReadStalled { .. })
+    }
+
     pub(crate) fn kafka(context: impl Into<String>, source: rdkafka::error::KafkaError) -> Self {
         Error::Kafka {
             context: context.into(),

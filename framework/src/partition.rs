@@ -165,6 +165,9 @@ fn classify(error: &KafkaError) -> TxnErrorClass {
 
 /// How often a worker without an open transaction checks its stop flag.
 const IDLE_POLL: Duration = Duration::from_millis(50);
+/// How long recovery is retried while it fails for transient reasons (broker unreachable,
+/// reads stalled) before the partition fails. Like Kafka Streams' `task.timeout.ms`.
+const RECOVERY_RETRY_BUDGET: Duration = Duration::from_secs(300);
 /// Attempts of a retriable transactional call before the transaction is abandoned.
 const RETRIES: u32 = 5;
 
@@ -201,6 +204,8 @@ impl<P: Processor> PartitionWorker<P> {
 
     fn run_inner(&mut self) -> WorkerOutcome {
         let mut backoff = Duration::from_millis(100);
+        // Set while recovery keeps failing for transient reasons.
+        let mut recovery_retry_deadline: Option<Instant> = None;
         'producer: loop {
             if self.stopping() {
                 return WorkerOutcome::Finished;
@@ -218,8 +223,23 @@ impl<P: Processor> PartitionWorker<P> {
                 let live = match self.recover() {
                     Ok(Some(live)) => live,
                     Ok(None) => return WorkerOutcome::Finished,
+                    Err(e)
+                        if e.is_transient()
+                            && recovery_retry_deadline.is_none_or(|d| Instant::now() < d) =>
+                    {
+                        // Broker trouble: keep the (fenced-in) producer and try again; a
+                        // successor that fences this one meanwhile makes the next commit fail
+                        // as fenced.
+                        let deadline = *recovery_retry_deadline
+                            .get_or_insert_with(|| Instant::now() + RECOVERY_RETRY_BUDGET);
+                        tracing::warn!(error = %e, retry_until_secs = deadline.saturating_duration_since(Instant::now()).as_secs(), "recovery failed; retrying");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
                     Err(e) => return WorkerOutcome::Failed(e),
                 };
+                recovery_retry_deadline = None;
                 self.epoch += 1;
                 tracing::debug!(
                     next_offset = live.next_offset,

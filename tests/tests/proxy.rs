@@ -1773,3 +1773,93 @@ async fn watermarks_under_concurrent_writes() {
     let stats = cluster.proxy.stats();
     assert!(stats.list_offsets_rewritten >= 40, "{stats:?}");
 }
+
+/// A transaction that started before an abandoned (still open) one and then committed is
+/// visible below the open one's first offset, as in Kafka (LSO = first offset of the
+/// earliest open transaction). nisshi 0.7.0 itself keeps the committed transaction pending
+/// while the overlapping one stays open and withholds its records from read_committed
+/// fetches; the proxy must show them (and report the end of the partition) anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_transaction_below_an_abandoned_one_is_visible() {
+    init_tracing();
+    let cluster = TestCluster::start().await.expect("cluster");
+    let topic = unique_name("overlap");
+    cluster.create_topic(&topic, 1).await.expect("topic");
+    let proxy = cluster.bootstrap_servers();
+    let bare = cluster.broker.address().to_string();
+
+    let (t, p) = (topic.clone(), proxy.clone());
+    let abandoned = blocking(move || {
+        let committer = transactional_producer(&p, &unique_name("committer"));
+        committer.begin_transaction().unwrap();
+        send(&committer, &t, 0, "p-0");
+        committer.flush(OP_TIMEOUT).unwrap();
+        let abandoned = transactional_producer(&p, &unique_name("abandoned"));
+        abandoned.begin_transaction().unwrap();
+        send(&abandoned, &t, 0, "k-0");
+        abandoned.flush(OP_TIMEOUT).unwrap();
+        committer.commit_transaction(OP_TIMEOUT).expect("commit");
+        // After the abandoned transaction started: withheld by Kafka too.
+        transaction(&committer, &t, 0, &names("p-late", 1), true);
+        abandoned
+    })
+    .await;
+
+    // What the broker itself answers (diagnostics for the report).
+    let mut direct = KafkaConnection::connect(cluster.broker.address())
+        .await
+        .expect("connect");
+    direct.api_versions().await.expect("ApiVersions");
+    let uncommitted = raw_fetch(&mut direct, &topic, 0, 0).await;
+    let log: Vec<(i64, i64, i64)> = uncommitted
+        .records
+        .as_deref()
+        .map(parse_batches)
+        .unwrap_or_default()
+        .iter()
+        .map(|b| (b.base_offset, b.last_offset, b.producer_id))
+        .collect();
+    eprintln!(
+        "log (base, last, pid): {log:?}; hw {}",
+        uncommitted.high_watermark
+    );
+    let (t, b) = (topic.clone(), bare.clone());
+    let broker_view = blocking(move || {
+        let c = consumer(&b, "read_committed", &[]);
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(&t, 0, Offset::Beginning)
+            .unwrap();
+        c.assign(&assignment).unwrap();
+        let mut seen = Vec::new();
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                seen.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
+            }
+        }
+        seen
+    })
+    .await;
+    eprintln!("nisshi's own read_committed fetches returned {broker_view:?}");
+
+    let (t, p) = (topic.clone(), proxy.clone());
+    let seen = blocking(move || {
+        read_to_end(
+            &consumer(&p, "read_committed", &[]),
+            &t,
+            &[(0, Offset::Beginning)],
+        )
+    })
+    .await;
+    assert_eq!(payloads(&seen), ["p-0"], "read_committed through the proxy");
+    let (t, p) = (topic.clone(), proxy.clone());
+    assert_eq!(
+        blocking(move || read_committed_lso(&p, &t)).await,
+        offset_of(&seen, "p-0") + 1,
+        "the LSO is the abandoned transaction's first offset"
+    );
+    let stats = cluster.proxy.stats();
+    assert!(stats.fetch_partitions_cut_at_lso > 0, "{stats:?}");
+    drop(abandoned);
+}

@@ -23,7 +23,8 @@ use super::framing::{
     read_frame, request_key_version_correlation, response_correlation_id, write_frame,
 };
 use super::rewrite::{
-    classify_request, rewrite_response, ConnectionState, Pending, PendingResponse,
+    classify_request, fetch_read_uncommitted, rewrite_response, ConnectionState, Pending,
+    PendingResponse,
 };
 use super::{Counters, Shared};
 
@@ -175,7 +176,15 @@ async fn forward_queued_requests(
                 .map_err(|e| e.to_string())?;
             continue;
         }
+        let mut frame = frame;
         if let Some((correlation_id, expected)) = classify_request(&frame, &mut state) {
+            if matches!(expected.pending, Pending::ReadCommittedFetch { .. })
+                && !fetch_read_uncommitted(&mut frame)
+            {
+                // Forwarded as is, nisshi would withhold committed records (see
+                // `fetch_read_uncommitted`): a client that never gets them waits forever.
+                return Err("cannot make a read_committed Fetch read uncommitted".to_string());
+            }
             // Registered before forwarding, so the response cannot overtake it.
             lock(&pending).insert(correlation_id, expected);
         }

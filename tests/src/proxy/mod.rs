@@ -9,10 +9,15 @@
 //! responses carry the right high watermark and log start offset. This proxy sits between
 //! the clients and the broker and
 //!
-//! - fills `aborted_transactions` (and `last_stable_offset`) of read_committed Fetch responses
-//!   from a transaction index it builds by reading each partition uncommitted and parsing the
-//!   log's own control markers ([`txn_index`]), so librdkafka's own read_committed filter drops
-//!   aborted records;
+//! - serves read_committed Fetch requests as Kafka does: it forwards them read_uncommitted,
+//!   cuts each partition's records at the last stable offset (whole batches below it), and
+//!   fills `aborted_transactions` and `last_stable_offset`, all from a transaction index it
+//!   builds by reading each partition uncommitted and parsing the log's own control markers
+//!   ([`txn_index`]), so librdkafka's own read_committed filter drops aborted records. (nisshi's
+//!   own read_committed fetch withholds records Kafka returns: it keeps a committed
+//!   transaction pending while an overlapping one is still open, e.g. one of a killed
+//!   producer, so a reader told Kafka's LSO would wait for them forever; see
+//!   `rewrite::fetch_read_uncommitted`);
 //! - answers every ListOffsets "latest" (-1) and "earliest" (-2) as Kafka does: the high
 //!   watermark (read_uncommitted), the last stable offset (read_committed) and the log start
 //!   offset, taken from a Fetch the proxy sends itself while the client's request is in
@@ -26,9 +31,16 @@
 //!   EndTxn responses, and EndTxn requests held back (a transaction left open with its
 //!   records, whose commit a killed client never sends).
 //!
-//! It never drops or invents records: it only adds abort information derived from markers in
-//! the log itself, and withholds (never invents) requests of producers the broker already
-//! fenced. A held EndTxn request looks to the broker like a client that has not sent it yet,
+//! It never invents records: it adds abort information derived from markers in the log
+//! itself, withholds the records at and above the last stable offset (which Kafka withholds
+//! too), and withholds (never invents) requests of producers the broker already fenced. The
+//! last stable offset depends only on the log's own records and markers (the first offset of
+//! the earliest transaction without a marker), so read_committed visibility is Kafka's even
+//! where nisshi's own differs, and Fetch and ListOffsets answers use the same LSO (a reader
+//! told an end gets every record up to it). Cutting above the true LSO could only expose
+//! records of a transaction that is still open: a test would see a record that was never
+//! committed (an unexpected record or a duplicate), a false failure that cannot hide a real
+//! duplicate. A held EndTxn request looks to the broker like a client that has not sent it yet,
 //! and a discarded one like a client that died before sending it. So it can cause false
 //! failures (e.g. a connection dropped by a fault) but cannot hide a duplicate or let a stale
 //! producer commit.
@@ -79,6 +91,9 @@ pub struct ProxyStats {
     /// read_committed Fetch partitions cut to the client's `partition_max_bytes` (at batch
     /// boundaries; nisshi ignores the limit, Kafka honours it).
     pub fetch_partitions_truncated: u64,
+    /// read_committed Fetch partitions whose records (fetched upstream read_uncommitted)
+    /// the proxy cut at its last stable offset, leaving out batches of open transactions.
+    pub fetch_partitions_cut_at_lso: u64,
     /// ListOffsets(latest/earliest) partition answers the proxy derived itself (high
     /// watermark, last stable offset or log start), whether or not the broker's differed.
     pub list_offsets_rewritten: u64,
@@ -118,6 +133,7 @@ pub(crate) struct Counters {
     pub aborted_entries_added: AtomicU64,
     pub lso_adjusted: AtomicU64,
     pub fetch_partitions_truncated: AtomicU64,
+    pub fetch_partitions_cut_at_lso: AtomicU64,
     pub list_offsets_rewritten: AtomicU64,
     pub list_offsets_corrected: AtomicU64,
     pub index_fetches: AtomicU64,
@@ -142,6 +158,7 @@ impl Counters {
             aborted_entries_added: get(&self.aborted_entries_added),
             lso_adjusted: get(&self.lso_adjusted),
             fetch_partitions_truncated: get(&self.fetch_partitions_truncated),
+            fetch_partitions_cut_at_lso: get(&self.fetch_partitions_cut_at_lso),
             list_offsets_rewritten: get(&self.list_offsets_rewritten),
             list_offsets_corrected: get(&self.list_offsets_corrected),
             index_fetches: get(&self.index_fetches),

@@ -28,6 +28,9 @@ use super::txn_index::{clamp_to_log_start, parse_batches, ScanTarget};
 use super::{Counters, Shared};
 use crate::error::HarnessError;
 
+/// The longest pause before answering a read_committed fetch whose records all lie above the
+/// last stable offset (Kafka waits up to the fetch's `max_wait_ms` for more).
+const EMPTY_FETCH_PAUSE_MS: u64 = 100;
 /// Kafka's `isolation_level` for read_committed.
 const READ_COMMITTED: i8 = 1;
 /// ListOffsets timestamp meaning "latest".
@@ -79,6 +82,7 @@ pub(crate) enum Pending {
     /// A read_committed fetch, with the fetch offset of every partition in its session.
     ReadCommittedFetch {
         positions: HashMap<(TopicKey, i32), FetchPosition>,
+        max_wait_ms: i32,
     },
     /// ListOffsets partitions asked for the latest or earliest offset (the timestamp
     /// asked, per partition).
@@ -102,6 +106,43 @@ pub(crate) struct PendingResponse {
     pub api_key: ApiKey,
     pub version: i16,
     pub pending: Pending,
+}
+
+/// Turns a read_committed Fetch request frame into the same request at read_uncommitted,
+/// in place; false (frame unchanged) if it is not one or its layout is not understood.
+///
+/// nisshi 0.7.0 withholds from read_committed fetches records Kafka would return: it keeps
+/// a committed transaction pending while any transaction that overlaps it on the partition
+/// is still open, so its read_committed end lags behind commit markers already in the log
+/// (measured: `committed_transaction_below_an_abandoned_one_is_visible` in
+/// `tests/tests/proxy.rs`). The proxy therefore reads uncommitted and cuts each partition at
+/// its own last stable offset ([`rewrite_fetch`]).
+///
+/// Only the one-byte `isolation_level` field changes, so the frame is patched rather than
+/// re-encoded: it sits after the request header and `[replica_id (before v15),] max_wait_ms,
+/// min_bytes, max_bytes`.
+pub(crate) fn fetch_read_uncommitted(frame: &mut [u8]) -> bool {
+    let Some((key, version, _)) = request_key_version_correlation(frame) else {
+        return false;
+    };
+    if key != ApiKey::Fetch as i16 || version < 4 {
+        return false;
+    }
+    let mut rest = Bytes::copy_from_slice(frame);
+    let header_version = ApiKey::Fetch.request_header_version(version);
+    if RequestHeader::decode(&mut rest, header_version).is_err() {
+        return false;
+    }
+    let header_len = frame.len() - rest.len();
+    let replica_id_len = if version < 15 { 4 } else { 0 };
+    let at = header_len + replica_id_len + 12;
+    match frame.get_mut(at) {
+        Some(level) if *level as i8 == READ_COMMITTED => {
+            *level = 0;
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Decides from a client request what its response needs. `None`: pass it through.
@@ -130,6 +171,7 @@ pub(crate) fn classify_request(
             }
             Pending::ReadCommittedFetch {
                 positions: state.fetch_positions.clone(),
+                max_wait_ms: request.max_wait_ms,
             }
         }
         ApiKey::ListOffsets => {
@@ -325,10 +367,24 @@ pub(crate) async fn rewrite_response(
             }
             encode(&|buf| response.encode(buf, version))
         }
-        Pending::ReadCommittedFetch { positions } => {
+        Pending::ReadCommittedFetch {
+            positions,
+            max_wait_ms,
+        } => {
             let mut response = FetchResponse::decode(&mut body, version)
                 .map_err(|e| HarnessError::protocol(context(), e))?;
-            rewrite_fetch(&mut response, version, &positions, shared).await?;
+            let withheld_everything =
+                rewrite_fetch(&mut response, version, &positions, shared).await?;
+            if withheld_everything {
+                // Kafka would have waited up to max_wait_ms for records below the LSO; the
+                // broker answered at once because records exist above it. Without a pause
+                // the client would refetch in a tight loop while a transaction stays open.
+                let wait = u64::try_from(max_wait_ms).unwrap_or(0);
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    wait.min(EMPTY_FETCH_PAUSE_MS),
+                ))
+                .await;
+            }
             Counters::add(&shared.counters.fetches_rewritten, 1);
             encode(&|buf| response.encode(buf, version))
         }
@@ -404,13 +460,17 @@ fn advertise(host: &mut StrBytes, port: &mut i32, proxy: SocketAddr) {
     *port = i32::from(proxy.port());
 }
 
-/// Fills aborted transactions and the last stable offset of a read_committed fetch response.
+/// Makes the answer to a read_committed fetch (sent upstream read_uncommitted) Kafka's: cuts
+/// each partition's records at the last stable offset, fills aborted transactions and the
+/// last stable offset. Returns true when records were cut and none are left in any partition.
 async fn rewrite_fetch(
     response: &mut FetchResponse,
     version: i16,
     positions: &HashMap<(TopicKey, i32), FetchPosition>,
     shared: &Shared,
-) -> Result<(), HarnessError> {
+) -> Result<bool, HarnessError> {
+    let mut cut_any = false;
+    let mut kept_any = false;
     for endpoint in &mut response.node_endpoints {
         advertise(&mut endpoint.host, &mut endpoint.port, shared.advertised);
     }
@@ -460,13 +520,28 @@ async fn rewrite_fetch(
                 .as_deref()
                 .map(parse_batches)
                 .unwrap_or_default();
-            if let (Some(position), Some(records)) = (position, partition.records.as_ref()) {
-                let kept_bytes = limit_to_max_bytes(&mut batches, position.max_bytes);
-                if kept_bytes < records.len() && kept_bytes > 0 {
+            // The request went upstream read_uncommitted: keep only what Kafka's
+            // read_committed fetch returns, the whole batches below the LSO. A batch never
+            // straddles it (the LSO is the base offset of an open transaction's first batch,
+            // and every batch's offsets are contiguous), but a batch that did is left out.
+            let parsed = batches.len();
+            batches.truncate(batches.partition_point(|b| b.last_offset < lso));
+            if batches.len() < parsed {
+                cut_any = true;
+                Counters::add(&shared.counters.fetch_partitions_cut_at_lso, 1);
+            }
+            let below_lso = batches.len();
+            let max_bytes = position.map_or(i32::MAX, |p| p.max_bytes);
+            let kept_bytes = limit_to_max_bytes(&mut batches, max_bytes);
+            if batches.len() < below_lso {
+                Counters::add(&shared.counters.fetch_partitions_truncated, 1);
+            }
+            if let Some(records) = partition.records.as_ref() {
+                if kept_bytes < records.len() {
                     partition.records = Some(records.slice(..kept_bytes));
-                    Counters::add(&shared.counters.fetch_partitions_truncated, 1);
                 }
             }
+            kept_any |= kept_bytes > 0;
             let aborted = match (batches.first(), batches.last()) {
                 (Some(first), Some(last)) => {
                     let fetch_offset = position.map_or(first.base_offset, |p| p.fetch_offset);
@@ -497,7 +572,7 @@ async fn rewrite_fetch(
             );
         }
     }
-    Ok(())
+    Ok(cut_any && !kept_any)
 }
 
 /// Keeps the longest prefix of whole batches within `max_bytes` (at least one batch, as
@@ -523,6 +598,39 @@ fn limit_to_max_bytes(batches: &mut Vec<super::txn_index::BatchInfo>, max_bytes:
 mod tests {
     use super::*;
     use kafka_protocol::messages::api_versions_response::ApiVersion;
+
+    #[test]
+    fn read_committed_fetches_become_read_uncommitted_and_nothing_else_changes() {
+        let versions = ApiKey::Fetch.valid_versions();
+        for version in 4.max(versions.min)..=versions.max {
+            let request = FetchRequest::default()
+                .with_max_wait_ms(500)
+                .with_min_bytes(1)
+                .with_max_bytes(52_428_800)
+                .with_isolation_level(READ_COMMITTED)
+                .with_session_id(3)
+                .with_session_epoch(2);
+            let header = RequestHeader::default()
+                .with_request_api_key(ApiKey::Fetch as i16)
+                .with_request_api_version(version)
+                .with_correlation_id(7)
+                .with_client_id(Some(StrBytes::from_static_str("rdkafka")));
+            let mut frame = BytesMut::new();
+            header
+                .encode(&mut frame, ApiKey::Fetch.request_header_version(version))
+                .unwrap();
+            request.encode(&mut frame, version).unwrap();
+            let mut frame = frame.to_vec();
+            // Fields a version lacks decode as defaults: compare with the original as decoded.
+            let original: FetchRequest = decode_request(&frame, version).unwrap();
+            assert_eq!(original.isolation_level, READ_COMMITTED, "v{version}");
+            assert!(fetch_read_uncommitted(&mut frame), "v{version}");
+            let decoded: FetchRequest = decode_request(&frame, version).unwrap();
+            assert_eq!(decoded, original.with_isolation_level(0), "v{version}");
+            // Already read_uncommitted: left alone.
+            assert!(!fetch_read_uncommitted(&mut frame), "v{version}");
+        }
+    }
 
     #[test]
     fn api_versions_are_capped_for_decoded_apis_only() {

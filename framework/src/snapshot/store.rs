@@ -19,7 +19,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use crate::error::Error;
 use crate::proto::{snapshot_record, FullSnapshotChunk, FullSnapshotRef, IncrementalSnapshot};
 use crate::snapshot::{
-    assemble_chunks, chunk_record, decode_record, encode_record, incremental_record,
+    assemble_chunks, chunk_record, decode_record, encode_record, incremental_record, SnapshotError,
 };
 
 /// What a [`PartitionReader::read`] callback wants next.
@@ -261,6 +261,16 @@ pub(crate) fn load_full_snapshot(
         partition,
         source,
     };
+    if reference.first_chunk_offset < 0 {
+        return Err(snapshot_error(SnapshotError::corrupt(
+            &reference.snapshot_id,
+            None,
+            format!(
+                "the reference points to offset {} (written by a version that committed unknown chunk offsets)",
+                reference.first_chunk_offset
+            ),
+        )));
+    }
     reader.read(
         snapshot_topic,
         partition,
@@ -379,20 +389,28 @@ pub(crate) fn write_full_snapshot(
     }
     rdkafka::producer::Producer::flush(producer, flush_timeout)?;
     let context = rdkafka::producer::Producer::context(producer);
-    let mut first_offset = None;
+    let mut offsets = Vec::with_capacity(count);
     for index in 0..count {
         match context.take_tracked(index + 1) {
-            Some(Ok(offset)) => {
-                if index == 0 {
-                    first_offset = Some(offset);
-                }
-            }
+            Some(Ok(offset)) => offsets.push(offset),
             Some(Err(error)) => return Err(error),
             None => return Err(KafkaError::Flush(RDKafkaErrorCode::MessageTimedOut)),
         }
     }
-    let first_chunk_offset =
-        first_offset.ok_or(KafkaError::Flush(RDKafkaErrorCode::MessageTimedOut))?;
+    // A delivery can succeed without an offset: a retried batch the broker had already
+    // written is reported as a duplicate, and librdkafka delivers it with offset -1. A
+    // reference to an unknown or non-increasing location must never commit (recovery could
+    // not find the snapshot): fail the transaction, which is aborted and rebuilt.
+    if offsets.first().is_none_or(|&first| first < 0) || offsets.windows(2).any(|w| w[1] <= w[0]) {
+        tracing::warn!(
+            snapshot_topic,
+            partition,
+            offsets = ?offsets,
+            "a full snapshot chunk was delivered without a usable offset; aborting the transaction"
+        );
+        return Err(KafkaError::MessageProduction(RDKafkaErrorCode::Fail));
+    }
+    let first_chunk_offset = offsets[0];
     Ok(FullSnapshotRef {
         first_chunk_offset,
         chunk_count: count as u32,

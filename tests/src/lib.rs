@@ -2,6 +2,7 @@
 //! exactly-once checker.
 
 pub mod broker;
+pub mod chaos;
 pub mod cluster;
 pub mod eos;
 pub mod error;

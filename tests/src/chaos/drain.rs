@@ -152,8 +152,8 @@ impl ChainProbe {
 }
 
 /// The end offsets of every partition of every topic whose name starts with a prefix: the
-/// broker's high watermark (read_uncommitted, straight from the broker) and the last stable
-/// offset (read_committed, through the read-committed proxy).
+/// high watermark (read_uncommitted) and the last stable offset (read_committed), both
+/// through the read-committed proxy.
 ///
 /// The chain is *quiet* when these stop changing and every last stable offset equals its
 /// high watermark: no service writes anything (outputs and snapshot records come with every
@@ -170,17 +170,20 @@ pub struct TopicEnds {
 pub type Ends = std::collections::BTreeMap<(String, i32), (i64, i64)>;
 
 impl TopicEnds {
-    /// Clients for `prefix`'s topics: `proxy` for read_committed, `broker` for the rest.
-    pub fn new(proxy: &str, broker: &str, prefix: &str) -> Result<Self, KafkaError> {
+    /// Clients for `prefix`'s topics, through the read-committed proxy at `proxy`.
+    pub fn new(proxy: &str, prefix: &str) -> Result<Self, KafkaError> {
         let client = |bootstrap: &str, isolation: &str| {
             ClientConfig::new()
                 .set("bootstrap.servers", bootstrap)
                 .set("isolation.level", isolation)
                 .create_with_context::<_, BaseConsumer<QuietEof>>(QuietEof)
         };
+        // Both through the proxy: nisshi's own ListOffsets(latest) is wrong (the newest
+        // batch's first offset + 1), so a bare high watermark would never equal the proxy's
+        // true last stable offset and the chain would never look quiet.
         Ok(TopicEnds {
             committed: client(proxy, "read_committed")?,
-            uncommitted: client(broker, "read_uncommitted")?,
+            uncommitted: client(proxy, "read_uncommitted")?,
             prefix: prefix.to_owned(),
         })
     }

@@ -712,12 +712,8 @@ impl Run {
         }
         let chain = std::sync::Arc::new(ChainProbe::new(probes));
         let ends = std::sync::Arc::new(
-            TopicEnds::new(
-                &bootstrap,
-                &self.cluster.broker.address().to_string(),
-                &self.names.run,
-            )
-            .map_err(kafka("creating the topic end probe".to_owned()))?,
+            TopicEnds::new(&bootstrap, &self.names.run)
+                .map_err(kafka("creating the topic end probe".to_owned()))?,
         );
         let started = Instant::now();
         let mut last_report = Instant::now();

@@ -6,13 +6,17 @@
 //!
 //! Each is a [`exactly::Processor`] here, unit-tested with [`exactly::testing::TestDriver`],
 //! and a thin binary (`src/bin/{validate,ledger,stats}.rs`). [`payments`] holds the records
-//! of every topic, [`generator`] the demo's seeded input, and [`model`] the reference model
-//! the demo checks the chain's final state against.
+//! of every topic, [`generator`] the demo's seeded input (produced with [`producer`]),
+//! [`model`] the reference model the demo checks the chain's final state against, and
+//! [`verify`] the end-to-end check of the chain's output topics against it (used by the demo
+//! and the chaos suite's workload).
 
 pub mod generator;
 pub mod ledger;
 pub mod model;
 pub mod payments;
+pub mod producer;
 pub mod service;
 pub mod stats;
 pub mod validate;
+pub mod verify;

@@ -9,31 +9,27 @@
 //!   generator is prefix-stable, so the first N commands of the seed are exactly what was
 //!   produced.
 //! - `verify`: reads every output topic of the chain back with read_committed and compares it
-//!   with the reference model ([`model::expect`]) of the first N commands: duplicates and
-//!   missing ids per topic, B's final balances and C's final totals. Prints a human report and
-//!   one line `VERIFY duplicates=D missing=M unexpected=U order_violations=O state=match|mismatch`
-//!   followed by `OFFENDING <topic> <kind> <id> [at <positions>]` lines for the first
-//!   offending records. Exit code 0 when clean, 1 on a violation, 2 when the check itself
-//!   failed.
+//!   with the reference model ([`model::expect`]) of the first N commands
+//!   ([`exactly_examples::verify`]): duplicates and missing ids per topic, B's final balances
+//!   and C's final totals. Prints a human report, then one line
+//!   `VERIFY inputs=N outputs=R duplicates=D missing=M unexpected=U order_violations=O
+//!   state=match|mismatch`, then `OFFENDING <topic> <kind> <id> [at <positions>]` lines for
+//!   the first offending records. Exit code 0 when clean, 1 on a violation, 2 when the check
+//!   itself failed.
 
-use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use exactly_examples::generator;
-use exactly_examples::model::{self, AccountCurrency};
-use exactly_examples::payments::{
-    leg_id, AccountSummary, BalanceChanged, Rejection, Transfer, PAYMENT_ID_HEADER,
-};
-use exactly_examples::stats::Totals;
-use exactly_tests::eos::{check_topic_with, CheckOptions, EosReport, Observed, Position};
-use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
-use rdkafka::{ClientConfig, ClientContext};
+use exactly_examples::model;
+use exactly_examples::producer::{command_producer, command_record};
+use exactly_examples::verify::{verify_chain, OutputTopics, TopicCheck};
+use exactly_tests::eos::{CheckOptions, Position};
+use rdkafka::producer::Producer;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "payments workload of the exactly chaos suite")]
@@ -136,27 +132,6 @@ fn main() -> std::process::ExitCode {
 // ---------------------------------------------------------------------------------------
 // produce
 
-/// Counts failed deliveries: a command that never arrived would look like a lost record.
-#[derive(Default)]
-struct DeliveryCounter {
-    failed: AtomicU64,
-    first_error: Mutex<Option<String>>,
-}
-
-impl ClientContext for DeliveryCounter {}
-
-impl ProducerContext for DeliveryCounter {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((error, _)) = result {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut first) = self.first_error.lock() {
-                first.get_or_insert_with(|| error.to_string());
-            }
-        }
-    }
-}
-
 async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let stopper = Arc::clone(&stop);
@@ -174,12 +149,7 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
 }
 
 fn produce_blocking(args: &ProduceArgs, stop: &AtomicBool) -> anyhow::Result<usize> {
-    let producer: BaseProducer<DeliveryCounter> = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create_with_context(DeliveryCounter::default())
-        .context("creating the input producer")?;
+    let producer = command_producer(&args.brokers).context("creating the input producer")?;
     // Generated in blocks: the generator is prefix-stable, so block k of a longer run is the
     // same as the tail of a shorter one.
     let mut commands = generator::generate(
@@ -206,15 +176,7 @@ fn produce_blocking(args: &ProduceArgs, stop: &AtomicBool) -> anyhow::Result<usi
                 continue;
             }
         }
-        let headers = OwnedHeaders::new().insert(Header {
-            key: PAYMENT_ID_HEADER,
-            value: Some(command.id.as_str()),
-        });
-        let record = BaseRecord::to(&args.topic)
-            .key(&command.key)
-            .payload(&command.value)
-            .headers(headers);
-        match producer.send(record) {
+        match producer.send(command_record(&args.topic, command)) {
             Ok(()) => produced += 1,
             Err((
                 rdkafka::error::KafkaError::MessageProduction(
@@ -238,14 +200,9 @@ fn produce_blocking(args: &ProduceArgs, stop: &AtomicBool) -> anyhow::Result<usi
     producer
         .flush(Duration::from_secs(60))
         .context("flushing the input producer")?;
-    let failed = producer.context().failed.load(Ordering::Relaxed);
+    let failed = producer.context().failed();
     if failed > 0 {
-        let first = producer
-            .context()
-            .first_error
-            .lock()
-            .map(|e| e.clone().unwrap_or_default())
-            .unwrap_or_default();
+        let first = producer.context().first_error();
         bail!("{failed} of {produced} commands were not delivered; first error: {first}");
     }
     Ok(produced)
@@ -253,19 +210,6 @@ fn produce_blocking(args: &ProduceArgs, stop: &AtomicBool) -> anyhow::Result<usi
 
 // ---------------------------------------------------------------------------------------
 // verify
-
-fn json<T: serde::de::DeserializeOwned>(m: &BorrowedMessage<'_>) -> Result<T, String> {
-    let bytes = m
-        .payload()
-        .ok_or_else(|| format!("record at {}/{} has no value", m.partition(), m.offset()))?;
-    serde_json::from_slice(bytes).map_err(|e| {
-        format!(
-            "undecodable record at {}/{}: {e}",
-            m.partition(),
-            m.offset()
-        )
-    })
-}
 
 async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
     let commands = generator::generate(args.input.seed, args.count, args.input.accounts);
@@ -275,166 +219,16 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
         max_listed: 10,
         ..CheckOptions::default()
     };
-    let b = args.brokers.as_str();
-    let mut reports: Vec<EosReport> = Vec::new();
+    let topics = OutputTopics {
+        dead_letters: &args.dead_letter_topic,
+        ledger: &args.ledger_topic,
+        balances: &args.balances_topic,
+        rejections: &args.rejections_topic,
+        stats: &args.stats_topic,
+    };
+    let verdict = verify_chain(&args.brokers, &topics, &expectation, &options).await?;
 
-    reports.push(
-        check_topic_with(
-            b,
-            &args.dead_letter_topic,
-            expectation.dead_letters.clone(),
-            |m: &BorrowedMessage<'_>| {
-                let id = m
-                    .headers()
-                    .and_then(|h| {
-                        h.iter()
-                            .filter(|h| h.key == PAYMENT_ID_HEADER)
-                            .last()
-                            .and_then(|h| h.value)
-                    })
-                    .ok_or_else(|| {
-                        format!(
-                            "dead letter at {}/{} has no {PAYMENT_ID_HEADER} header",
-                            m.partition(),
-                            m.offset()
-                        )
-                    })?;
-                Ok(Some(Observed::id(String::from_utf8_lossy(id).into_owned())))
-            },
-            &options,
-        )
-        .await?,
-    );
-    reports.push(
-        check_topic_with(
-            b,
-            &args.ledger_topic,
-            expectation.ledger_legs.clone(),
-            |m: &BorrowedMessage<'_>| Ok(Some(Observed::id(json::<Transfer>(m)?.leg_id()))),
-            &options,
-        )
-        .await?,
-    );
-    let balances: Arc<Mutex<BTreeMap<AccountCurrency, (u64, i64)>>> = Arc::default();
-    let seen = Arc::clone(&balances);
-    reports.push(
-        check_topic_with(
-            b,
-            &args.balances_topic,
-            expectation.balance_events.clone(),
-            move |m: &BorrowedMessage<'_>| {
-                let e: BalanceChanged = json(m)?;
-                if let Ok(mut seen) = seen.lock() {
-                    let slot = seen
-                        .entry((e.account.clone(), e.currency.clone()))
-                        .or_insert((0, 0));
-                    if e.version >= slot.0 {
-                        *slot = (e.version, e.balance_cents);
-                    }
-                }
-                Ok(Some(Observed {
-                    id: leg_id(&e.id, e.leg),
-                    key: Some(e.account),
-                    seq: Some(e.version),
-                }))
-            },
-            &options,
-        )
-        .await?,
-    );
-    reports.push(
-        check_topic_with(
-            b,
-            &args.rejections_topic,
-            expectation.rejections.clone(),
-            |m: &BorrowedMessage<'_>| Ok(Some(Observed::id(json::<Rejection>(m)?.id))),
-            &options,
-        )
-        .await?,
-    );
-    let totals: Arc<Mutex<BTreeMap<AccountCurrency, (u64, Totals)>>> = Arc::default();
-    let seen = Arc::clone(&totals);
-    reports.push(
-        check_topic_with(
-            b,
-            &args.stats_topic,
-            expectation.balance_events.clone(),
-            move |m: &BorrowedMessage<'_>| {
-                let s: AccountSummary = json(m)?;
-                if let Ok(mut seen) = seen.lock() {
-                    let slot = seen
-                        .entry((s.account.clone(), s.currency.clone()))
-                        .or_insert((0, Totals::default()));
-                    if s.updates >= slot.0 {
-                        *slot = (
-                            s.updates,
-                            Totals {
-                                debit_count: s.debit_count,
-                                credit_count: s.credit_count,
-                                debited_cents: s.debited_cents,
-                                credited_cents: s.credited_cents,
-                                balance_cents: s.balance_cents,
-                            },
-                        );
-                    }
-                }
-                Ok(Some(Observed {
-                    id: s.event,
-                    key: Some(s.account),
-                    seq: Some(s.updates),
-                }))
-            },
-            &options,
-        )
-        .await?,
-    );
-
-    // State: B's last balance and C's last totals per (account, currency) against the model.
-    let balances = balances
-        .lock()
-        .map_err(|_| anyhow!("balance map poisoned"))?;
-    let totals = totals.lock().map_err(|_| anyhow!("totals map poisoned"))?;
-    let mut state_problems = Vec::new();
-    for (k, expected) in &expectation.balances {
-        match balances.get(k) {
-            Some((_, actual)) if actual == expected => {}
-            Some((_, actual)) => {
-                state_problems.push(format!("B balance of {k:?}: {actual}, model {expected}"))
-            }
-            None => state_problems.push(format!("B balance of {k:?}: no event, model {expected}")),
-        }
-    }
-    for k in balances
-        .keys()
-        .filter(|k| !expectation.balances.contains_key(*k))
-    {
-        state_problems.push(format!("B balance of {k:?}: not in the model"));
-    }
-    for (k, expected) in &expectation.totals {
-        match totals.get(k) {
-            Some((_, actual)) if actual == expected => {}
-            Some((_, actual)) => {
-                state_problems.push(format!("C totals of {k:?}: {actual:?}, model {expected:?}"))
-            }
-            None => {
-                state_problems.push(format!("C totals of {k:?}: no summary, model {expected:?}"))
-            }
-        }
-    }
-    for k in totals
-        .keys()
-        .filter(|k| !expectation.totals.contains_key(*k))
-    {
-        state_problems.push(format!("C totals of {k:?}: not in the model"));
-    }
-
-    let sum = |f: fn(&EosReport) -> usize| reports.iter().map(f).sum::<usize>();
-    let duplicates = sum(|r| r.duplicate_count);
-    let missing = sum(|r| r.missing_count);
-    let unexpected = sum(|r| r.unexpected_count);
-    let order = sum(|r| r.order_violation_count);
-    let records: u64 = reports.iter().map(|r| r.records_read).sum();
-    for report in &reports {
+    for TopicCheck { report, .. } in &verdict.topics {
         println!(
             "topic {}: {} records, duplicates={} missing={} unexpected={} order_violations={}",
             report.topic,
@@ -448,19 +242,20 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
             println!("{report}");
         }
     }
-    for problem in state_problems.iter().take(20) {
+    for problem in verdict.state.problems.iter().take(20) {
         println!("state mismatch: {problem}");
     }
-    let state = if state_problems.is_empty() {
-        "match"
-    } else {
-        "mismatch"
-    };
     println!(
-        "VERIFY inputs={} outputs={records} duplicates={duplicates} missing={missing} unexpected={unexpected} order_violations={order} state={state}",
-        commands.len()
+        "VERIFY inputs={} outputs={} duplicates={} missing={} unexpected={} order_violations={} state={}",
+        commands.len(),
+        verdict.records_read(),
+        verdict.duplicates(),
+        verdict.missing(),
+        verdict.unexpected(),
+        verdict.order_violations(),
+        verdict.state.verdict()
     );
-    for report in &reports {
+    for TopicCheck { report, .. } in &verdict.topics {
         let positions = |p: &[Position]| {
             p.iter()
                 .map(Position::to_string)
@@ -492,5 +287,5 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
         }
     }
     std::io::stdout().flush()?;
-    Ok(reports.iter().all(EosReport::is_clean) && state_problems.is_empty())
+    Ok(verdict.is_clean())
 }

@@ -28,22 +28,19 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Parser, Subcommand};
 use exactly_examples::generator::{self, InputCommand, Intent};
-use exactly_examples::model::{self, AccountCurrency, Expectation};
-use exactly_examples::payments::{
-    AccountSummary, BalanceChanged, Rejection, Transfer, PAYMENT_ID_HEADER,
-};
+use exactly_examples::model;
+use exactly_examples::producer::{command_producer, command_record, DeliveryCounter};
 use exactly_examples::service::{self, LedgerArgs, StatsArgs, ValidateArgs};
-use exactly_examples::stats::Totals;
+use exactly_examples::verify::{verify_chain, OutputTopics, TopicCheck};
 use exactly_tests::cluster::{unique_name, TestCluster};
-use exactly_tests::eos::{check_topic_with, CheckOptions, EosReport, Observed};
+use exactly_tests::eos::CheckOptions;
 use exactly_tests::process::{ProcessSpec, Supervisor};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -192,6 +189,15 @@ impl Names {
             stats_app: format!("{run}.stats"),
         }
     }
+    fn outputs(&self) -> OutputTopics<'_> {
+        OutputTopics {
+            dead_letters: &self.dead_letters,
+            ledger: &self.ledger,
+            balances: &self.balances,
+            rejections: &self.rejections,
+            stats: &self.stats,
+        }
+    }
     fn topics(&self) -> [&str; 6] {
         [
             &self.commands,
@@ -218,6 +224,9 @@ fn init_harness_log(path: &std::path::Path) -> anyhow::Result<()> {
         .init();
     Ok(())
 }
+
+/// How many state mismatches the summary lists (the count of all of them follows).
+const STATE_PROBLEMS_SHOWN: usize = 20;
 
 /// Prints a progress line with the time since the demo started.
 fn say(started: Instant, line: impl std::fmt::Display) {
@@ -465,7 +474,12 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
     let recoveries = Recoveries::from_logs(&mut services)?;
 
     say(started, "reading every output topic back (read_committed)");
-    let verdict = verify(&bootstrap, &names, &expectation).await?;
+    let check_options = CheckOptions {
+        timeout: Duration::from_secs(90),
+        max_listed: 10,
+        ..CheckOptions::default()
+    };
+    let verdict = verify_chain(&bootstrap, &names.outputs(), &expectation, &check_options).await?;
     let wall = started.elapsed();
 
     // The human summary.
@@ -485,29 +499,32 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
         "crash         ledger-2 killed with SIGKILL after {} commands, restarted",
         killed_at.unwrap_or(0)
     );
-    for report in &verdict.reports {
+    for TopicCheck { label, report } in &verdict.topics {
         println!(
             "{:<13} {:>7} records  duplicates={} missing={} unexpected={} order_violations={}",
-            report.label,
-            report.report.records_read,
-            report.report.duplicate_count,
-            report.report.missing_count,
-            report.report.unexpected_count,
-            report.report.order_violation_count
+            label,
+            report.records_read,
+            report.duplicate_count,
+            report.missing_count,
+            report.unexpected_count,
+            report.order_violation_count
         );
     }
     println!(
         "state         B balances: {} of {} (account, currency) match the model; C totals: {} of {} match",
-        verdict.balances_matching,
+        verdict.state.balances_matching,
         expectation.balances.len(),
-        verdict.totals_matching,
+        verdict.state.totals_matching,
         expectation.totals.len()
     );
-    for line in &verdict.state_problems {
+    for line in verdict.state.problems.iter().take(STATE_PROBLEMS_SHOWN) {
         println!("  state mismatch: {line}");
     }
-    if verdict.state_mismatches > verdict.state_problems.len() {
-        println!("  ... {} state mismatches in all", verdict.state_mismatches);
+    if verdict.state.problems.len() > STATE_PROBLEMS_SHOWN {
+        println!(
+            "  ... {} state mismatches in all",
+            verdict.state.problems.len()
+        );
     }
     println!(
         "recoveries    {} (max {} ms): {}",
@@ -533,30 +550,19 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
             println!("  note: {name} exited with {status} on SIGTERM");
         }
     }
-    for report in &verdict.reports {
-        if !report.report.is_clean() {
-            println!("{}", report.report);
+    for TopicCheck { report, .. } in &verdict.topics {
+        if !report.is_clean() {
+            println!("{report}");
         }
     }
-    let duplicates: usize = verdict
-        .reports
-        .iter()
-        .map(|r| r.report.duplicate_count)
-        .sum();
-    let missing: usize = verdict.reports.iter().map(|r| r.report.missing_count).sum();
-    let outputs: u64 = verdict.reports.iter().map(|r| r.report.records_read).sum();
-    let clean = drained
-        && verdict.reports.iter().all(|r| r.report.is_clean())
-        && verdict.state_problems.is_empty();
-    let state = if verdict.state_problems.is_empty() {
-        "match"
-    } else {
-        "mismatch"
-    };
     println!();
     println!(
-        "EOS-CHECK inputs={} outputs={outputs} duplicates={duplicates} missing={missing} state={state} recoveries={} max_recovery_ms={}",
+        "EOS-CHECK inputs={} outputs={} duplicates={} missing={} state={} recoveries={} max_recovery_ms={}",
         commands.len(),
+        verdict.records_read(),
+        verdict.duplicates(),
+        verdict.missing(),
+        verdict.state.verdict(),
         recoveries.count,
         recoveries.max_ms
     );
@@ -568,7 +574,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
     }
     drop(services);
     drop(cluster);
-    Ok(clean)
+    Ok(drained && verdict.is_clean())
 }
 
 fn count_intents(commands: &[InputCommand]) -> BTreeMap<Intent, usize> {
@@ -695,27 +701,6 @@ async fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32) -> any
 // ---------------------------------------------------------------------------------------
 // Producing the input
 
-/// Counts failed deliveries (an input that never arrived would look like a lost record).
-#[derive(Default)]
-struct DeliveryCounter {
-    failed: AtomicU64,
-    first_error: Mutex<Option<String>>,
-}
-
-impl ClientContext for DeliveryCounter {}
-
-impl ProducerContext for DeliveryCounter {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((error, _)) = result {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut first) = self.first_error.lock() {
-                first.get_or_insert_with(|| error.to_string());
-            }
-        }
-    }
-}
-
 /// Produces the commands on a dedicated thread at a steady rate.
 struct InputProducer {
     total: usize,
@@ -731,12 +716,7 @@ impl InputProducer {
         commands: Vec<InputCommand>,
         rate: u64,
     ) -> anyhow::Result<Self> {
-        let producer: BaseProducer<DeliveryCounter> = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .create_with_context(DeliveryCounter::default())
-            .context("creating the input producer")?;
+        let producer = command_producer(bootstrap).context("creating the input producer")?;
         let produced = Arc::new(AtomicU64::new(0));
         let finished = Arc::new(AtomicBool::new(false));
         let total = commands.len();
@@ -792,14 +772,7 @@ fn produce_all(
                 std::thread::sleep(due - now);
             }
         }
-        let headers = OwnedHeaders::new().insert(Header {
-            key: PAYMENT_ID_HEADER,
-            value: Some(command.id.as_str()),
-        });
-        let mut record = BaseRecord::to(topic)
-            .key(command.key.as_str())
-            .payload(command.value.as_slice())
-            .headers(headers);
+        let mut record = command_record(topic, command);
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -815,15 +788,9 @@ fn produce_all(
     producer
         .flush(Duration::from_secs(60))
         .with_context(|| format!("flushing the commands to {topic}"))?;
-    let context = producer.context();
-    let failed = context.failed.load(Ordering::Relaxed);
+    let failed = producer.context().failed();
     if failed > 0 {
-        let first = context
-            .first_error
-            .lock()
-            .ok()
-            .and_then(|f| f.clone())
-            .unwrap_or_default();
+        let first = producer.context().first_error();
         bail!("{failed} command(s) were not delivered to {topic}; first error: {first}");
     }
     Ok(commands.len() as u64)
@@ -1098,231 +1065,6 @@ fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
             .next()
             .unwrap_or(rest),
     )
-}
-
-// ---------------------------------------------------------------------------------------
-// Verification
-
-struct LabelledReport {
-    label: &'static str,
-    report: EosReport,
-}
-
-struct Verdict {
-    reports: Vec<LabelledReport>,
-    balances_matching: usize,
-    totals_matching: usize,
-    /// How many (account, currency) entries differ from the model.
-    state_mismatches: usize,
-    /// The first of them, described.
-    state_problems: Vec<String>,
-}
-
-fn json<T: serde::de::DeserializeOwned>(m: &BorrowedMessage<'_>) -> Result<T, String> {
-    let bytes = m
-        .payload()
-        .ok_or_else(|| format!("record at {}/{} has no value", m.partition(), m.offset()))?;
-    serde_json::from_slice(bytes).map_err(|e| {
-        format!(
-            "undecodable record at {}/{}: {e}",
-            m.partition(),
-            m.offset()
-        )
-    })
-}
-
-async fn verify(
-    bootstrap: &str,
-    names: &Names,
-    expectation: &Expectation,
-) -> anyhow::Result<Verdict> {
-    let options = CheckOptions {
-        timeout: Duration::from_secs(90),
-        max_listed: 10,
-        ..CheckOptions::default()
-    };
-    let mut reports = Vec::new();
-
-    let dead = check_topic_with(
-        bootstrap,
-        &names.dead_letters,
-        expectation.dead_letters.clone(),
-        |m: &BorrowedMessage<'_>| {
-            let id = m
-                .headers()
-                .and_then(|h| {
-                    h.iter()
-                        .filter(|h| h.key == PAYMENT_ID_HEADER)
-                        .last()
-                        .and_then(|h| h.value)
-                })
-                .ok_or_else(|| {
-                    format!(
-                        "dead letter at {}/{} has no {PAYMENT_ID_HEADER} header",
-                        m.partition(),
-                        m.offset()
-                    )
-                })?;
-            Ok(Some(Observed::id(String::from_utf8_lossy(id).into_owned())))
-        },
-        &options,
-    )
-    .await?;
-    reports.push(LabelledReport {
-        label: "dead-letters",
-        report: dead,
-    });
-
-    let legs = check_topic_with(
-        bootstrap,
-        &names.ledger,
-        expectation.ledger_legs.clone(),
-        |m: &BorrowedMessage<'_>| {
-            let t: Transfer = json(m)?;
-            Ok(Some(Observed::id(t.leg_id())))
-        },
-        &options,
-    )
-    .await?;
-    reports.push(LabelledReport {
-        label: "ledger legs",
-        report: legs,
-    });
-
-    let balances: Arc<Mutex<BTreeMap<AccountCurrency, (u64, i64)>>> = Arc::default();
-    let seen = Arc::clone(&balances);
-    let events = check_topic_with(
-        bootstrap,
-        &names.balances,
-        expectation.balance_events.clone(),
-        move |m: &BorrowedMessage<'_>| {
-            let e: BalanceChanged = json(m)?;
-            if let Ok(mut seen) = seen.lock() {
-                let slot = seen
-                    .entry((e.account.clone(), e.currency.clone()))
-                    .or_insert((0, 0));
-                if e.version >= slot.0 {
-                    *slot = (e.version, e.balance_cents);
-                }
-            }
-            Ok(Some(Observed {
-                id: exactly_examples::payments::leg_id(&e.id, e.leg),
-                key: Some(e.account),
-                seq: Some(e.version),
-            }))
-        },
-        &options,
-    )
-    .await?;
-    reports.push(LabelledReport {
-        label: "balances",
-        report: events,
-    });
-
-    let rejections = check_topic_with(
-        bootstrap,
-        &names.rejections,
-        expectation.rejections.clone(),
-        |m: &BorrowedMessage<'_>| {
-            let r: Rejection = json(m)?;
-            Ok(Some(Observed::id(r.id)))
-        },
-        &options,
-    )
-    .await?;
-    reports.push(LabelledReport {
-        label: "rejections",
-        report: rejections,
-    });
-
-    let totals: Arc<Mutex<BTreeMap<AccountCurrency, (u64, Totals)>>> = Arc::default();
-    let seen = Arc::clone(&totals);
-    let summaries = check_topic_with(
-        bootstrap,
-        &names.stats,
-        expectation.balance_events.clone(),
-        move |m: &BorrowedMessage<'_>| {
-            let s: AccountSummary = json(m)?;
-            if let Ok(mut seen) = seen.lock() {
-                let slot = seen
-                    .entry((s.account.clone(), s.currency.clone()))
-                    .or_insert((0, Totals::default()));
-                if s.updates >= slot.0 {
-                    *slot = (
-                        s.updates,
-                        Totals {
-                            debit_count: s.debit_count,
-                            credit_count: s.credit_count,
-                            debited_cents: s.debited_cents,
-                            credited_cents: s.credited_cents,
-                            balance_cents: s.balance_cents,
-                        },
-                    );
-                }
-            }
-            Ok(Some(Observed {
-                id: s.event,
-                key: Some(s.account),
-                seq: Some(s.updates),
-            }))
-        },
-        &options,
-    )
-    .await?;
-    reports.push(LabelledReport {
-        label: "summaries",
-        report: summaries,
-    });
-
-    // State: B's last balance and C's last totals per (account, currency) vs the model.
-    let mut state_problems = Vec::new();
-    let balances = balances
-        .lock()
-        .map_err(|_| anyhow!("balance map poisoned"))?;
-    let totals = totals.lock().map_err(|_| anyhow!("totals map poisoned"))?;
-    let mut balances_matching = 0;
-    for (k, expected) in &expectation.balances {
-        match balances.get(k) {
-            Some((_, actual)) if actual == expected => balances_matching += 1,
-            Some((_, actual)) => {
-                state_problems.push(format!("B balance of {k:?}: {actual}, model {expected}"))
-            }
-            None => state_problems.push(format!("B balance of {k:?}: no event, model {expected}")),
-        }
-    }
-    for k in balances
-        .keys()
-        .filter(|k| !expectation.balances.contains_key(*k))
-    {
-        state_problems.push(format!("B balance of {k:?}: not in the model"));
-    }
-    let mut totals_matching = 0;
-    for (k, expected) in &expectation.totals {
-        match totals.get(k) {
-            Some((_, actual)) if actual == expected => totals_matching += 1,
-            Some((_, actual)) => {
-                state_problems.push(format!("C totals of {k:?}: {actual:?}, model {expected:?}"))
-            }
-            None => {
-                state_problems.push(format!("C totals of {k:?}: no summary, model {expected:?}"))
-            }
-        }
-    }
-    for k in totals
-        .keys()
-        .filter(|k| !expectation.totals.contains_key(*k))
-    {
-        state_problems.push(format!("C totals of {k:?}: not in the model"));
-    }
-    let state_mismatches = state_problems.len();
-    state_problems.truncate(20);
-    Ok(Verdict {
-        state_mismatches,
-        reports,
-        balances_matching,
-        totals_matching,
-        state_problems,
-    })
 }
 
 #[cfg(test)]

@@ -392,6 +392,15 @@ impl TxnIndex {
         })
     }
 
+    /// The partition's index, locked: one scan or probe of a partition at a time.
+    async fn lock_partition(&self, topic: &str, partition: i32) -> OwnedMutexGuard<PartitionIndex> {
+        let entry = lock(&self.partitions)
+            .entry((topic.to_string(), partition))
+            .or_default()
+            .clone();
+        entry.lock_owned().await
+    }
+
     /// Indexes `topic`/`partition` up to `target` and returns the locked partition index.
     /// While the guard lives, no other scan of this partition runs.
     pub(crate) async fn scan(
@@ -401,11 +410,7 @@ impl TxnIndex {
         target: ScanTarget,
         counters: &Counters,
     ) -> Result<OwnedMutexGuard<PartitionIndex>, HarnessError> {
-        let entry = lock(&self.partitions)
-            .entry((topic.to_string(), partition))
-            .or_default()
-            .clone();
-        let mut index = entry.lock_owned().await;
+        let mut index = self.lock_partition(topic, partition).await;
         let result = self
             .scan_locked(&mut index, topic, partition, target, counters)
             .await;
@@ -426,11 +431,7 @@ impl TxnIndex {
         with_last_stable: bool,
         counters: &Counters,
     ) -> Result<PartitionOffsets, HarnessError> {
-        let entry = lock(&self.partitions)
-            .entry((topic.to_string(), partition))
-            .or_default()
-            .clone();
-        let mut index = entry.lock_owned().await;
+        let mut index = self.lock_partition(topic, partition).await;
         let result = self
             .offsets_locked(&mut index, topic, partition, with_last_stable, counters)
             .await;
@@ -515,19 +516,23 @@ impl TxnIndex {
         offset: i64,
         counters: &Counters,
     ) -> Result<Option<PartitionData>, HarnessError> {
-        if index.connection.is_none() {
-            let mut connection = KafkaConnection::connect(self.upstream).await?;
-            let versions = connection.api_versions().await?;
-            let version = supported_version(&versions, ApiKey::Fetch, 4, 12).ok_or_else(|| {
-                HarnessError::protocol(
-                    format!("indexing {topic}/{partition}: connecting"),
-                    "broker supports no Fetch v4..12",
-                )
-            })?;
-            index.connection = Some((connection, version));
-        }
-        let Some((connection, version)) = index.connection.as_mut() else {
-            return Ok(None);
+        // The connection is taken out for the request and put back only after its response
+        // was read: if this future is dropped half-way (the client that asked went away), the
+        // connection goes with it instead of handing the next request a stale response.
+        let (mut connection, version) = match index.connection.take() {
+            Some(open) => open,
+            None => {
+                let mut connection = KafkaConnection::connect(self.upstream).await?;
+                let versions = connection.api_versions().await?;
+                let version =
+                    supported_version(&versions, ApiKey::Fetch, 4, 12).ok_or_else(|| {
+                        HarnessError::protocol(
+                            format!("indexing {topic}/{partition}: connecting"),
+                            "broker supports no Fetch v4..12",
+                        )
+                    })?;
+                (connection, version)
+            }
         };
         let request = FetchRequest::default()
             .with_replica_id((-1).into())
@@ -550,7 +555,8 @@ impl TxnIndex {
                     .with_last_fetched_epoch(-1)
                     .with_log_start_offset(-1)
                     .with_partition_max_bytes(SCAN_FETCH_BYTES)])]);
-        let response = connection.send(*version, &request).await?;
+        let response = connection.send(version, &request).await?;
+        index.connection = Some((connection, version));
         Counters::add(&counters.index_fetches, 1);
         Ok(response
             .responses

@@ -177,6 +177,20 @@ fn read_to_end(consumer: &BaseConsumer, topic: &str, starts: &[(i32, Offset)]) -
     seen
 }
 
+/// Reads partition 0 of `topic` from its beginning to its end with `isolation`, off the
+/// reactor.
+async fn read_partition_0(bootstrap: &str, topic: &str, isolation: &'static str) -> Vec<Seen> {
+    let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
+    blocking(move || {
+        read_to_end(
+            &consumer(&bootstrap, isolation, &[]),
+            &topic,
+            &[(0, Offset::Beginning)],
+        )
+    })
+    .await
+}
+
 fn payloads(seen: &[Seen]) -> Vec<String> {
     seen.iter().map(|s| s.payload.clone()).collect()
 }
@@ -245,15 +259,7 @@ async fn commit_abort_zombie_and_open_transaction() {
     .await;
 
     // The whole log, uncommitted, to learn offsets.
-    let (t, p) = (topic.clone(), proxy.clone());
-    let log = blocking(move || {
-        read_to_end(
-            &consumer(&p, "read_uncommitted", &[]),
-            &t,
-            &[(0, Offset::Beginning)],
-        )
-    })
-    .await;
+    let log = read_partition_0(&proxy, &topic, "read_uncommitted").await;
     assert_eq!(
         payloads(&log),
         ["c1-0", "a1-0", "z1-0", "c2-0", "o1-0", "c3-0"]
@@ -276,15 +282,7 @@ async fn commit_abort_zombie_and_open_transaction() {
 
     // The bare broker shows the gap the proxy closes (nisshi 0.7.0, DESIGN.md §4): this is
     // what makes the assertions above meaningful.
-    let (t, b) = (topic.clone(), bare.clone());
-    let bare_seen = blocking(move || {
-        read_to_end(
-            &consumer(&b, "read_committed", &[]),
-            &t,
-            &[(0, Offset::Beginning)],
-        )
-    })
-    .await;
+    let bare_seen = read_partition_0(&bare, &topic, "read_committed").await;
     assert!(
         payloads(&bare_seen).contains(&"a1-0".to_string()),
         "bare nisshi now filters aborted records: {bare_seen:?}"
@@ -695,15 +693,7 @@ async fn consumer_starting_inside_an_aborted_transaction() {
         transaction(&a, &t, 0, &names("after", 3), true);
     })
     .await;
-    let (t, p) = (topic.clone(), proxy.clone());
-    let log = blocking(move || {
-        read_to_end(
-            &consumer(&p, "read_uncommitted", &[]),
-            &t,
-            &[(0, Offset::Beginning)],
-        )
-    })
-    .await;
+    let log = read_partition_0(&proxy, &topic, "read_uncommitted").await;
     let after: BTreeSet<String> = names("after", 3).into_iter().collect();
     let other_and_after: BTreeSet<String> =
         names("other", 3).into_iter().chain(after.clone()).collect();
@@ -916,15 +906,7 @@ async fn outage_refuses_connections_then_recovers() {
         "the outage did not hold the client back"
     );
     assert!(cluster.proxy.stats().connections_refused > 0);
-    let (t, p) = (topic.clone(), proxy.clone());
-    let seen = blocking(move || {
-        read_to_end(
-            &consumer(&p, "read_committed", &[]),
-            &t,
-            &[(0, Offset::Beginning)],
-        )
-    })
-    .await;
+    let seen = read_partition_0(&proxy, &topic, "read_committed").await;
     assert_exactly(&seen, &committed.into_iter().collect(), "after the outage");
 }
 
@@ -1036,15 +1018,7 @@ async fn held_end_txn_blocks_the_commit_until_released() {
     assert_eq!(stats.end_txn_held, 1, "{stats:?}");
 
     // Held: the transaction is open on the broker, so read_committed ends before it.
-    let (t, p) = (topic.clone(), proxy.clone());
-    let seen = blocking(move || {
-        read_to_end(
-            &consumer(&p, "read_committed", &[]),
-            &t,
-            &[(0, Offset::Beginning)],
-        )
-    })
-    .await;
+    let seen = read_partition_0(&proxy, &topic, "read_committed").await;
     assert_eq!(payloads(&seen), ["before-0", "before-1"]);
     assert!(
         !commit.is_finished(),
@@ -1085,15 +1059,7 @@ async fn held_end_txn_blocks_the_commit_until_released() {
         "{stats:?}"
     );
 
-    let (t, p) = (topic.clone(), proxy.clone());
-    let seen = blocking(move || {
-        read_to_end(
-            &consumer(&p, "read_committed", &[]),
-            &t,
-            &[(0, Offset::Beginning)],
-        )
-    })
-    .await;
+    let seen = read_partition_0(&proxy, &topic, "read_committed").await;
     let expected: BTreeSet<String> = [names("before", 2), names("held", 3), names("after", 2)]
         .concat()
         .into_iter()
@@ -1843,15 +1809,7 @@ async fn committed_transaction_below_an_abandoned_one_is_visible() {
     .await;
     eprintln!("nisshi's own read_committed fetches returned {broker_view:?}");
 
-    let (t, p) = (topic.clone(), proxy.clone());
-    let seen = blocking(move || {
-        read_to_end(
-            &consumer(&p, "read_committed", &[]),
-            &t,
-            &[(0, Offset::Beginning)],
-        )
-    })
-    .await;
+    let seen = read_partition_0(&proxy, &topic, "read_committed").await;
     assert_eq!(payloads(&seen), ["p-0"], "read_committed through the proxy");
     let (t, p) = (topic.clone(), proxy.clone());
     assert_eq!(

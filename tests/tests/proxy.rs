@@ -884,6 +884,144 @@ async fn faults_latency_dropped_connections_outage_and_delayed_end_txn() {
     assert!(stats.aborted_entries_added > 0, "{stats:?}");
 }
 
+/// One idempotent Produce request of `count` records to partition 0 with base sequence
+/// `base_sequence`.
+fn idempotent_produce(
+    topic: &str,
+    producer_id: i64,
+    epoch: i16,
+    base_sequence: i32,
+    count: usize,
+) -> ProduceRequest {
+    let records: Vec<Record> = (0..count)
+        .map(|i| {
+            let payload = format!("seq-{}", base_sequence as usize + i);
+            Record {
+                transactional: false,
+                control: false,
+                delete_horizon: false,
+                partition_leader_epoch: -1,
+                producer_id,
+                producer_epoch: epoch,
+                timestamp_type: TimestampType::Creation,
+                offset: i as i64,
+                sequence: base_sequence + i as i32,
+                timestamp: 0,
+                key: None,
+                value: Some(bytes::Bytes::from(payload)),
+                headers: Default::default(),
+            }
+        })
+        .collect();
+    let mut batch = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut batch,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .expect("encode records");
+    ProduceRequest::default()
+        .with_acks(-1)
+        .with_timeout_ms(30_000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partition_data(vec![PartitionProduceData::default()
+                .with_index(0)
+                .with_records(Some(batch.freeze()))])])
+}
+
+/// Sends each batch of an idempotent producer on two connections at once, as a client does
+/// when it retries on a new connection a request the old one may still be carrying. Returns
+/// how many records partition 0 holds afterwards.
+async fn produce_every_batch_twice_at_once(
+    address: std::net::SocketAddr,
+    topic: &str,
+    batches: i32,
+    per_batch: usize,
+) -> usize {
+    let mut first = KafkaConnection::connect(address).await.expect("connect");
+    let mut second = KafkaConnection::connect(address).await.expect("connect");
+    let init = first
+        .send(
+            1,
+            &InitProducerIdRequest::default().with_transaction_timeout_ms(60_000),
+        )
+        .await
+        .expect("InitProducerId");
+    assert_eq!(init.error_code, 0, "{init:?}");
+    for batch in 0..batches {
+        let request = idempotent_produce(
+            topic,
+            init.producer_id.0,
+            init.producer_epoch,
+            batch * per_batch as i32,
+            per_batch,
+        );
+        let (a, b) = tokio::join!(first.send(3, &request), second.send(3, &request));
+        for response in [a.expect("Produce"), b.expect("Produce")] {
+            let code = response.responses[0].partition_responses[0].error_code;
+            // 0, or DUPLICATE_SEQUENCE_NUMBER (46), which clients take as "already written".
+            assert!(code == 0 || code == 46, "batch {batch}: error code {code}");
+        }
+    }
+    let (bootstrap, topic) = (address.to_string(), topic.to_owned());
+    blocking(move || {
+        read_to_end(
+            &consumer(&bootstrap, "read_uncommitted", &[]),
+            &topic,
+            &[(0, Offset::Beginning)],
+        )
+    })
+    .await
+    .len()
+}
+
+/// nisshi checks an idempotent batch's sequence and advances it in two separate steps, so
+/// two copies of one batch processed at once (a retry on a new connection while the old
+/// connection's copy is still in the broker) are both written; Kafka writes one. The proxy
+/// keeps an idempotent producer's Produce requests on different connections apart, so through
+/// it every batch lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_copies_of_an_idempotent_batch_are_written_once() {
+    init_tracing();
+    let cluster = TestCluster::start().await.expect("cluster");
+    let (batches, per_batch) = (200, 3);
+    let bare_topic = unique_name("dup-race-bare");
+    let proxied_topic = unique_name("dup-race-proxied");
+    cluster.create_topic(&bare_topic, 1).await.expect("topic");
+    cluster
+        .create_topic(&proxied_topic, 1)
+        .await
+        .expect("topic");
+
+    let bare = produce_every_batch_twice_at_once(
+        cluster.broker.address(),
+        &bare_topic,
+        batches,
+        per_batch,
+    )
+    .await;
+    eprintln!(
+        "bare nisshi: {bare} records for {} written (the gap this test guards against)",
+        batches as usize * per_batch
+    );
+    let proxied = produce_every_batch_twice_at_once(
+        cluster.proxy.address(),
+        &proxied_topic,
+        batches,
+        per_batch,
+    )
+    .await;
+    assert_eq!(
+        proxied,
+        batches as usize * per_batch,
+        "records through the proxy"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_refuses_connections_then_recovers() {
     init_tracing();

@@ -22,6 +22,7 @@ use super::fencing::{fenced_request, placeholder_request};
 use super::framing::{
     read_frame, request_key_version_correlation, response_correlation_id, write_frame,
 };
+use super::produce_gate::{idempotent_producer_ids, GateTickets};
 use super::rewrite::{
     classify_request, fetch_read_uncommitted, rewrite_response, ConnectionState, Pending,
     PendingResponse,
@@ -42,11 +43,13 @@ type PendingMap = Arc<Mutex<HashMap<i32, PendingResponse>>>;
 type ClientRead = Result<Option<BytesMut>, String>;
 
 /// Serves one client until it disconnects, the broker disconnects, or `kill` changes.
+/// `connection` identifies it in the [`ProduceGate`](super::produce_gate::ProduceGate).
 pub(crate) async fn serve(
     client: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     mut kill: watch::Receiver<u64>,
+    connection: u64,
 ) {
     let upstream = match tokio::time::timeout(
         UPSTREAM_CONNECT_TIMEOUT,
@@ -69,18 +72,78 @@ pub(crate) async fn serve(
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
     let pending: PendingMap = Arc::default();
-    let requests = forward_requests(client_read, upstream_write, pending.clone(), shared.clone());
-    let responses = forward_responses(upstream_read, client_write, pending, shared.clone());
+    let tickets = Arc::new(GateTickets::new(shared.produce_gate.clone(), connection));
+    // Responses are read by their own task, so the connection can go on reading them after
+    // its client is gone (see `drain_produce_responses`).
+    let (responses_tx, mut responses) = mpsc::channel(REQUEST_QUEUE);
+    let answered = tickets.clone();
+    let _reader = AbortOnDrop(tokio::spawn(read_frames(
+        upstream_read,
+        responses_tx,
+        move |frame| {
+            if let Some(correlation_id) = response_correlation_id(frame) {
+                answered.answered(correlation_id);
+            }
+        },
+    )));
+    let requests = forward_requests(
+        client_read,
+        upstream_write,
+        pending.clone(),
+        shared.clone(),
+        tickets.clone(),
+    );
+    let forwarded = forward_responses(&mut responses, client_write, pending, shared.clone());
     let outcome = tokio::select! {
         outcome = requests => outcome.map_err(|e| format!("client side: {e}")),
-        outcome = responses => outcome.map_err(|e| format!("broker side: {e}")),
+        outcome = forwarded => outcome.map_err(|e| format!("broker side: {e}")),
         _ = kill.changed() => Err("dropped by fault injection".to_string()),
     };
     match outcome {
         Ok(()) => tracing::debug!(%peer, "proxy connection closed"),
         Err(reason) => tracing::debug!(%peer, %reason, "proxy connection ended"),
     }
-    // Dropping both halves of both sockets closes them.
+    // The client's socket is closed now (its halves went with the futures above), and so is
+    // the upstream write half: the broker sees the end after the requests it already has.
+    drain_produce_responses(&mut responses, &tickets, peer).await;
+}
+
+/// How long a closed connection waits for the broker to answer the Produce requests it
+/// forwarded before it lets other connections of the same producers through.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads (and discards) the broker's responses until every Produce request this connection
+/// forwarded is answered, so a client's retry on another connection cannot reach the broker
+/// while the first copy is still being written (see [`super::produce_gate`]).
+async fn drain_produce_responses(
+    responses: &mut mpsc::Receiver<ClientRead>,
+    tickets: &GateTickets,
+    peer: SocketAddr,
+) {
+    if tickets.outstanding() == 0 {
+        return;
+    }
+    let drained = async {
+        while tickets.outstanding() > 0 {
+            match responses.recv().await {
+                Some(Ok(Some(_))) => {}
+                // The broker closed or failed: nothing of this connection is in it any more.
+                Some(Ok(None)) | Some(Err(_)) | None => return,
+            }
+        }
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
+        tracing::warn!(%peer, outstanding = tickets.outstanding(), ?DRAIN_TIMEOUT, "broker did not answer a closed connection's Produce requests; letting the producer's other connections through");
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Forwards the client's requests upstream until the client's stream ends (`Ok`) or either
@@ -90,24 +153,33 @@ async fn forward_requests(
     upstream: OwnedWriteHalf,
     pending: PendingMap,
     shared: Arc<Shared>,
+    tickets: Arc<GateTickets>,
 ) -> Result<(), String> {
     let (reads_tx, reads) = mpsc::channel(REQUEST_QUEUE);
     // The reader's end is reported through the queue, after every request it read; the
     // forwarder decides when the connection is done.
     let reader = async move {
-        read_requests(client, reads_tx).await;
+        read_frames(client, reads_tx, |_| {}).await;
         std::future::pending::<Result<(), String>>().await
     };
     tokio::select! {
         outcome = reader => outcome,
-        outcome = forward_queued_requests(reads, upstream, pending, shared) => outcome,
+        outcome = forward_queued_requests(reads, upstream, pending, shared, tickets) => outcome,
     }
 }
 
-/// Reads request frames from the client into `queue` until its stream ends or fails.
-async fn read_requests(mut client: OwnedReadHalf, queue: mpsc::Sender<ClientRead>) {
+/// Reads frames from `socket` into `queue` until its stream ends or fails, calling
+/// `on_frame` on each before it is queued.
+async fn read_frames(
+    mut socket: OwnedReadHalf,
+    queue: mpsc::Sender<ClientRead>,
+    on_frame: impl Fn(&BytesMut),
+) {
     loop {
-        let read = read_frame(&mut client).await.map_err(|e| e.to_string());
+        let read = read_frame(&mut socket).await.map_err(|e| e.to_string());
+        if let Ok(Some(frame)) = &read {
+            on_frame(frame);
+        }
         let last = !matches!(read, Ok(Some(_)));
         if queue.send(read).await.is_err() || last {
             return;
@@ -120,6 +192,7 @@ async fn forward_queued_requests(
     mut upstream: OwnedWriteHalf,
     pending: PendingMap,
     shared: Arc<Shared>,
+    tickets: Arc<GateTickets>,
 ) -> Result<(), String> {
     let mut state = ConnectionState::default();
     let mut hold = shared.faults.end_txn_hold();
@@ -133,7 +206,7 @@ async fn forward_queued_requests(
         let Some(frame) = read? else {
             return Ok(());
         };
-        let Some((api_key, _, _)) = request_key_version_correlation(&frame) else {
+        let Some((api_key, _, correlation_id)) = request_key_version_correlation(&frame) else {
             return Err(format!(
                 "request frame of {} bytes is too short",
                 frame.len()
@@ -175,6 +248,11 @@ async fn forward_queued_requests(
                 .await
                 .map_err(|e| e.to_string())?;
             continue;
+        }
+        if let Some(producer_ids) = idempotent_producer_ids(&frame) {
+            if tickets.enter(correlation_id, producer_ids).await {
+                Counters::add(&shared.counters.produce_requests_delayed, 1);
+            }
         }
         let mut frame = frame;
         if let Some((correlation_id, expected)) = classify_request(&frame, &mut state) {
@@ -256,13 +334,15 @@ impl Drop for HeldRequest<'_> {
     }
 }
 
+/// Passes the broker's responses (read by `read_frames` into `responses`) to the client,
+/// rewritten where needed, until the broker's stream ends (`Ok`) or either side fails.
 async fn forward_responses(
-    mut upstream: OwnedReadHalf,
+    responses: &mut mpsc::Receiver<ClientRead>,
     mut client: OwnedWriteHalf,
     pending: PendingMap,
     shared: Arc<Shared>,
 ) -> Result<(), String> {
-    while let Some(frame) = read_frame(&mut upstream).await.map_err(|e| e.to_string())? {
+    while let Some(frame) = responses.recv().await.unwrap_or(Ok(None))? {
         let frame = frame.freeze();
         let expected = response_correlation_id(&frame).and_then(|id| lock(&pending).remove(&id));
         let Some(expected) = expected else {

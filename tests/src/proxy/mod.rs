@@ -27,6 +27,9 @@
 //!   clients never bypass it ([`rewrite`]);
 //! - answers the transactional requests of a fenced (zombie) producer with the fenced error
 //!   code Kafka gives, where nisshi closes the connection instead ([`fencing`]);
+//! - keeps an idempotent producer's Produce requests on different connections apart (a
+//!   retry waits until the broker answered the first copy), because nisshi writes two copies
+//!   of one batch that it processes at once ([`produce_gate`]);
 //! - injects faults on command ([`Faults`]): latency, dropped connections, outages, late
 //!   EndTxn responses, and EndTxn requests held back (a transaction left open with its
 //!   records, whose commit a killed client never sends).
@@ -60,6 +63,7 @@ mod connection;
 mod faults;
 mod fencing;
 pub mod framing;
+mod produce_gate;
 mod rewrite;
 pub mod txn_index;
 
@@ -73,6 +77,7 @@ use tokio::task::JoinHandle;
 use crate::error::HarnessError;
 pub use faults::Faults;
 use fencing::ProducerEpochs;
+use produce_gate::ProduceGate;
 use txn_index::TxnIndex;
 
 /// Counters of what the proxy did, for tests that want to show a code path was exercised.
@@ -115,6 +120,9 @@ pub struct ProxyStats {
     /// Held EndTxn requests discarded, never forwarded, because their client connection
     /// closed (or was dropped by a fault) while they were held.
     pub end_txn_discarded: u64,
+    /// Produce requests of an idempotent producer held back until the broker had answered
+    /// that producer's requests on another connection (see [`produce_gate`]).
+    pub produce_requests_delayed: u64,
 }
 
 impl ProxyStats {
@@ -142,6 +150,7 @@ pub(crate) struct Counters {
     pub end_txn_held: AtomicU64,
     pub end_txn_released: AtomicU64,
     pub end_txn_discarded: AtomicU64,
+    pub produce_requests_delayed: AtomicU64,
 }
 
 impl Counters {
@@ -167,6 +176,7 @@ impl Counters {
             end_txn_held: get(&self.end_txn_held),
             end_txn_released: get(&self.end_txn_released),
             end_txn_discarded: get(&self.end_txn_discarded),
+            produce_requests_delayed: get(&self.produce_requests_delayed),
         }
     }
 }
@@ -180,6 +190,7 @@ pub(crate) struct Shared {
     pub counters: Counters,
     pub index: TxnIndex,
     pub producer_epochs: ProducerEpochs,
+    pub produce_gate: Arc<ProduceGate>,
 }
 
 /// A running proxy. Dropping it stops accepting and closes every connection.
@@ -205,6 +216,7 @@ impl Proxy {
             counters: Counters::default(),
             index: TxnIndex::new(upstream),
             producer_epochs: ProducerEpochs::default(),
+            produce_gate: Arc::default(),
         });
         let accept_task = tokio::spawn(accept_loop(listener, shared.clone()));
         tracing::info!(proxy = %advertised, %upstream, "read-committed proxy started");
@@ -306,9 +318,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             drop(client);
             continue;
         }
-        Counters::add(&shared.counters.connections, 1);
+        let connection = shared.counters.connections.fetch_add(1, Ordering::Relaxed);
         // Subscribe before spawning so a drop_connections() right now also ends this one.
         let kill = shared.faults.kill_signal();
-        tokio::spawn(connection::serve(client, peer, shared.clone(), kill));
+        tokio::spawn(connection::serve(
+            client,
+            peer,
+            shared.clone(),
+            kill,
+            connection,
+        ));
     }
 }

@@ -32,7 +32,29 @@ fn describe(metadata: &Metadata, topic: &str) -> Option<(usize, usize)> {
     Some((t.partitions().len(), replication))
 }
 
+/// How long start-up retries a metadata request that fails for a reason that may pass (a
+/// broker restarting or slow under load); each attempt waits up to [`METADATA_TIMEOUT`].
+const METADATA_RETRY_BUDGET: Duration = Duration::from_secs(60);
+
+/// Cluster metadata, retried with backoff for up to [`METADATA_RETRY_BUDGET`]: one slow
+/// answer must not stop a service (a wrong address or credentials still fail, after the
+/// budget, with the client's error and a warning per attempt meanwhile).
 async fn fetch_metadata(config: &AppConfig) -> Result<Metadata, Error> {
+    let deadline = Instant::now() + METADATA_RETRY_BUDGET;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match fetch_metadata_once(config).await {
+            Err(error) if error.is_transient() && Instant::now() + backoff < deadline => {
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, brokers = %config.bootstrap_servers, "cluster metadata unavailable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+async fn fetch_metadata_once(config: &AppConfig) -> Result<Metadata, Error> {
     let client_config = config.admin_config();
     tokio::task::spawn_blocking(move || {
         let consumer: rdkafka::consumer::BaseConsumer = client_config

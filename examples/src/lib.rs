@@ -11,6 +11,7 @@
 //! [`verify`] the end-to-end check of the chain's output topics against it (used by the demo
 //! and the chaos suite's workload).
 
+pub mod bench;
 pub mod generator;
 pub mod ledger;
 pub mod model;
@@ -18,5 +19,6 @@ pub mod payments;
 pub mod producer;
 pub mod service;
 pub mod stats;
+pub mod topics;
 pub mod validate;
 pub mod verify;

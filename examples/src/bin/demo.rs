@@ -31,13 +31,12 @@ use exactly_examples::generator::{self, InputCommand, Intent};
 use exactly_examples::model;
 use exactly_examples::producer::{command_producer, command_record, DeliveryCounter};
 use exactly_examples::service::{self, LedgerArgs, StatsArgs, ValidateArgs};
+use exactly_examples::topics::create_topics;
 use exactly_examples::verify::{verify_chain, OutputTopics, TopicCheck};
 use exactly_tests::chaos::drain::{all_stable, Ends, TopicEnds};
 use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::eos::CheckOptions;
 use exactly_tests::process::{ProcessSpec, Supervisor};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, Producer};
@@ -268,7 +267,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
 
     let commands = generator::generate(args.seed, args.count, args.accounts);
     let expectation = model::expect(&commands).context("the reference model refused the input")?;
-    create_topics(&bootstrap, &names.topics(), args.partitions).await?;
+    create_topics(&bootstrap, &names.topics(), args.partitions, &[]).await?;
     say(
         started,
         format_args!("created 6 topics with {} partitions", args.partitions),
@@ -675,57 +674,6 @@ impl ProgressReporter {
 
 // ---------------------------------------------------------------------------------------
 // Topics
-
-async fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .context("creating the admin client")?;
-    let new_topics: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
-        .collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics(&new_topics, &options).await? {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => bail!("creating topic {topic} on {bootstrap}: {code}"),
-        }
-    }
-    // Wait until metadata lists every partition with a leader.
-    let bootstrap = bootstrap.to_owned();
-    let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .create()?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        for topic in &topics {
-            loop {
-                let ready = consumer
-                    .fetch_metadata(Some(topic), Duration::from_secs(5))
-                    .map(|m| {
-                        m.topics().iter().any(|t| {
-                            t.name() == topic
-                                && t.error().is_none()
-                                && t.partitions().len() == partitions as usize
-                                && t.partitions().iter().all(|p| p.leader() >= 0)
-                        })
-                    })
-                    .unwrap_or(false);
-                if ready {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    bail!("topic {topic} did not appear with {partitions} partitions on {bootstrap} within 60 s");
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        Ok(())
-    })
-    .await?
-}
 
 // ---------------------------------------------------------------------------------------
 // Producing the input

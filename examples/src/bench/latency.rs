@@ -1,0 +1,312 @@
+//! End-to-end latency through the payments chain A (validate) → B (ledger) → C (stats) at a
+//! fixed input rate.
+//!
+//! Every output record carries its input record's timestamp (the framework's default), so
+//! a summary that C emits carries the time its payment command was produced. The latency of
+//! a summary is the time a read_committed consumer receives it minus that timestamp: the
+//! whole chain, three (for credits four) transactions deep, as a downstream reader sees it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use exactly::{AppConfig, ErrorPolicy};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::Producer;
+use rdkafka::ClientConfig;
+
+use super::engine::{blocking_with, RunningApp};
+use crate::generator;
+use crate::ledger::Ledger;
+use crate::producer::{command_producer, command_record};
+use crate::stats::Stats;
+use crate::validate::Validate;
+
+/// The chain's topics for one run.
+#[derive(Debug, Clone)]
+pub struct ChainTopics {
+    /// Payment commands (A's input).
+    pub commands: String,
+    /// Ledger legs (A's output, B's input and output).
+    pub ledger: String,
+    /// A's dead letters.
+    pub dead_letters: String,
+    /// Balance events (B's output, C's input).
+    pub balances: String,
+    /// B's rejections.
+    pub rejections: String,
+    /// C's summaries.
+    pub stats: String,
+}
+
+impl ChainTopics {
+    /// The topics of run `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        let name = |t: &str| format!("{prefix}.payments.{t}");
+        ChainTopics {
+            commands: name("commands"),
+            ledger: name("ledger"),
+            dead_letters: name("dead-letters"),
+            balances: name("balances"),
+            rejections: name("rejections"),
+            stats: name("stats"),
+        }
+    }
+
+    /// All of them.
+    pub fn all(&self) -> [&str; 6] {
+        [
+            &self.commands,
+            &self.ledger,
+            &self.dead_letters,
+            &self.balances,
+            &self.rejections,
+            &self.stats,
+        ]
+    }
+}
+
+/// What the latency run measured.
+#[derive(Debug, Clone)]
+pub struct LatencyRun {
+    /// Commands produced (at the target rate).
+    pub commands: u64,
+    /// Summaries whose latency was sampled (after the warm-up).
+    pub samples: usize,
+    /// Median latency.
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// Largest.
+    pub max: Duration,
+}
+
+/// How long after the first command samples count (the chain's first transactions include
+/// partition start-up).
+const WARM_UP: Duration = Duration::from_secs(2);
+/// The chain is done with the input when no summary arrived for this long after the last
+/// command was produced.
+const QUIET: Duration = Duration::from_secs(3);
+
+/// Runs A, B and C (one instance each, default commit interval) on `topics`, produces
+/// `rate` commands per second for `duration`, and samples the latency of C's summaries.
+pub async fn measure_chain_latency(
+    bootstrap: &str,
+    prefix: &str,
+    topics: &ChainTopics,
+    partitions: i32,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<LatencyRun> {
+    let config = |service: &str, input: &str, policy: ErrorPolicy| {
+        AppConfig::new(format!("{prefix}.{service}"), bootstrap)
+            .input_topic(input)
+            .error_policy(policy)
+    };
+    let validate = RunningApp::start(
+        config(
+            "validate",
+            &topics.commands,
+            ErrorPolicy::DeadLetter {
+                topic: topics.dead_letters.clone(),
+            },
+        ),
+        Validate {
+            ledger_topic: topics.ledger.clone(),
+            dead_letter_topic: topics.dead_letters.clone(),
+        },
+    )?;
+    let ledger = RunningApp::start(
+        config("ledger", &topics.ledger, ErrorPolicy::Fail),
+        Ledger {
+            ledger_topic: topics.ledger.clone(),
+            balances_topic: topics.balances.clone(),
+            rejections_topic: topics.rejections.clone(),
+        },
+    )?;
+    let stats = RunningApp::start(
+        config("stats", &topics.balances, ErrorPolicy::Fail),
+        Stats {
+            summaries_topic: topics.stats.clone(),
+        },
+    )?;
+    let limit = Duration::from_secs(120);
+    for app in [&validate, &ledger, &stats] {
+        blocking_with(app, |app| {
+            app.wait_for_metrics("every partition live", limit, |m| {
+                m.recoveries >= partitions as u64 && m.partitions_assigned == partitions as u64
+            })
+        })
+        .await?;
+    }
+
+    let reader = LatencyReader::start(bootstrap, &topics.stats)?;
+    let produced = {
+        let (bootstrap, commands_topic) = (bootstrap.to_owned(), topics.commands.clone());
+        tokio::task::spawn_blocking(move || {
+            produce_at_rate(&bootstrap, &commands_topic, rate, duration)
+        })
+        .await
+        .context("the command producer panicked")??
+    };
+    let latencies = tokio::task::spawn_blocking(move || reader.finish(produced.first_sent))
+        .await
+        .context("the latency reader panicked")??;
+    for app in [validate, ledger, stats] {
+        app.stop().await?;
+    }
+    let mut sorted = latencies;
+    sorted.sort_unstable();
+    if sorted.is_empty() {
+        bail!("no summary reached {} after the warm-up", topics.stats);
+    }
+    let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+    Ok(LatencyRun {
+        commands: produced.count,
+        samples: sorted.len(),
+        p50: at(0.50),
+        p99: at(0.99),
+        max: at(1.0),
+    })
+}
+
+struct Produced {
+    count: u64,
+    /// Unix ms of the first command.
+    first_sent: i64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Produces generated commands at `rate` per second for `duration` (paced per millisecond
+/// slot, so the rate holds within a few ms).
+fn produce_at_rate(
+    bootstrap: &str,
+    topic: &str,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<Produced> {
+    let total = (rate as f64 * duration.as_secs_f64()).round() as usize;
+    let commands = generator::generate(11, total, 500);
+    let producer = command_producer(bootstrap).context("creating the command producer")?;
+    let started = Instant::now();
+    let first_sent = now_ms();
+    for (i, command) in commands.iter().enumerate() {
+        let due = Duration::from_secs_f64(i as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait); // pacing the input rate, not waiting for a condition
+        }
+        let mut record = command_record(topic, command);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    producer.poll(Duration::from_millis(1));
+                }
+                Err((error, _)) => bail!("producing command {} to {topic}: {error}", command.id),
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .context("flushing the commands")?;
+    if producer.context().failed() > 0 {
+        bail!(
+            "{} commands were not delivered: {}",
+            producer.context().failed(),
+            producer.context().first_error()
+        );
+    }
+    Ok(Produced {
+        count: commands.len() as u64,
+        first_sent,
+    })
+}
+
+/// Reads C's summaries read_committed on its own thread and keeps each one's latency.
+struct LatencyReader {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<Vec<(i64, Duration)>>>,
+    last_seen: Arc<std::sync::Mutex<Instant>>,
+}
+
+impl LatencyReader {
+    fn start(bootstrap: &str, topic: &str) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", format!("{topic}.latency-reader"))
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .context("creating the latency reader")?;
+        consumer
+            .subscribe(&[topic])
+            .with_context(|| format!("subscribing the latency reader to {topic}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let last_seen = Arc::new(std::sync::Mutex::new(Instant::now()));
+        let thread = {
+            let (stop, last_seen) = (stop.clone(), last_seen.clone());
+            std::thread::spawn(move || {
+                let mut latencies = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(message) = consumer.poll(Duration::from_millis(50)) else {
+                        continue;
+                    };
+                    let message = message.context("reading the summaries")?;
+                    let received = now_ms();
+                    if let Some(sent) = message.timestamp().to_millis() {
+                        latencies
+                            .push((sent, Duration::from_millis((received - sent).max(0) as u64)));
+                    }
+                    *last_seen.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                }
+                Ok(latencies)
+            })
+        };
+        Ok(LatencyReader {
+            stop,
+            thread,
+            last_seen,
+        })
+    }
+
+    /// Waits until the chain has gone quiet, stops reading and returns the latencies of the
+    /// summaries of commands sent after the warm-up.
+    fn finish(self, first_sent: i64) -> anyhow::Result<Vec<Duration>> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let quiet_for = self
+                .last_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed();
+            if quiet_for >= QUIET || Instant::now() >= deadline || self.thread.is_finished() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        let latencies = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the latency reader panicked"))??;
+        let warm = first_sent + WARM_UP.as_millis() as i64;
+        Ok(latencies
+            .into_iter()
+            .filter(|(sent, _)| *sent >= warm)
+            .map(|(_, latency)| latency)
+            .collect())
+    }
+}

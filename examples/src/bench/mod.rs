@@ -1,0 +1,384 @@
+//! The benchmark (`cargo run --release -p exactly-examples --bin bench`): every case on the
+//! same broker and the same input records, in one run, reported as ratios against a
+//! baseline measured in that run (absolute numbers are not comparable between machines or
+//! runs).
+//!
+//! - [`raw`]: the ceiling, a librdkafka consume → produce pipe without transactions or state;
+//! - [`workload`]: the input and the stateful count exactly (and Quix) compute;
+//! - [`engine`]: an exactly app inside this process, run until its input is committed;
+//! - [`quix`]: Quix Streams 3.28.1 in its own virtualenv, doing the same count;
+//! - [`recovery`]: restoring a large state from a full snapshot vs replaying it;
+//! - [`latency`]: end-to-end latency through the payments chain A → B → C;
+//! - [`footprint`]: threads and memory per assigned partition;
+//! - [`progress`]: the common finish line (the group's committed offsets);
+//! - [`report`]: the tables and the `BENCH ...` line.
+
+pub mod engine;
+pub mod footprint;
+pub mod latency;
+pub mod progress;
+pub mod quix;
+pub mod raw;
+pub mod recovery;
+pub mod report;
+pub mod workload;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use exactly::AppConfig;
+
+use crate::topics::create_topics;
+use report::{QuixResult, Results, Throughput};
+use workload::CountProcessor;
+
+/// Topic configs every benchmark topic gets. Quix reads `retention.ms` and `retention.bytes`
+/// of its input topic to configure its changelog topics, and the local broker does not report
+/// defaults (DESIGN.md §6).
+pub const TOPIC_CONFIG: [(&str, &str); 2] =
+    [("retention.ms", "604800000"), ("retention.bytes", "-1")];
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Bootstrap servers.
+    pub bootstrap: String,
+    /// Prefix of every topic and group of this run.
+    pub run: String,
+    /// Input records of the throughput cases.
+    pub records: u64,
+    /// Partitions of the throughput topics (and the chain's).
+    pub partitions: i32,
+    /// Distinct keys of the throughput input.
+    pub keys: u64,
+    /// Keys of the restored state (one record each, one partition).
+    pub state_keys: u64,
+    /// Input rate of the latency case, commands per second.
+    pub latency_rate: u64,
+    /// How long the latency case produces.
+    pub latency_duration: Duration,
+    /// Assigned partition counts of the footprint case.
+    pub footprint_partitions: Vec<i32>,
+    /// Skip Quix (reported as not measured, with this reason).
+    pub skip_quix: Option<String>,
+    /// This benchmark's binary (re-run for the footprint case).
+    pub bench_exe: PathBuf,
+    /// Where child process logs go.
+    pub log_dir: PathBuf,
+}
+
+/// Longest any single case may take before the benchmark gives up on it.
+const CASE_LIMIT: Duration = Duration::from_secs(1800);
+
+/// Runs every case; `say` reports progress.
+pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow::Result<Results> {
+    let o = options;
+    let topic = |name: &str| format!("{}.{name}", o.run);
+    let input = topic("input");
+    let outputs = [
+        "out-raw",
+        "out-exactly-default",
+        "out-exactly-10ms",
+        "out-exactly-1000ms",
+        "out-quix",
+    ]
+    .map(topic);
+    let mut throughput_topics: Vec<&str> = vec![&input];
+    throughput_topics.extend(outputs.iter().map(String::as_str));
+    create_topics(
+        &o.bootstrap,
+        &throughput_topics,
+        o.partitions,
+        &TOPIC_CONFIG,
+    )
+    .await?;
+
+    say(&format!("producing {} input records to {input}", o.records));
+    let produced = {
+        let (bootstrap, input, records, keys) =
+            (o.bootstrap.clone(), input.clone(), o.records, o.keys);
+        tokio::task::spawn_blocking(move || {
+            workload::produce_input(&bootstrap, &input, records, keys)
+        })
+        .await
+        .context("the input producer panicked")??
+    };
+    say(&format!(
+        "produced in {:.1} s ({:.0} records/s)",
+        produced.as_secs_f64(),
+        o.records as f64 / produced.as_secs_f64()
+    ));
+
+    say("case 1: raw pipe (consume -> produce, no transactions, no state)");
+    let raw_elapsed = {
+        let (bootstrap, input, output, group, records) = (
+            o.bootstrap.clone(),
+            input.clone(),
+            outputs[0].clone(),
+            topic("raw"),
+            o.records,
+        );
+        tokio::task::spawn_blocking(move || {
+            raw::run_raw_pipe(&bootstrap, &input, &output, &group, records, CASE_LIMIT)
+        })
+        .await
+        .context("the raw pipe panicked")??
+    };
+    let raw = Throughput {
+        case: "raw pipe (no transactions, no state)".into(),
+        records: o.records,
+        elapsed: raw_elapsed,
+    };
+    say(&format!("  {:.0} records/s", raw.rate()));
+
+    let mut exactly_runs = Vec::new();
+    for (label, interval, output) in [
+        (
+            "exactly EOS, default settings (commit 100 ms)",
+            None,
+            &outputs[1],
+        ),
+        ("exactly EOS, commit interval 10 ms", Some(10), &outputs[2]),
+        (
+            "exactly EOS, commit interval 1000 ms",
+            Some(1000),
+            &outputs[3],
+        ),
+    ] {
+        say(&format!("case 2: {label}"));
+        let app_id = topic(&format!(
+            "exactly-{}",
+            interval.map_or("default".to_owned(), |ms| format!("{ms}ms"))
+        ));
+        let mut config = AppConfig::new(&app_id, &o.bootstrap).input_topic(&input);
+        if let Some(ms) = interval {
+            config = config.commit_interval(Duration::from_millis(ms));
+        }
+        let processor = CountProcessor {
+            output_topic: output.clone(),
+        };
+        let run = engine::run_to_end(
+            config,
+            processor,
+            &o.bootstrap,
+            &input,
+            o.partitions,
+            o.records,
+            CASE_LIMIT,
+        )
+        .await
+        .with_context(|| format!("case {label}"))?;
+        let tp = Throughput {
+            case: label.into(),
+            records: o.records,
+            elapsed: run.elapsed,
+        };
+        say(&format!(
+            "  {:.0} records/s, {} transactions",
+            tp.rate(),
+            run.metrics.transactions_committed
+        ));
+        exactly_runs.push(tp);
+    }
+    let exactly_default = exactly_runs.remove(0);
+
+    let quix = match &o.skip_quix {
+        Some(reason) => QuixResult::Unavailable(reason.clone()),
+        None => {
+            say("case 3: Quix Streams 3.28.1, exactly-once (installing it first if needed)");
+            run_quix(o, &input, &outputs[4], say).await
+        }
+    };
+    if let QuixResult::Measured(tp) = &quix {
+        say(&format!("  {:.0} records/s", tp.rate()));
+    }
+
+    say(&format!("case 4: restore of a {}-key state", o.state_keys));
+    let state_input = topic("state-input");
+    let restore_outputs = [topic("out-restore-snapshot"), topic("out-restore-replay")];
+    create_topics(
+        &o.bootstrap,
+        &[&state_input, &restore_outputs[0], &restore_outputs[1]],
+        1,
+        &TOPIC_CONFIG,
+    )
+    .await?;
+    {
+        let (bootstrap, state_input, keys) =
+            (o.bootstrap.clone(), state_input.clone(), o.state_keys);
+        tokio::task::spawn_blocking(move || {
+            workload::produce_input(&bootstrap, &state_input, keys, keys)
+        })
+        .await
+        .context("the state input producer panicked")??;
+    }
+    let restore_snapshot = recovery::measure_restore(
+        &o.bootstrap,
+        &state_input,
+        &restore_outputs[0],
+        o.state_keys,
+        &topic("restore-snapshot"),
+        true,
+        CASE_LIMIT,
+    )
+    .await
+    .context("restore with full snapshots")?;
+    say(&format!(
+        "  with full snapshots: restore {} ms ({} records replayed), snapshot {} bytes",
+        restore_snapshot.restore.as_millis(),
+        restore_snapshot.replayed,
+        restore_snapshot.snapshot_bytes
+    ));
+    let restore_replay = recovery::measure_restore(
+        &o.bootstrap,
+        &state_input,
+        &restore_outputs[1],
+        o.state_keys,
+        &topic("restore-replay"),
+        false,
+        CASE_LIMIT,
+    )
+    .await
+    .context("restore by replay")?;
+    say(&format!(
+        "  without: restore {} ms ({} records replayed)",
+        restore_replay.restore.as_millis(),
+        restore_replay.replayed
+    ));
+
+    say(&format!(
+        "case 5: end-to-end latency A -> B -> C at {} commands/s for {} s",
+        o.latency_rate,
+        o.latency_duration.as_secs()
+    ));
+    let chain = latency::ChainTopics::new(&topic("chain"));
+    create_topics(&o.bootstrap, &chain.all(), o.partitions, &TOPIC_CONFIG).await?;
+    let latency = latency::measure_chain_latency(
+        &o.bootstrap,
+        &topic("chain"),
+        &chain,
+        o.partitions,
+        o.latency_rate,
+        o.latency_duration,
+    )
+    .await
+    .context("the latency case")?;
+    say(&format!(
+        "  p50 {} ms, p99 {} ms",
+        latency.p50.as_millis(),
+        latency.p99.as_millis()
+    ));
+
+    say("case 6: per-partition cost");
+    let mut footprints = Vec::new();
+    for &partitions in &o.footprint_partitions {
+        let fp_input = topic(&format!("footprint-{partitions}"));
+        let fp_output = topic(&format!("out-footprint-{partitions}"));
+        create_topics(
+            &o.bootstrap,
+            &[&fp_input, &fp_output],
+            partitions,
+            &TOPIC_CONFIG,
+        )
+        .await?;
+        // Enough records that every partition has some.
+        let records = 100 * partitions as u64;
+        {
+            let (bootstrap, fp_input) = (o.bootstrap.clone(), fp_input.clone());
+            tokio::task::spawn_blocking(move || {
+                workload::produce_input(&bootstrap, &fp_input, records, records)
+            })
+            .await
+            .context("the footprint input producer panicked")??;
+        }
+        let footprint = footprint::measure(&footprint::FootprintCase {
+            bench_exe: &o.bench_exe,
+            bootstrap: &o.bootstrap,
+            app_id: &topic(&format!("footprint-app-{partitions}")),
+            topic: &fp_input,
+            output: &fp_output,
+            partitions,
+            records,
+            log_dir: &o.log_dir,
+        })
+        .await
+        .with_context(|| format!("the footprint with {partitions} partitions"))?;
+        say(&format!(
+            "  {partitions} partitions: {} threads, {:.1} MiB",
+            footprint.threads,
+            footprint.rss_kib as f64 / 1024.0
+        ));
+        footprints.push(footprint);
+    }
+
+    Ok(Results {
+        records: o.records,
+        partitions: o.partitions,
+        raw,
+        exactly_default,
+        exactly_intervals: exactly_runs,
+        quix,
+        restore_snapshot,
+        restore_replay,
+        state_keys: o.state_keys,
+        latency,
+        latency_rate: o.latency_rate,
+        footprints,
+    })
+}
+
+/// Quix on the same input, measured to the same finish line; any reason it cannot run becomes
+/// the result.
+async fn run_quix(
+    o: &BenchOptions,
+    input: &str,
+    output: &str,
+    say: &(dyn Fn(&str) + Sync),
+) -> QuixResult {
+    let prepared = {
+        let progress = |line: &str| say(&format!("  {line}"));
+        tokio::task::block_in_place(|| quix::prepare(progress))
+    };
+    let env = match prepared {
+        Ok(env) => env,
+        Err(why) => return QuixResult::Unavailable(why.to_string()),
+    };
+    let group = format!("{}.quix", o.run);
+    let offsets = match progress::GroupOffsets::new(&o.bootstrap, &group, input, o.partitions) {
+        Ok(offsets) => offsets,
+        Err(e) => return QuixResult::Unavailable(format!("{e:#}")),
+    };
+    let args = quix::QuixCountArgs {
+        broker: o.bootstrap.clone(),
+        input_topic: input.to_owned(),
+        output_topic: output.to_owned(),
+        group,
+        commit_interval: None,
+        log_path: o.log_dir.join("quix.log"),
+    };
+    let started = Instant::now();
+    let mut process = match env.spawn_count(&args) {
+        Ok(process) => process,
+        Err(why) => return QuixResult::Unavailable(why.to_string()),
+    };
+    let finished = tokio::task::block_in_place(|| {
+        offsets.wait_for(o.records, started, CASE_LIMIT, || {
+            match process.try_exit() {
+                Some(exit) => anyhow::bail!("Quix exited before finishing: {exit}"),
+                None => Ok(()),
+            }
+        })
+    });
+    if let Err(e) = process.stop() {
+        tracing::warn!(error = %e, "stopping Quix");
+    }
+    match finished {
+        Ok(elapsed) => QuixResult::Measured(Throughput {
+            case: "Quix Streams 3.28.1, exactly-once".into(),
+            records: o.records,
+            elapsed,
+        }),
+        Err(why) => QuixResult::Unavailable(format!("{why:#}")),
+    }
+}

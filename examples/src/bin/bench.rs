@@ -1,0 +1,164 @@
+//! The benchmark: exactly against a raw pipe and Quix Streams on the same broker, the same
+//! records, in one run. See `exactly_examples::bench` and the README's Performance section.
+//!
+//! ```text
+//! cargo run --release -p exactly-examples --bin bench            # 1M records
+//! cargo run --release -p exactly-examples --bin bench -- --quick # 100k records
+//! ```
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use exactly_examples::bench::{self, footprint, BenchOptions};
+use exactly_tests::cluster::{unique_name, TestCluster};
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmarks exactly against a raw pipe and Quix Streams, side by side")]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Bootstrap servers of an existing cluster; without it the bench starts the local test
+    /// broker and its read-committed proxy.
+    #[arg(long, env = "EXACTLY_BROKERS")]
+    brokers: Option<String>,
+    /// About 100k records instead of 1M (and a shorter latency run).
+    #[arg(long)]
+    quick: bool,
+    /// Input records of the throughput cases (default 1M, 100k with --quick).
+    #[arg(long)]
+    records: Option<u64>,
+    /// Keys of the restored state (default: as many as --records).
+    #[arg(long)]
+    state_keys: Option<u64>,
+    /// Partitions of the throughput and chain topics.
+    #[arg(long, default_value_t = 8)]
+    partitions: i32,
+    /// Distinct keys of the throughput input.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// Input rate of the latency case, commands per second.
+    #[arg(long, default_value_t = 1_000)]
+    latency_rate: u64,
+    /// Seconds the latency case produces (default 30, 10 with --quick).
+    #[arg(long)]
+    latency_seconds: Option<u64>,
+    /// Do not run Quix Streams (reported as not measured).
+    #[arg(long)]
+    skip_quix: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Internal: one process of the per-partition cost case.
+    #[command(hide = true)]
+    FootprintChild {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        app_id: String,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        output: String,
+        #[arg(long)]
+        partitions: i32,
+        #[arg(long)]
+        records: u64,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        // The chain's input holds deliberately malformed commands; each dead-lettered one is a
+        // warning of the framework's, which would bury the results.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,exactly::partition=error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("bench: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match args.command {
+            Some(Command::FootprintChild {
+                ref brokers,
+                ref app_id,
+                ref topic,
+                ref output,
+                partitions,
+                records,
+            }) => footprint::child(brokers, app_id, topic, output, partitions, records).await,
+            None => run(&args).await,
+        }
+    });
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench failed: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: &Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let say = move |line: &str| println!("[{:>7.1}s] {line}", started.elapsed().as_secs_f64());
+    let records = args
+        .records
+        .unwrap_or(if args.quick { 100_000 } else { 1_000_000 });
+    let _cluster;
+    let bootstrap = match &args.brokers {
+        Some(brokers) => brokers.clone(),
+        None => {
+            say("starting the local broker (nisshi 0.7.0) and its read-committed proxy");
+            let cluster = TestCluster::start()
+                .await
+                .context("starting the local broker")?;
+            let bootstrap = cluster.bootstrap_servers();
+            _cluster = cluster;
+            bootstrap
+        }
+    };
+    let run_id = unique_name("bench");
+    let log_dir = std::env::temp_dir().join(&run_id);
+    std::fs::create_dir_all(&log_dir)
+        .with_context(|| format!("creating the log directory {}", log_dir.display()))?;
+    let options = BenchOptions {
+        bootstrap: bootstrap.clone(),
+        run: run_id,
+        records,
+        partitions: args.partitions,
+        keys: args.keys,
+        state_keys: args.state_keys.unwrap_or(records),
+        latency_rate: args.latency_rate,
+        latency_duration: Duration::from_secs(args.latency_seconds.unwrap_or(if args.quick {
+            10
+        } else {
+            30
+        })),
+        footprint_partitions: vec![1, 8, 32],
+        skip_quix: args.skip_quix.then(|| "skipped (--skip-quix)".to_owned()),
+        bench_exe: std::env::current_exe().context("locating the bench binary")?,
+        log_dir: log_dir.clone(),
+    };
+    say(&format!(
+        "brokers {bootstrap}; logs in {}",
+        log_dir.display()
+    ));
+    let results = bench::run(&options, &say).await?;
+    println!();
+    print!("{}", results.tables());
+    println!();
+    println!("{}", results.summary_line());
+    Ok(())
+}

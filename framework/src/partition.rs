@@ -35,8 +35,8 @@ use crate::processor::{
 use crate::proto::{FullSnapshotRef, IncrementalSnapshot};
 use crate::recovery::{recover, Recovered, RecoveryTarget, READ_STALL_TIMEOUT};
 use crate::snapshot::store::{
-    send_blocking, write_full_snapshot, write_incremental, PartitionReader, TxnProducer,
-    TxnProducerContext,
+    flush_promptly, send_blocking, write_full_snapshot, write_incremental, PartitionReader,
+    TxnProducer, TxnProducerContext,
 };
 use crate::snapshot::{
     encode_state, fingerprint, full_snapshot_ref, split_into_chunks, OutputDigest,
@@ -640,9 +640,14 @@ impl<P: Processor> PartitionWorker<P> {
                 Offset::Offset(live.next_offset),
             )
             .map_err(LiveExit::Abort)?;
+        let commit_started = Instant::now();
+        // Flushed here (promptly) so that commit_transaction's own flush finds nothing left.
+        retry(|| flush_promptly(producer, txn_timeout))?;
+        let flushed = commit_started.elapsed();
         retry(|| {
             producer.send_offsets_to_transaction(&offsets, &self.group_metadata, txn_timeout)
         })?;
+        let offsets_sent = commit_started.elapsed();
         retry(|| producer.commit_transaction(txn_timeout))?;
         if let Some(error) = producer.context().take_first_error() {
             // Cannot happen after a successful commit (librdkafka fails the commit), but a
@@ -652,6 +657,9 @@ impl<P: Processor> PartitionWorker<P> {
         tracing::debug!(
             next_offset = live.next_offset,
             transaction_seq = seq,
+            flush_ms = flushed.as_millis() as u64,
+            offsets_ms = (offsets_sent - flushed).as_millis() as u64,
+            end_ms = (commit_started.elapsed() - offsets_sent).as_millis() as u64,
             "transaction committed"
         );
         self.metrics.transaction_committed();
@@ -674,7 +682,7 @@ impl<P: Processor> PartitionWorker<P> {
 /// times out on any transaction that failed with messages outstanding.
 fn abort(producer: &TxnProducer, timeout: Duration) -> Result<(), KafkaError> {
     producer.purge(PurgeConfig::default().queue().inflight());
-    if let Err(error) = producer.flush(PURGED_REPORTS_TIMEOUT) {
+    if let Err(error) = flush_promptly(producer, PURGED_REPORTS_TIMEOUT) {
         tracing::debug!(error = %error, "serving the purged messages' delivery reports");
     }
     producer.abort_transaction(timeout)

@@ -40,6 +40,15 @@ use crate::recovery::raw_record;
 
 /// Records buffered per partition between the consumer thread and its worker.
 const WORKER_CHANNEL_CAPACITY: usize = 2048;
+/// Records the consumer thread holds for a partition whose worker's channel is full before
+/// it pauses the partition. A worker's channel fills on every commit (the worker does not
+/// read while it commits); pausing at once made librdkafka drop the partition's prefetched
+/// records and fetch them again on resume, over and over. Held records cost memory only:
+/// at most this many per partition (plus what librdkafka has prefetched).
+const HELD_BEFORE_PAUSE: usize = 16_384;
+/// Records the consumer thread forwards between two rounds of its housekeeping (worker
+/// requests, backpressure, ended workers).
+const FORWARD_BURST: usize = 256;
 /// librdkafka's `session.timeout.ms` when the configuration does not set it.
 const LIBRDKAFKA_DEFAULT_SESSION_TIMEOUT_MS: u64 = 45_000;
 
@@ -407,15 +416,22 @@ impl<P: Processor> ConsumerLoop<P> {
             } else {
                 Duration::from_millis(10)
             };
-            match consumer.poll(timeout) {
-                None => {}
-                Some(Ok(message)) => {
-                    let key = (shared.topic_arc(message.topic()), message.partition());
-                    forward(&consumer, &shared, key, &message);
+            // Up to a burst of records per round of housekeeping above: it costs as much as
+            // forwarding a record.
+            let mut wait = timeout;
+            for _ in 0..FORWARD_BURST {
+                match consumer.poll(wait) {
+                    None => break,
+                    Some(Ok(message)) => {
+                        let key = (shared.topic_arc(message.topic()), message.partition());
+                        forward(&consumer, &shared, key, &message);
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(error = %error, "consumer error");
+                        break;
+                    }
                 }
-                Some(Err(error)) => {
-                    tracing::warn!(error = %error, "consumer error");
-                }
+                wait = Duration::ZERO;
             }
         }
 
@@ -583,19 +599,18 @@ fn forward<P: Processor>(
         epoch,
         record: raw_record(&key.0, message),
     };
-    if !slot.held.is_empty() {
-        slot.held.push_back(forwarded);
-        return;
-    }
-    match slot.records.try_send(forwarded) {
-        Ok(()) => {}
-        Err(TrySendError::Full(f)) => {
-            slot.held.push_back(f);
-            slot.paused_for_backpressure = true;
-            if let Err(error) = consumer.pause(&single(&key.0, key.1)) {
-                tracing::warn!(error = %error, "pausing a partition for backpressure failed");
-            }
+    if slot.held.is_empty() {
+        match slot.records.try_send(forwarded) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => return,
+            Err(TrySendError::Full(f)) => slot.held.push_back(f),
         }
-        Err(TrySendError::Disconnected(_)) => {}
+    } else {
+        slot.held.push_back(forwarded);
+    }
+    if slot.held.len() >= HELD_BEFORE_PAUSE && !slot.paused_for_backpressure {
+        slot.paused_for_backpressure = true;
+        if let Err(error) = consumer.pause(&single(&key.0, key.1)) {
+            tracing::warn!(error = %error, "pausing a partition for backpressure failed");
+        }
     }
 }

@@ -16,7 +16,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::Producer;
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use super::engine::{blocking_with, RunningApp};
 use crate::generator;
@@ -143,7 +143,7 @@ pub async fn measure_chain_latency(
         .await?;
     }
 
-    let reader = LatencyReader::start(bootstrap, &topics.stats)?;
+    let reader = LatencyReader::start(bootstrap, &topics.stats, partitions)?;
     let produced = {
         let (bootstrap, commands_topic) = (bootstrap.to_owned(), topics.commands.clone());
         tokio::task::spawn_blocking(move || {
@@ -241,19 +241,27 @@ struct LatencyReader {
 }
 
 impl LatencyReader {
-    fn start(bootstrap: &str, topic: &str) -> anyhow::Result<Self> {
+    fn start(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<Self> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
+            // librdkafka wants a group id even for a consumer that never joins it.
             .set("group.id", format!("{topic}.latency-reader"))
             .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "10")
             .create()
             .context("creating the latency reader")?;
+        // Assigned, not subscribed: a group join takes seconds, and summaries that waited for
+        // it would count the join as latency.
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..partitions {
+            assignment
+                .add_partition_offset(topic, partition, Offset::Beginning)
+                .context("building the latency reader's assignment")?;
+        }
         consumer
-            .subscribe(&[topic])
-            .with_context(|| format!("subscribing the latency reader to {topic}"))?;
+            .assign(&assignment)
+            .with_context(|| format!("assigning {topic} to the latency reader"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let last_seen = Arc::new(std::sync::Mutex::new(Instant::now()));
         let thread = {

@@ -351,17 +351,30 @@ impl TxnProducerContext {
 /// The transactional producer of a partition worker.
 pub(crate) type TxnProducer = BaseProducer<TxnProducerContext>;
 
-/// How long one wait for delivery reports lasts while flushing or while librdkafka's queue is
-/// full.
-const DELIVERY_POLL_SLICE: Duration = Duration::from_millis(1);
+/// How long to wait before looking again for delivery reports when none was ready.
+const DELIVERY_REPORT_PAUSE: Duration = Duration::from_micros(200);
+
+/// Serves the delivery reports ready now; when there was none, pauses for
+/// [`DELIVERY_REPORT_PAUSE`].
+///
+/// Not `BaseProducer::poll(d)` with a short `d`: rdkafka 0.39's poll runs until its deadline
+/// and truncates what is left of it to whole milliseconds, so a poll of less than a few ms
+/// spins on the clock (measured: a quarter of the process's CPU) and a longer one makes
+/// every wait last at least that long.
+fn serve_delivery_reports(producer: &TxnProducer) {
+    let before = rdkafka::producer::Producer::in_flight_count(producer);
+    producer.poll(Duration::ZERO);
+    if rdkafka::producer::Producer::in_flight_count(producer) == before {
+        std::thread::sleep(DELIVERY_REPORT_PAUSE);
+    }
+}
 
 /// Waits until every queued record has its delivery report (serving the reports), or fails
 /// with a flush timeout after `timeout`.
 ///
-/// `Producer::flush` of rdkafka 0.39 polls in 100 ms slices that always run to their end
-/// (`BaseProducer::poll` returns only at its deadline), so every flush took at least 100 ms:
-/// measured, the whole of a commit's time, the bound on a partition's throughput. This one
-/// polls in [`DELIVERY_POLL_SLICE`]s.
+/// Instead of `Producer::flush`, which with rdkafka 0.39 waits in 100 ms polls that always
+/// run to their end: every commit took at least 100 ms in flush (measured), which bounded a
+/// partition's throughput.
 pub(crate) fn flush_promptly(producer: &TxnProducer, timeout: Duration) -> Result<(), KafkaError> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -371,7 +384,7 @@ pub(crate) fn flush_promptly(producer: &TxnProducer, timeout: Duration) -> Resul
         if Instant::now() >= deadline {
             return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
         }
-        producer.poll(DELIVERY_POLL_SLICE);
+        serve_delivery_reports(producer);
     }
 }
 
@@ -385,7 +398,7 @@ pub(crate) fn send_blocking(
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                 record = returned;
-                producer.poll(DELIVERY_POLL_SLICE);
+                serve_delivery_reports(producer);
             }
             Err((error, _)) => return Err(error),
         }

@@ -109,6 +109,7 @@ pub(crate) fn recover<P: Processor>(
             transaction_seq: 0,
         }));
     };
+    let found_latest = started.elapsed();
     let inc = latest.record;
     if inc.input_topic != topic || inc.input_partition != partition {
         return Err(Error::SnapshotMismatch {
@@ -133,6 +134,7 @@ pub(crate) fn recover<P: Processor>(
         None => (P::State::default(), inc.base_input_offset),
     };
     let end = inc.next_input_offset;
+    let loaded_base = started.elapsed();
 
     let (log_start, _) = reader.bounds(topic, partition)?;
     // Also when nothing needs replaying: records in [start, log_start) were never processed.
@@ -145,6 +147,7 @@ pub(crate) fn recover<P: Processor>(
         });
     }
 
+    let replay_started = started.elapsed();
     let mut digest = OutputDigest::new(0);
     let mut replayed: u64 = 0;
     let mut interrupted = false;
@@ -233,6 +236,9 @@ pub(crate) fn recover<P: Processor>(
         replayed,
         from_full_snapshot = inc.base.is_some(),
         elapsed_ms = elapsed.as_millis() as u64,
+        find_latest_ms = found_latest.as_millis() as u64,
+        load_base_ms = (loaded_base - found_latest).as_millis() as u64,
+        replay_ms = (elapsed - replay_started).as_millis() as u64,
         "partition recovered"
     );
     Ok(Some(Recovered {

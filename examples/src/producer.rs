@@ -4,7 +4,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use rdkafka::error::KafkaResult;
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::ToBytes;
 use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, ProducerContext};
 use rdkafka::{ClientConfig, ClientContext};
@@ -72,4 +75,27 @@ pub fn command_record<'a>(topic: &'a str, command: &'a InputCommand) -> BaseReco
         .key(command.key.as_str())
         .payload(command.value.as_slice())
         .headers(headers)
+}
+
+/// Sends `record`, serving delivery reports while librdkafka's queue is full (the producers
+/// here outrun the broker on purpose); any other refusal is returned.
+pub fn send_waiting<C, K, V>(
+    producer: &BaseProducer<C>,
+    mut record: BaseRecord<'_, K, V, C::DeliveryOpaque>,
+) -> KafkaResult<()>
+where
+    C: ProducerContext,
+    K: ToBytes + ?Sized,
+    V: ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                producer.poll(Duration::from_millis(5));
+            }
+            Err((error, _)) => return Err(error),
+        }
+    }
 }

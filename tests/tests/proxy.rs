@@ -884,6 +884,21 @@ async fn faults_latency_dropped_connections_outage_and_delayed_end_txn() {
     assert!(stats.aborted_entries_added > 0, "{stats:?}");
 }
 
+/// `records` as one uncompressed v2 record batch.
+fn encode_batch(records: &[Record]) -> bytes::Bytes {
+    let mut batch = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut batch,
+        records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .expect("encode records");
+    batch.freeze()
+}
+
 /// One idempotent Produce request of `count` records to partition 0 with base sequence
 /// `base_sequence`.
 fn idempotent_produce(
@@ -913,16 +928,7 @@ fn idempotent_produce(
             }
         })
         .collect();
-    let mut batch = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut batch,
-        &records,
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .expect("encode records");
+    let batch = encode_batch(&records);
     ProduceRequest::default()
         .with_acks(-1)
         .with_timeout_ms(30_000)
@@ -930,7 +936,7 @@ fn idempotent_produce(
             .with_name(TopicName(StrBytes::from_string(topic.to_string())))
             .with_partition_data(vec![PartitionProduceData::default()
                 .with_index(0)
-                .with_records(Some(batch.freeze()))])])
+                .with_records(Some(batch))])])
 }
 
 /// Sends each batch of an idempotent producer on two connections at once, as a client does
@@ -1273,16 +1279,7 @@ async fn open_raw_transaction(
             headers: Default::default(),
         })
         .collect();
-    let mut batch = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut batch,
-        &records,
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .expect("encode records");
+    let batch = encode_batch(&records);
     let produced = connection
         .send(
             3,
@@ -1294,7 +1291,7 @@ async fn open_raw_transaction(
                     .with_name(topic_name())
                     .with_partition_data(vec![PartitionProduceData::default()
                         .with_index(0)
-                        .with_records(Some(batch.freeze()))])]),
+                        .with_records(Some(batch))])]),
         )
         .await
         .expect("Produce");

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use exactly::{AppConfig, ErrorPolicy};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::Producer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -21,7 +20,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use super::engine::{blocking_with, RunningApp};
 use crate::generator;
 use crate::ledger::Ledger;
-use crate::producer::{command_producer, command_record};
+use crate::producer::{command_producer, command_record, send_waiting};
 use crate::stats::Stats;
 use crate::validate::Validate;
 
@@ -204,17 +203,8 @@ fn produce_at_rate(
         if let Some(wait) = due.checked_sub(started.elapsed()) {
             std::thread::sleep(wait); // pacing the input rate, not waiting for a condition
         }
-        let mut record = command_record(topic, command);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    producer.poll(Duration::from_millis(1));
-                }
-                Err((error, _)) => bail!("producing command {} to {topic}: {error}", command.id),
-            }
-        }
+        send_waiting(&producer, command_record(topic, command))
+            .with_context(|| format!("producing command {} to {topic}", command.id))?;
         producer.poll(Duration::ZERO);
     }
     producer

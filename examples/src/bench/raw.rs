@@ -5,12 +5,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 
-use crate::producer::DeliveryCounter;
+use crate::producer::{send_waiting, DeliveryCounter};
 
 /// Copies `records` records from `input` to `output` (same key and value), then commits the
 /// group's offsets; returns the time from start (group join included, as for the other
@@ -61,16 +60,8 @@ pub fn run_raw_pipe(
         if let Some(value) = message.payload() {
             record = record.payload(value);
         }
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    producer.poll(Duration::from_millis(5));
-                }
-                Err((error, _)) => bail!("the raw pipe producing to {output}: {error}"),
-            }
-        }
+        send_waiting(&producer, record)
+            .with_context(|| format!("the raw pipe producing to {output}"))?;
         copied += 1;
     }
     producer

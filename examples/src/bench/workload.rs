@@ -10,12 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use exactly::{Json, Output, ProcessError, Processor, Record, Utf8};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::producer::DeliveryCounter;
+use crate::producer::{send_waiting, DeliveryCounter};
 
 /// Target size of a record value in bytes.
 pub const VALUE_BYTES: usize = 100;
@@ -100,19 +99,11 @@ pub fn produce_input(
     for index in 0..records {
         let key = key(index, keys);
         let value = value(index);
-        let mut record = BaseRecord::<str, [u8]>::to(topic)
+        let record = BaseRecord::<str, [u8]>::to(topic)
             .key(key.as_str())
             .payload(value.as_slice());
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    producer.poll(Duration::from_millis(5));
-                }
-                Err((error, _)) => bail!("producing input record {index} to {topic}: {error}"),
-            }
-        }
+        send_waiting(&producer, record)
+            .with_context(|| format!("producing input record {index} to {topic}"))?;
     }
     producer
         .flush(Duration::from_secs(120))

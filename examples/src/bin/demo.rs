@@ -29,7 +29,7 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Parser, Subcommand};
 use exactly_examples::generator::{self, InputCommand, Intent};
 use exactly_examples::model;
-use exactly_examples::producer::{command_producer, command_record, DeliveryCounter};
+use exactly_examples::producer::{command_producer, command_record, send_waiting, DeliveryCounter};
 use exactly_examples::service::{self, LedgerArgs, StatsArgs, ValidateArgs};
 use exactly_examples::topics::create_topics;
 use exactly_examples::verify::{verify_chain, OutputTopics, TopicCheck};
@@ -38,7 +38,7 @@ use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::eos::CheckOptions;
 use exactly_tests::process::{ProcessSpec, Supervisor};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -749,17 +749,8 @@ fn produce_all(
                 std::thread::sleep(due - now);
             }
         }
-        let mut record = command_record(topic, command);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                    record = returned;
-                    producer.poll(Duration::from_millis(20));
-                }
-                Err((error, _)) => bail!("producing command {} to {topic}: {error}", command.id),
-            }
-        }
+        send_waiting(producer, command_record(topic, command))
+            .with_context(|| format!("producing command {} to {topic}", command.id))?;
         produced.fetch_add(1, Ordering::Relaxed);
     }
     producer

@@ -110,6 +110,7 @@ pub(crate) fn recover<P: Processor>(
         }));
     };
     let found_latest = started.elapsed();
+    let mut fetched_base = found_latest;
     let inc = latest.record;
     if inc.input_topic != topic || inc.input_partition != partition {
         return Err(Error::SnapshotMismatch {
@@ -123,6 +124,7 @@ pub(crate) fn recover<P: Processor>(
     let (mut state, start) = match &inc.base {
         Some(reference) => {
             let bytes = load_full_snapshot(reader, target.snapshot_topic, partition, reference)?;
+            fetched_base = started.elapsed();
             let state: P::State =
                 decode_state(&bytes).map_err(|source| Error::PartitionSnapshot {
                     topic: target.snapshot_topic.to_owned(),
@@ -237,7 +239,8 @@ pub(crate) fn recover<P: Processor>(
         from_full_snapshot = inc.base.is_some(),
         elapsed_ms = elapsed.as_millis() as u64,
         find_latest_ms = found_latest.as_millis() as u64,
-        load_base_ms = (loaded_base - found_latest).as_millis() as u64,
+        fetch_base_ms = (fetched_base - found_latest).as_millis() as u64,
+        decode_base_ms = (loaded_base - fetched_base).as_millis() as u64,
         replay_ms = (elapsed - replay_started).as_millis() as u64,
         "partition recovered"
     );

@@ -209,7 +209,11 @@ pub(crate) fn find_latest_incremental(
     // (that would restart it from the default state and reprocess its input).
     let (low, high) = reader.bounds(snapshot_topic, partition)?;
     let high = high.max(low);
-    let mut window: i64 = 64;
+    // The last transaction ends with its incremental record and its commit marker, so a
+    // small window usually holds it. Not a wide one: when that transaction wrote a full
+    // snapshot, every chunk in the window is read too (measured: 0.6 s of a 2.3 s restore of
+    // a 26 MB snapshot with a first window of 64).
+    let mut window: i64 = 4;
     loop {
         let start = (high - window).max(low);
         let mut latest: Option<LatestIncremental> = None;

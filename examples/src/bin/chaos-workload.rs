@@ -103,6 +103,16 @@ struct VerifyArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // librdkafka's own warnings (why a producer failed) go to stderr, into the log; stdout
+    // carries the result lines the orchestrator reads.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -186,11 +196,17 @@ fn produce_blocking(args: &ProduceArgs, stop: &AtomicBool) -> anyhow::Result<usi
             )) => {
                 producer.poll(Duration::from_millis(10));
             }
-            Err((error, _)) => bail!(
-                "producing command {} to {}: {error}",
-                command.id,
-                args.topic
-            ),
+            Err((error, _)) => {
+                let fatal = rdkafka::producer::Producer::client(&producer)
+                    .fatal_error()
+                    .map(|(code, reason)| format!(" (fatal: {code:?}: {reason})"))
+                    .unwrap_or_default();
+                bail!(
+                    "producing command {} to {}: {error}{fatal}",
+                    command.id,
+                    args.topic
+                )
+            }
         }
         producer.poll(Duration::ZERO);
         if produced % 1000 == 0 {

@@ -109,42 +109,49 @@ impl ObservedState {
 
     /// Compares the state with the model's final balances and totals.
     pub fn compare(&self, expectation: &Expectation) -> StateComparison {
-        let mut comparison = StateComparison::default();
-        let problems = &mut comparison.problems;
-        for (k, expected) in &expectation.balances {
-            match self.balances.get(k) {
-                Some((_, actual)) if actual == expected => comparison.balances_matching += 1,
-                Some((_, actual)) => {
-                    problems.push(format!("B balance of {k:?}: {actual}, model {expected}"))
-                }
-                None => problems.push(format!("B balance of {k:?}: no event, model {expected}")),
-            }
+        let mut problems = Vec::new();
+        let balances_matching = compare_finals(
+            ("B balance", "no event"),
+            &self.balances,
+            &expectation.balances,
+            &mut problems,
+        );
+        let totals_matching = compare_finals(
+            ("C totals", "no summary"),
+            &self.totals,
+            &expectation.totals,
+            &mut problems,
+        );
+        StateComparison {
+            balances_matching,
+            totals_matching,
+            problems,
         }
-        for k in self
-            .balances
-            .keys()
-            .filter(|k| !expectation.balances.contains_key(*k))
-        {
-            problems.push(format!("B balance of {k:?}: not in the model"));
-        }
-        for (k, expected) in &expectation.totals {
-            match self.totals.get(k) {
-                Some((_, actual)) if actual == expected => comparison.totals_matching += 1,
-                Some((_, actual)) => {
-                    problems.push(format!("C totals of {k:?}: {actual:?}, model {expected:?}"))
-                }
-                None => problems.push(format!("C totals of {k:?}: no summary, model {expected:?}")),
-            }
-        }
-        for k in self
-            .totals
-            .keys()
-            .filter(|k| !expectation.totals.contains_key(*k))
-        {
-            problems.push(format!("C totals of {k:?}: not in the model"));
-        }
-        comparison
     }
+}
+
+/// Compares the last value read per key (`(offset, value)`) with the model's; returns how
+/// many match and adds a line per difference to `problems`.
+fn compare_finals<V: PartialEq + std::fmt::Debug>(
+    (what, absent): (&str, &str),
+    actual: &BTreeMap<AccountCurrency, (u64, V)>,
+    expected: &BTreeMap<AccountCurrency, V>,
+    problems: &mut Vec<String>,
+) -> usize {
+    let mut matching = 0;
+    for (k, expected) in expected {
+        match actual.get(k) {
+            Some((_, actual)) if actual == expected => matching += 1,
+            Some((_, actual)) => {
+                problems.push(format!("{what} of {k:?}: {actual:?}, model {expected:?}"))
+            }
+            None => problems.push(format!("{what} of {k:?}: {absent}, model {expected:?}")),
+        }
+    }
+    for k in actual.keys().filter(|k| !expected.contains_key(*k)) {
+        problems.push(format!("{what} of {k:?}: not in the model"));
+    }
+    matching
 }
 
 /// How B's balances and C's totals compare with the model.

@@ -17,56 +17,14 @@ use rdkafka::message::Message;
 use rdkafka::producer::Producer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+use exactly_tests::chaos::ChainTopics;
+
 use super::engine::{blocking_with, RunningApp};
 use crate::generator;
 use crate::ledger::Ledger;
 use crate::producer::{command_producer, command_record, send_waiting};
 use crate::stats::Stats;
 use crate::validate::Validate;
-
-/// The chain's topics for one run.
-#[derive(Debug, Clone)]
-pub struct ChainTopics {
-    /// Payment commands (A's input).
-    pub commands: String,
-    /// Ledger legs (A's output, B's input and output).
-    pub ledger: String,
-    /// A's dead letters.
-    pub dead_letters: String,
-    /// Balance events (B's output, C's input).
-    pub balances: String,
-    /// B's rejections.
-    pub rejections: String,
-    /// C's summaries.
-    pub stats: String,
-}
-
-impl ChainTopics {
-    /// The topics of run `prefix`.
-    pub fn new(prefix: &str) -> Self {
-        let name = |t: &str| format!("{prefix}.payments.{t}");
-        ChainTopics {
-            commands: name("commands"),
-            ledger: name("ledger"),
-            dead_letters: name("dead-letters"),
-            balances: name("balances"),
-            rejections: name("rejections"),
-            stats: name("stats"),
-        }
-    }
-
-    /// All of them.
-    pub fn all(&self) -> [&str; 6] {
-        [
-            &self.commands,
-            &self.ledger,
-            &self.dead_letters,
-            &self.balances,
-            &self.rejections,
-            &self.stats,
-        ]
-    }
-}
 
 /// What the latency run measured.
 #[derive(Debug, Clone)]

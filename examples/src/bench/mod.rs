@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use exactly::AppConfig;
+use exactly_tests::chaos::ChainTopics;
 
 use crate::topics::create_topics;
 use report::{QuixResult, Results, Throughput};
@@ -252,7 +253,7 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         o.latency_rate,
         o.latency_duration.as_secs()
     ));
-    let chain = latency::ChainTopics::new(&topic("chain"));
+    let chain = ChainTopics::new(&topic("chain"));
     create_topics(&o.bootstrap, &chain.all(), o.partitions, &TOPIC_CONFIG).await?;
     let latency = latency::measure_chain_latency(
         &o.bootstrap,

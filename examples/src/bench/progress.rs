@@ -71,16 +71,20 @@ impl GroupOffsets {
     ) -> anyhow::Result<Duration> {
         let deadline = Instant::now() + limit;
         loop {
-            // A transient failure to read offsets (a slow broker) is retried until the
-            // deadline like an unfinished engine.
-            let done = self.committed_total().unwrap_or(0);
-            if done >= target {
+            // A failure to read the offsets (a slow broker) is retried until the deadline like
+            // an unfinished engine, and reported if it is the last word.
+            let read = self.committed_total();
+            if matches!(read, Ok(done) if done >= target) {
                 return Ok(since.elapsed());
             }
             alive()?;
             if Instant::now() >= deadline {
+                let last = match read {
+                    Ok(done) => format!("committed {done}"),
+                    Err(e) => format!("last read failed: {e:#}"),
+                };
                 bail!(
-                    "group {} committed {done} of {target} input records within {limit:?}",
+                    "group {} did not commit {target} input records within {limit:?} ({last})",
                     self.group
                 );
             }

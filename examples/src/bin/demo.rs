@@ -34,6 +34,7 @@ use exactly_examples::service::{self, LedgerArgs, StatsArgs, ValidateArgs};
 use exactly_examples::topics::create_topics;
 use exactly_examples::verify::{verify_chain, OutputTopics, TopicCheck};
 use exactly_tests::chaos::drain::{all_stable, Ends, TopicEnds};
+use exactly_tests::chaos::ChainTopics;
 use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::eos::CheckOptions;
 use exactly_tests::process::{ProcessSpec, Supervisor};
@@ -168,12 +169,7 @@ const QUIET_PERIOD: Duration = Duration::from_secs(15);
 /// Topic and app names of one demo run (unique, so runs never see each other's data).
 #[derive(Debug, Clone)]
 struct Names {
-    commands: String,
-    ledger: String,
-    dead_letters: String,
-    balances: String,
-    rejections: String,
-    stats: String,
+    topics: ChainTopics,
     validate_app: String,
     ledger_app: String,
     stats_app: String,
@@ -182,12 +178,7 @@ struct Names {
 impl Names {
     fn new(run: &str) -> Self {
         Names {
-            commands: format!("{run}.payments.commands"),
-            ledger: format!("{run}.payments.ledger"),
-            dead_letters: format!("{run}.payments.dead-letters"),
-            balances: format!("{run}.payments.balances"),
-            rejections: format!("{run}.payments.rejections"),
-            stats: format!("{run}.payments.stats"),
+            topics: ChainTopics::new(run),
             validate_app: format!("{run}.validate"),
             ledger_app: format!("{run}.ledger"),
             stats_app: format!("{run}.stats"),
@@ -195,22 +186,12 @@ impl Names {
     }
     fn outputs(&self) -> OutputTopics<'_> {
         OutputTopics {
-            dead_letters: &self.dead_letters,
-            ledger: &self.ledger,
-            balances: &self.balances,
-            rejections: &self.rejections,
-            stats: &self.stats,
+            dead_letters: &self.topics.dead_letters,
+            ledger: &self.topics.ledger,
+            balances: &self.topics.balances,
+            rejections: &self.topics.rejections,
+            stats: &self.topics.stats,
         }
-    }
-    fn topics(&self) -> [&str; 6] {
-        [
-            &self.commands,
-            &self.ledger,
-            &self.dead_letters,
-            &self.balances,
-            &self.rejections,
-            &self.stats,
-        ]
     }
 }
 
@@ -267,7 +248,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
 
     let commands = generator::generate(args.seed, args.count, args.accounts);
     let expectation = model::expect(&commands).context("the reference model refused the input")?;
-    create_topics(&bootstrap, &names.topics(), args.partitions, &[]).await?;
+    create_topics(&bootstrap, &names.topics.all(), args.partitions, &[]).await?;
     say(
         started,
         format_args!("created 6 topics with {} partitions", args.partitions),
@@ -301,9 +282,9 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
                 "service-validate",
                 &names.validate_app,
                 &[
-                    ("--commands-topic", &names.commands),
-                    ("--ledger-topic", &names.ledger),
-                    ("--dead-letter-topic", &names.dead_letters),
+                    ("--commands-topic", &names.topics.commands),
+                    ("--ledger-topic", &names.topics.ledger),
+                    ("--dead-letter-topic", &names.topics.dead_letters),
                 ],
             ),
         ),
@@ -314,9 +295,9 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
                 "service-ledger",
                 &names.ledger_app,
                 &[
-                    ("--ledger-topic", &names.ledger),
-                    ("--balances-topic", &names.balances),
-                    ("--rejections-topic", &names.rejections),
+                    ("--ledger-topic", &names.topics.ledger),
+                    ("--balances-topic", &names.topics.balances),
+                    ("--rejections-topic", &names.topics.rejections),
                 ],
             ),
         ),
@@ -327,9 +308,9 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
                 "service-ledger",
                 &names.ledger_app,
                 &[
-                    ("--ledger-topic", &names.ledger),
-                    ("--balances-topic", &names.balances),
-                    ("--rejections-topic", &names.rejections),
+                    ("--ledger-topic", &names.topics.ledger),
+                    ("--balances-topic", &names.topics.balances),
+                    ("--rejections-topic", &names.topics.rejections),
                 ],
             ),
         ),
@@ -340,8 +321,8 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
                 "service-stats",
                 &names.stats_app,
                 &[
-                    ("--balances-topic", &names.balances),
-                    ("--stats-topic", &names.stats),
+                    ("--balances-topic", &names.topics.balances),
+                    ("--stats-topic", &names.topics.stats),
                 ],
             ),
         ),
@@ -364,8 +345,12 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
     );
 
     let probes = Arc::new(Probes::new(&bootstrap, &names, args.partitions)?);
-    let mut producer =
-        InputProducer::start(&bootstrap, &names.commands, commands.clone(), args.rate)?;
+    let mut producer = InputProducer::start(
+        &bootstrap,
+        &names.topics.commands,
+        commands.clone(),
+        args.rate,
+    )?;
     say(
         started,
         format_args!(
@@ -462,7 +447,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
         let direct = cluster.as_ref().map(|c| c.broker.address().to_string());
         let (b, t, n) = (
             bootstrap.clone(),
-            names.topics().map(str::to_owned),
+            names.topics.all().map(str::to_owned),
             args.partitions,
         );
         let stuck =
@@ -908,21 +893,21 @@ impl Probes {
                     bootstrap,
                     "validate",
                     &names.validate_app,
-                    &names.commands,
+                    &names.topics.commands,
                     partitions,
                 )?,
                 GroupProbe::new(
                     bootstrap,
                     "ledger",
                     &names.ledger_app,
-                    &names.ledger,
+                    &names.topics.ledger,
                     partitions,
                 )?,
                 GroupProbe::new(
                     bootstrap,
                     "stats",
                     &names.stats_app,
-                    &names.balances,
+                    &names.topics.balances,
                     partitions,
                 )?,
             ],

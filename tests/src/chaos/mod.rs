@@ -223,36 +223,40 @@ impl ChaosOutcome {
     }
 }
 
-/// Topic and group names of one run (unique, so runs never see each other's data).
-#[derive(Debug, Clone)]
-struct Names {
-    commands: String,
-    ledger: String,
-    dead_letters: String,
-    balances: String,
-    rejections: String,
-    stats: String,
-    run: String,
+/// The six topics of one run of the payments chain A → B → C (`<run>.payments.<topic>`),
+/// shared by the chaos suite, the demo and the benchmark.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainTopics {
+    /// Payment commands (A's input).
+    pub commands: String,
+    /// Ledger legs (A's output, B's input and output).
+    pub ledger: String,
+    /// A's dead letters.
+    pub dead_letters: String,
+    /// Balance events (B's output, C's input).
+    pub balances: String,
+    /// B's rejections.
+    pub rejections: String,
+    /// C's summaries.
+    pub stats: String,
 }
 
-impl Names {
-    fn new(run: &str) -> Self {
-        Names {
-            commands: format!("{run}.payments.commands"),
-            ledger: format!("{run}.payments.ledger"),
-            dead_letters: format!("{run}.payments.dead-letters"),
-            balances: format!("{run}.payments.balances"),
-            rejections: format!("{run}.payments.rejections"),
-            stats: format!("{run}.payments.stats"),
-            run: run.to_owned(),
+impl ChainTopics {
+    /// The topics of run `run`.
+    pub fn new(run: &str) -> Self {
+        let topic = |name: &str| format!("{run}.payments.{name}");
+        ChainTopics {
+            commands: topic("commands"),
+            ledger: topic("ledger"),
+            dead_letters: topic("dead-letters"),
+            balances: topic("balances"),
+            rejections: topic("rejections"),
+            stats: topic("stats"),
         }
     }
 
-    fn app(&self, service: Service) -> String {
-        format!("{}.{}", self.run, service.name())
-    }
-
-    fn topics(&self) -> [&str; 6] {
+    /// All six.
+    pub fn all(&self) -> [&str; 6] {
         [
             &self.commands,
             &self.ledger,
@@ -262,32 +266,52 @@ impl Names {
             &self.stats,
         ]
     }
+}
+
+/// Topic and group names of one run (unique, so runs never see each other's data).
+#[derive(Debug, Clone)]
+struct Names {
+    topics: ChainTopics,
+    run: String,
+}
+
+impl Names {
+    fn new(run: &str) -> Self {
+        Names {
+            topics: ChainTopics::new(run),
+            run: run.to_owned(),
+        }
+    }
+
+    fn app(&self, service: Service) -> String {
+        format!("{}.{}", self.run, service.name())
+    }
 
     /// The topic flags of a service.
     fn flags(&self, service: Service) -> Vec<(&'static str, &str)> {
         match service {
             Service::Validate => vec![
-                ("--commands-topic", &self.commands),
-                ("--ledger-topic", &self.ledger),
-                ("--dead-letter-topic", &self.dead_letters),
+                ("--commands-topic", &self.topics.commands),
+                ("--ledger-topic", &self.topics.ledger),
+                ("--dead-letter-topic", &self.topics.dead_letters),
             ],
             Service::Ledger => vec![
-                ("--ledger-topic", &self.ledger),
-                ("--balances-topic", &self.balances),
-                ("--rejections-topic", &self.rejections),
+                ("--ledger-topic", &self.topics.ledger),
+                ("--balances-topic", &self.topics.balances),
+                ("--rejections-topic", &self.topics.rejections),
             ],
             Service::Stats => vec![
-                ("--balances-topic", &self.balances),
-                ("--stats-topic", &self.stats),
+                ("--balances-topic", &self.topics.balances),
+                ("--stats-topic", &self.topics.stats),
             ],
         }
     }
 
     fn input(&self, service: Service) -> &str {
         match service {
-            Service::Validate => &self.commands,
-            Service::Ledger => &self.ledger,
-            Service::Stats => &self.balances,
+            Service::Validate => &self.topics.commands,
+            Service::Ledger => &self.topics.ledger,
+            Service::Stats => &self.topics.balances,
         }
     }
 }
@@ -345,7 +369,7 @@ pub async fn run(options: ChaosOptions) -> Result<ChaosOutcome, ChaosError> {
     say(started, "starting nisshi with the read-committed proxy");
     let cluster = TestCluster::start().await?;
     let names = Names::new(&unique_name("chaos"));
-    for topic in names.topics() {
+    for topic in names.topics.all() {
         cluster.create_topic(topic, options.partitions).await?;
     }
     let log_dir = match &options.log_dir {
@@ -502,7 +526,7 @@ impl Run {
         let spec = ProcessSpec::new(self.binaries.path("chaos-workload"))
             .arg("produce")
             .args(["--brokers", &self.cluster.broker.address().to_string()])
-            .args(["--topic", &self.names.commands])
+            .args(["--topic", &self.names.topics.commands])
             .args(["--seed", &self.options.seed.to_string()])
             .args(["--accounts", &self.options.accounts.to_string()])
             .args(["--rate", &self.options.rate.to_string()])
@@ -788,7 +812,7 @@ impl Run {
     }
 
     async fn verify(&mut self, inputs: usize) -> Result<ChaosOutcome, ChaosError> {
-        let n = &self.names;
+        let n = &self.names.topics;
         let spec = ProcessSpec::new(self.binaries.path("chaos-workload"))
             .arg("verify")
             .args(["--brokers", &self.cluster.bootstrap_servers()])

@@ -6,9 +6,9 @@ quixstreams 3.28.1. Input records: key = UTF-8 string, value = JSON
 key, JSON `{"count": c, "sum": s}` where `c` and `s` are that key's running count and sum of
 `amount`, kept in Quix's RocksDB state (changelogged, so exactly-once covers it).
 
-The input and output topics must already exist with explicit `retention.ms` and
-`retention.bytes` configs: Quix reads them from existing topics to size its changelog topic
-(nisshi's DescribeConfigs returns no defaults) and creates only that changelog topic itself.
+The input and output topics must already exist (the bench creates them with explicit
+`retention.ms` and `retention.bytes` configs, which Quix copies to its changelog topic); Quix
+creates only that changelog topic itself.
 
 Prints `QUIX-READY` on stdout once the processing loop has started. SIGTERM stops it
 cleanly (Quix commits the open checkpoint and exits 0).

@@ -146,7 +146,7 @@ fn read_output(bootstrap: &str, topic: &str) -> anyhow::Result<(FinalTotals, i64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "pip-installs quixstreams 3.28.1; run by hand (see module docs)"]
-async fn quix_peer_counts_20k_records_exactly_once_against_nisshi() -> anyhow::Result<()> {
+async fn quix_peer_counts_20k_records_exactly_once_against_kafka() -> anyhow::Result<()> {
     let cluster = TestCluster::start().await?;
     let bootstrap = cluster.bootstrap_servers();
     let input = unique_name("quix-in");

@@ -1,4 +1,4 @@
-//! [`TestCluster`]: a nisshi broker with the read-committed proxy in front of it, the way
+//! [`TestCluster`]: a local Apache Kafka with the fault-injecting proxy in front of it, the way
 //! every integration test talks to Kafka.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,15 +10,20 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 
-use crate::broker::Broker;
 use crate::error::HarnessError;
+use crate::kafka::{self, ClusterOptions, KafkaCluster, SharedCluster};
 use crate::proxy::Proxy;
 
 /// How long [`TestCluster::create_topic`] waits for the topic to show up in metadata.
 const TOPIC_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A broker and the proxy in front of it. Clients must use [`TestCluster::bootstrap_servers`]
-/// (the proxy); [`Broker::address`] is for tests that want to see the bare broker.
+/// A local Kafka and a proxy in front of it. Clients use [`TestCluster::bootstrap_servers`]
+/// (the proxy, so a test can inject network faults); [`TestCluster::direct_bootstrap_servers`]
+/// reaches the brokers themselves.
+///
+/// [`TestCluster::start`] shares this process's single-node Kafka (a JVM starts in seconds) and
+/// gives the test a proxy of its own; [`TestCluster::start_owned`] starts a cluster the test
+/// owns, for tests that stop, kill or restart brokers.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), exactly_tests::HarnessError> {
@@ -31,23 +36,83 @@ const TOPIC_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// ```
 #[derive(Debug)]
 pub struct TestCluster {
-    /// The nisshi process.
-    pub broker: Broker,
-    /// The read-committed proxy in front of it.
+    kafka: SharedCluster,
+    owned: bool,
+    direct_bootstrap: String,
+    replication_factor: i32,
+    /// The fault-injecting proxy in front of the brokers.
     pub proxy: Proxy,
 }
 
 impl TestCluster {
-    /// Starts a broker and a proxy for it.
+    /// The process's shared single-node Kafka (started on first use) behind a new proxy.
     pub async fn start() -> Result<TestCluster, HarnessError> {
-        let broker = Broker::start().await?;
-        let proxy = Proxy::start(broker.address()).await?;
-        Ok(TestCluster { broker, proxy })
+        let kafka = blocking(kafka::shared).await?;
+        TestCluster::with_proxy(kafka, false).await
     }
 
-    /// `bootstrap.servers` for clients: the proxy's address.
+    /// A Kafka cluster of the test's own (stopped with it) behind a new proxy.
+    pub async fn start_owned(options: ClusterOptions) -> Result<TestCluster, HarnessError> {
+        let kafka = blocking(move || KafkaCluster::start(options)).await?;
+        TestCluster::with_proxy(std::sync::Arc::new(std::sync::Mutex::new(kafka)), true).await
+    }
+
+    async fn with_proxy(kafka: SharedCluster, owned: bool) -> Result<TestCluster, HarnessError> {
+        let (addresses, replication_factor) = {
+            let cluster = lock(&kafka);
+            let addresses: Vec<_> = cluster.nodes().iter().map(|n| n.address()).collect();
+            (addresses, cluster.options().replication_factor() as i32)
+        };
+        let direct_bootstrap = addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let proxy = Proxy::start_cluster(&addresses).await?;
+        Ok(TestCluster {
+            kafka,
+            owned,
+            direct_bootstrap,
+            replication_factor,
+            proxy,
+        })
+    }
+
+    /// The Kafka cluster (lock it to read node state or, when owned, to stop and start nodes).
+    pub fn kafka(&self) -> &SharedCluster {
+        &self.kafka
+    }
+
+    /// `bootstrap.servers` of the brokers themselves, bypassing the proxy.
+    pub fn direct_bootstrap_servers(&self) -> String {
+        self.direct_bootstrap.clone()
+    }
+
+    /// Replication factor of topics the harness creates: 1 on one node, 3 on three.
+    pub fn replication_factor(&self) -> i32 {
+        self.replication_factor
+    }
+
+    /// Runs `change` on the owned cluster off the reactor (node stops and starts block for
+    /// seconds). Refused on the shared cluster, which other tests use.
+    pub async fn with_owned_kafka<T: Send + 'static>(
+        &self,
+        change: impl FnOnce(&mut KafkaCluster) -> Result<T, HarnessError> + Send + 'static,
+    ) -> Result<T, HarnessError> {
+        if !self.owned {
+            return Err(HarnessError::KafkaUnavailable(
+                "this test shares its process's Kafka: start it with TestCluster::start_owned \
+                 to stop, kill or restart brokers"
+                    .into(),
+            ));
+        }
+        let kafka = self.kafka.clone();
+        blocking(move || change(&mut lock(&kafka))).await
+    }
+
+    /// `bootstrap.servers` for clients: the proxy's listeners (one per broker).
     pub fn bootstrap_servers(&self) -> String {
-        self.proxy.address().to_string()
+        self.proxy.bootstrap_servers()
     }
 
     /// A client config with `bootstrap.servers` set to the proxy.
@@ -57,7 +122,7 @@ impl TestCluster {
         config
     }
 
-    /// Creates `name` with `partitions` partitions (replication 1) and waits until the
+    /// Creates `name` with `partitions` partitions (replicated on every node, at most 3) and waits until the
     /// broker's metadata lists every partition.
     pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<(), HarnessError> {
         self.create_topic_with_config(name, partitions, &[]).await
@@ -75,7 +140,11 @@ impl TestCluster {
             .client_config()
             .create()
             .map_err(|e| HarnessError::kafka(context(), e))?;
-        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let mut topic = NewTopic::new(
+            name,
+            partitions,
+            TopicReplication::Fixed(self.replication_factor),
+        );
         for (key, value) in config {
             topic = topic.set(key, value);
         }
@@ -136,14 +205,39 @@ impl TestCluster {
         })?
     }
 
-    /// Restarts the broker on the same port and forgets the proxy's transaction index.
-    /// Memory storage: **all data is lost** (topics must be created again).
-    pub async fn restart_broker(&mut self) -> Result<(), HarnessError> {
-        self.proxy.drop_connections();
-        self.broker.restart().await?;
-        self.proxy.reset_index();
-        Ok(())
+    /// Crashes node `id` (SIGKILL) of an owned cluster; its data stays on disk.
+    pub async fn kill_broker(&self, id: u32) -> Result<(), HarnessError> {
+        self.with_owned_kafka(move |kafka| kafka.kill_node(id))
+            .await
     }
+
+    /// Starts node `id` of an owned cluster again (same port, same data) and waits until it
+    /// serves.
+    pub async fn start_broker(&self, id: u32) -> Result<(), HarnessError> {
+        self.with_owned_kafka(move |kafka| kafka.start_node(id))
+            .await
+    }
+
+    /// Controlled restart of node `id` of an owned cluster; data survives.
+    pub async fn restart_broker(&self, id: u32) -> Result<(), HarnessError> {
+        self.with_owned_kafka(move |kafka| kafka.restart_node(id))
+            .await
+    }
+}
+
+/// Runs blocking harness work (JVM starts, node stops) off the reactor.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, HarnessError> + Send + 'static,
+) -> Result<T, HarnessError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| HarnessError::KafkaUnavailable(format!("a harness task failed: {e}")))?
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A name unique across parallel tests and processes: `<prefix>-<pid>-<counter>-<random>`.

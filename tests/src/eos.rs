@@ -9,8 +9,7 @@
 //!   partition order.
 //!
 //! "The end" is each partition's end offset as a read_committed consumer sees it when the check
-//! starts (`fetch_watermarks` high watermark: the last stable offset through the
-//! read-committed proxy), and the check reads until its position reaches that offset, so a
+//! starts (`fetch_watermarks` high watermark: the last stable offset), and the check reads until its position reaches that offset, so a
 //! slow broker cannot make records look missing. Records at or past that end (produced or
 //! committed after the check started) are not part of the check.
 //!

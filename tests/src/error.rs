@@ -8,38 +8,44 @@ use std::path::PathBuf;
 /// without re-running the test.
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
-    /// The nisshi broker binary could not be found or installed.
-    #[error("nisshi 0.7.0 is not available: {0}")]
-    NisshiUnavailable(String),
+    /// Apache Kafka cannot be run here: Java 17+ or Maven missing, a broken installation.
+    #[error("the local Apache Kafka is not available: {0}")]
+    KafkaUnavailable(String),
 
-    /// `cargo install nisshi` failed.
-    #[error("installing nisshi 0.7.0 into {root} failed ({status}); see {log}")]
-    NisshiInstall {
-        /// Install root passed to `cargo install --root`.
+    /// Fetching Kafka's jars with Maven failed.
+    #[error("fetching Apache Kafka's jars into {root} with Maven failed ({status}); see {log}:\n{log_tail}")]
+    KafkaInstall {
+        /// The installation directory.
         root: PathBuf,
-        /// Exit status of cargo.
+        /// Exit status of Maven.
         status: String,
-        /// File holding cargo's output.
+        /// File holding Maven's output.
         log: PathBuf,
+        /// Last lines of that file.
+        log_tail: String,
     },
 
-    /// The broker process exited or never answered a Kafka request.
-    #[error("nisshi broker on {address} did not become ready: {reason}; log {log}:\n{log_tail}")]
+    /// A Kafka node exited or never served metadata.
+    #[error(
+        "Kafka node {node} on {address} did not become ready: {reason}; log {log}:\n{log_tail}"
+    )]
     BrokerNotReady {
-        /// Address the broker was told to listen on.
+        /// The node id.
+        node: u32,
+        /// The node's broker listener.
         address: std::net::SocketAddr,
         /// What happened (exited with status, timeout).
         reason: String,
-        /// Log file of the broker.
+        /// Log file of the node.
         log: PathBuf,
         /// Last lines of the log.
         log_tail: String,
     },
 
-    /// Stopping the broker failed.
-    #[error("stopping nisshi broker (pid {pid}) failed: {reason}")]
+    /// Stopping a Kafka node failed.
+    #[error("stopping Kafka node (pid {pid}) failed: {reason}")]
     BrokerStop {
-        /// Pid of the broker process.
+        /// Pid of the JVM.
         pid: u32,
         /// What went wrong.
         reason: String,

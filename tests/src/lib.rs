@@ -1,15 +1,15 @@
-//! Test harness for `exactly`: broker launcher, read-committed proxy, process supervisor and
-//! exactly-once checker.
+//! Test harness for `exactly`: a local Apache Kafka launcher, a fault-injecting proxy, a process
+//! supervisor and an exactly-once checker.
 
-pub mod broker;
 pub mod chaos;
 pub mod cluster;
 pub mod eos;
 pub mod error;
+pub mod kafka;
 pub mod process;
 pub mod proxy;
 
-pub use broker::Broker;
 pub use cluster::{unique_name, TestCluster};
 pub use error::HarnessError;
+pub use kafka::{ClusterOptions, KafkaCluster};
 pub use proxy::{Proxy, ProxyStats};

@@ -1,6 +1,6 @@
 //! A short chaos run (30 fault events, fixed seed) as part of the test command: the payments
-//! chain A → B → C, three instances each, through kills, zombies, rebalances and network
-//! faults must end with no duplicate, nothing missing and B's and C's state equal to the
+//! chain A → B → C, three instances each, through kills, zombies, rebalances, network faults
+//! and broker crashes (real Apache Kafka, one node) must end with no duplicate, nothing missing and B's and C's state equal to the
 //! reference model. The long run (≥ 200 events) is documented in the README.
 //!
 //! It runs the `chaos` binary of this package (built by cargo for this test) as a child, so
@@ -12,8 +12,9 @@ use std::time::Duration;
 use exactly_tests::process::{ChildProcess, ProcessSpec};
 
 /// Seed of the test's schedule: a fixed one, so a failure is reproducible with
-/// `cargo run --release -p exactly-tests --bin chaos -- --events 30 --seed 20261121`.
-const SEED: u64 = 20_261_121;
+/// `cargo run --release -p exactly-tests --bin chaos -- --events 30 --seed 20261123`. Its 30
+/// events hold every kind of fault, two broker crashes among them.
+const SEED: u64 = 20_261_123;
 const EVENTS: usize = 30;
 
 /// Bound of the whole run, beyond the chaos binary's own deadline (build of the service
@@ -65,6 +66,7 @@ async fn thirty_fault_events_keep_the_chain_exactly_once() {
             "zombies",
             "rebalances",
             "net_faults",
+            "broker_crashes",
             "duplicates",
             "missing",
             "state",
@@ -76,13 +78,17 @@ async fn thirty_fault_events_keep_the_chain_exactly_once() {
     let number = |key: &str| value(key).parse::<usize>().unwrap();
     assert_eq!(number("events"), EVENTS, "{line}");
     assert_eq!(
-        number("kills") + number("zombies") + number("rebalances") + number("net_faults"),
+        number("kills")
+            + number("zombies")
+            + number("rebalances")
+            + number("net_faults")
+            + number("broker_crashes"),
         EVENTS,
         "{line}"
     );
     assert!(
-        number("kills") > 0 && number("net_faults") > 0,
-        "the schedule must crash and disturb something: {line}"
+        number("kills") > 0 && number("net_faults") > 0 && number("broker_crashes") > 0,
+        "the schedule must crash services and the broker and disturb the network: {line}"
     );
     assert_eq!(
         (value("duplicates"), value("missing"), value("state")),

@@ -1,5 +1,5 @@
 //! Tests of the test harness itself: the process supervisor (with `sh` scripts as children)
-//! and the exactly-once checker against a real broker behind the read-committed proxy.
+//! and the exactly-once checker against the local Apache Kafka behind the fault-injecting proxy.
 
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
@@ -340,7 +340,7 @@ async fn children_die_with_a_test_process_that_dies_without_unwinding() {
     eventually("the grandchild to die with its parent", || gone(grandchild)).await;
 }
 
-// ---- exactly-once checker against nisshi behind the read-committed proxy ----
+// ---- exactly-once checker against the local Kafka behind the fault-injecting proxy ----
 
 /// A transactional producer with `init_transactions` done (blocking: call off the reactor).
 fn transactional_producer(

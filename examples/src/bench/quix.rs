@@ -160,7 +160,7 @@ pub struct QuixEnv {
 
 /// Where the virtualenv lives: `<cache dir>/quix-3.28.1-venv`.
 pub fn venv_dir() -> PathBuf {
-    exactly_tests::broker::cache_dir().join(format!("quix-{QUIX_VERSION}-venv"))
+    exactly_tests::kafka::cache_dir().join(format!("quix-{QUIX_VERSION}-venv"))
 }
 
 /// The Quix app script in the source tree: `examples/bench/quix_count.py`.
@@ -188,7 +188,7 @@ pub fn prepare(progress: impl Fn(&str)) -> Result<QuixEnv, QuixUnavailable> {
         return Ok(QuixEnv { python, script });
     }
 
-    let cache = exactly_tests::broker::cache_dir();
+    let cache = exactly_tests::kafka::cache_dir();
     std::fs::create_dir_all(&cache).map_err(|source| QuixUnavailable::Io {
         what: "creating the cache directory",
         path: cache.clone(),
@@ -386,7 +386,7 @@ fn parse_version_output(stdout: &str) -> Option<&str> {
 /// What the Quix count app needs to run one benchmark case.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuixCountArgs {
-    /// `bootstrap.servers` (the read-committed proxy).
+    /// `bootstrap.servers`.
     pub broker: String,
     /// The input topic; it must exist with explicit `retention.ms` and `retention.bytes`.
     pub input_topic: String,

@@ -18,8 +18,8 @@ use exactly_tests::cluster::{unique_name, TestCluster};
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Bootstrap servers of an existing cluster; without it the bench starts the local test
-    /// broker and its read-committed proxy.
+    /// Bootstrap servers of an existing cluster; without it the bench starts the local Apache
+    /// Kafka.
     #[arg(long, env = "EXACTLY_BROKERS")]
     brokers: Option<String>,
     /// About 100k records instead of 1M (and a shorter latency run).
@@ -120,11 +120,12 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let bootstrap = match &args.brokers {
         Some(brokers) => brokers.clone(),
         None => {
-            say("starting the local broker (nisshi 0.7.0) and its read-committed proxy");
+            say("starting the local Apache Kafka");
             let cluster = TestCluster::start()
                 .await
-                .context("starting the local broker")?;
-            let bootstrap = cluster.bootstrap_servers();
+                .context("starting the local Apache Kafka")?;
+            // Straight to the broker: the fault-injecting proxy is for tests, not measurements.
+            let bootstrap = cluster.direct_bootstrap_servers();
             _cluster = cluster;
             bootstrap
         }

@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release -p exactly-examples --bin demo [-- --count N --seed S --brokers H:P]`
 //!
-//! 1. Starts a local broker with the read-committed proxy in front (unless `--brokers`).
+//! 1. Starts a local Apache Kafka with the fault-injecting proxy in front (unless `--brokers`).
 //! 2. Creates the chain's topics (8 partitions).
 //! 3. Starts `validate`, two `ledger` instances and `stats` as child processes, and produces
 //!    the seeded payment commands at a steady rate.
@@ -33,7 +33,6 @@ use exactly_examples::producer::{command_producer, command_record, send_waiting,
 use exactly_examples::service::{self, LedgerArgs, StatsArgs, ValidateArgs};
 use exactly_examples::topics::create_topics;
 use exactly_examples::verify::{verify_chain, OutputTopics, TopicCheck};
-use exactly_tests::chaos::drain::{all_stable, Ends, TopicEnds};
 use exactly_tests::chaos::ChainTopics;
 use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::eos::CheckOptions;
@@ -68,7 +67,7 @@ enum ServiceCommand {
 
 #[derive(Debug, Clone, clap::Args)]
 struct DemoArgs {
-    /// Use these Kafka brokers instead of starting a local broker + read-committed proxy.
+    /// Use these Kafka brokers instead of starting a local Apache Kafka.
     #[arg(long, env = "DEMO_BROKERS")]
     brokers: Option<String>,
     /// Payment commands to produce.
@@ -99,12 +98,6 @@ struct DemoArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // nisshi at `info` logs every serialized protocol field (gigabytes per minute), which
-    // starves the machine; the local broker only needs to report warnings. Set before any
-    // thread exists (set_var is not thread-safe).
-    if cli.service.is_none() && std::env::var_os("EXACTLY_NISSHI_LOG").is_none() {
-        std::env::set_var("EXACTLY_NISSHI_LOG", "warn");
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -161,10 +154,6 @@ async fn interrupted() {
         }
     }
 }
-
-/// How long nothing may change before a chain whose group offsets still lag counts as
-/// drained (see the drain loop).
-const QUIET_PERIOD: Duration = Duration::from_secs(15);
 
 /// Topic and app names of one demo run (unique, so runs never see each other's data).
 #[derive(Debug, Clone)]
@@ -234,11 +223,11 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
         None => {
             say(
                 started,
-                "starting a local broker (nisshi) with the read-committed proxy",
+                "starting a local Apache Kafka behind the fault-injecting proxy",
             );
             let cluster = TestCluster::start()
                 .await
-                .context("starting the local broker")?;
+                .context("starting the local Apache Kafka")?;
             let bootstrap = cluster.bootstrap_servers();
             (Some(cluster), bootstrap)
         }
@@ -397,13 +386,6 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
     // Drain: every group has consumed everything committed on its input, checked in chain
     // order (A cannot produce more once drained, then B, then C).
     let drain_deadline = Instant::now() + Duration::from_secs(args.drain_timeout_secs);
-    // The group offsets the services send to their transactions can lag behind on nisshi
-    // after a crash (the framework's source of truth is the snapshot topic, not the group
-    // offset). So the chain also counts as drained once it is quiet: no topic of the run,
-    // snapshot topics included (every transaction writes one), changed for QUIET_PERIOD and
-    // no transaction is open. The verification below is the same either way.
-    let ends = Arc::new(TopicEnds::new(&bootstrap, &run)?);
-    let mut quiet: (Option<Ends>, Instant) = (None, Instant::now());
     let drained = loop {
         ensure_running(&mut services)?;
         let p = Arc::clone(&probes);
@@ -416,23 +398,6 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
                 format_args!("drain check failed, retrying: {error:#}"),
             ),
         }
-        let e = Arc::clone(&ends);
-        match tokio::task::spawn_blocking(move || e.read()).await? {
-            Ok(now) if quiet.0.as_ref() == Some(&now) => {
-                if all_stable(&now) && quiet.1.elapsed() >= QUIET_PERIOD {
-                    say(
-                        started,
-                        format_args!(
-                            "the chain is quiet (no topic changed for {QUIET_PERIOD:?}, no open \
-                             transaction) although the group offsets still show lag"
-                        ),
-                    );
-                    break true;
-                }
-            }
-            Ok(now) => quiet = (Some(now), Instant::now()),
-            Err(_) => quiet = (None, Instant::now()),
-        }
         if Instant::now() >= drain_deadline {
             say(started, "the chain did not drain in time");
             break false;
@@ -444,15 +409,12 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
     if !drained {
         // Evidence for whoever debugs it: partitions whose read_committed end (last stable
         // offset) stays below the high watermark have a transaction that never completed.
-        let direct = cluster.as_ref().map(|c| c.broker.address().to_string());
         let (b, t, n) = (
             bootstrap.clone(),
             names.topics.all().map(str::to_owned),
             args.partitions,
         );
-        let stuck =
-            tokio::task::spawn_blocking(move || stable_offset_gaps(&b, direct.as_deref(), &t, n))
-                .await?;
+        let stuck = tokio::task::spawn_blocking(move || stable_offset_gaps(&b, &t, n)).await?;
         match stuck {
             Ok(lines) if lines.is_empty() => say(
                 started,
@@ -554,8 +516,8 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
     if let Some(cluster) = &cluster {
         let p = cluster.proxy.stats();
         println!(
-            "proxy         {} read_committed fetches rewritten, {} aborted-transaction entries supplied, {} rewrite failures",
-            p.fetches_rewritten, p.aborted_entries_added, p.rewrite_failures
+            "proxy         {} connections, {} rewrite failures",
+            p.connections, p.rewrite_failures
         );
     }
     for (name, status) in &stop_statuses {
@@ -934,11 +896,9 @@ impl Probes {
 }
 
 /// `topic/partition: last stable offset L < high watermark H` for every partition where the
-/// read_committed end (through `bootstrap`) is below the high watermark (read from `direct`,
-/// the bare broker, when known).
+/// read_committed end is below the high watermark (a transaction that never completed).
 fn stable_offset_gaps(
     bootstrap: &str,
-    direct: Option<&str>,
     topics: &[String],
     partitions: i32,
 ) -> anyhow::Result<Vec<String>> {
@@ -947,7 +907,7 @@ fn stable_offset_gaps(
         .set("isolation.level", "read_committed")
         .create()?;
     let uncommitted: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", direct.unwrap_or(bootstrap))
+        .set("bootstrap.servers", bootstrap)
         .set("isolation.level", "read_uncommitted")
         .create()?;
     let timeout = Duration::from_secs(10);

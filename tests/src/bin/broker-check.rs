@@ -10,24 +10,22 @@
 //! `fetch_watermarks` high watermark must be the last stable offset (the open record's offset).
 //!
 //! ```text
-//! cargo run --release -p exactly-tests --bin broker-check                 # nisshi: proxy vs bare
+//! cargo run --release -p exactly-tests --bin broker-check                 # a local Apache Kafka
 //! cargo run --release -p exactly-tests --bin broker-check -- --brokers HOST:PORT [-X key=value]
-//! cargo run -p exactly-tests --bin broker-check -- --install-only         # just install nisshi
+//! cargo run -p exactly-tests --bin broker-check -- --install-only         # just fetch Kafka's jars
 //! ```
 //!
-//! Per target it prints one line:
-//! `BROKER-CHECK target=proxy committed_seen=4 aborted_seen=0 open_seen=0 fenced=yes lso=ok verdict=PASS`.
-//! Exit code: 0 when the checked target (the proxy, or `--brokers`) passes, 1 when it fails
-//! the scenario, 2 when the check could not run to the end (brokers unreachable, a step failed
-//! or timed out). The bare nisshi broker is expected to fail (it delivers
-//! aborted records and reports LSO 0); that is printed but does not fail the run.
+//! It prints one line:
+//! `BROKER-CHECK target=kafka committed_seen=4 aborted_seen=0 open_seen=0 fenced=yes lso=ok verdict=PASS`
+//! (`target=` the `--brokers` value for a cluster of your own).
+//! Exit code: 0 when the target passes, 1 when it fails the scenario, 2 when the check could
+//! not run to the end (brokers unreachable, a step failed or timed out).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use exactly_tests::broker::{nisshi_binary, Broker};
-use exactly_tests::proxy::Proxy;
+use exactly_tests::kafka::{installation, ClusterOptions, KafkaCluster, KAFKA_VERSION};
 use exactly_tests::unique_name;
 use futures::executor::block_on;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -57,7 +55,7 @@ const ZOMBIE_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
              read_committed consumers and fences zombie producers"
 )]
 struct Args {
-    /// Check this cluster (bootstrap servers) instead of starting nisshi and the proxy.
+    /// Check this cluster (bootstrap servers) instead of starting a local Apache Kafka.
     #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]")]
     brokers: Option<String>,
 
@@ -74,7 +72,8 @@ struct Args {
     #[arg(long, default_value_t = 30)]
     timeout_secs: u64,
 
-    /// Only make sure nisshi 0.7.0 is installed (installing it if needed), print its path, exit.
+    /// Only make sure the local Apache Kafka's jars are in the cache (fetching them with Maven
+    /// if needed), print where, exit.
     #[arg(long, conflicts_with = "brokers")]
     install_only: bool,
 }
@@ -173,10 +172,17 @@ async fn main() -> ExitCode {
     let timeout = Duration::from_secs(args.timeout_secs.max(1));
 
     if args.install_only {
-        return match nisshi_binary().await {
-            Ok(path) => {
-                println!("nisshi 0.7.0 is installed: {}", path.display());
+        return match tokio::task::spawn_blocking(installation).await {
+            Ok(Ok(installed)) => {
+                println!(
+                    "Apache Kafka {KAFKA_VERSION} is installed: {}",
+                    installed.root.display()
+                );
                 ExitCode::SUCCESS
+            }
+            Ok(Err(e)) => {
+                eprintln!("broker-check: {e}");
+                ExitCode::from(2)
             }
             Err(e) => {
                 eprintln!("broker-check: {e}");
@@ -198,56 +204,46 @@ async fn main() -> ExitCode {
             println!("{}", outcome.line(&target.label));
             exit_code(&outcome)
         }
-        None => check_nisshi(timeout).await,
+        None => check_local_kafka(timeout).await,
     };
     eprintln!("broker-check: done in {:.1?}", started.elapsed());
     code
 }
 
-/// Starts nisshi and the proxy, checks both, stops them. Only the proxy's verdict counts.
-async fn check_nisshi(timeout: Duration) -> ExitCode {
+/// Starts a single-node Apache Kafka, checks it directly, stops it.
+async fn check_local_kafka(timeout: Duration) -> ExitCode {
     let step = Instant::now();
-    let mut broker = match Broker::start().await {
-        Ok(broker) => broker,
+    let started = tokio::task::spawn_blocking(|| KafkaCluster::start(ClusterOptions::default()))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|result| result.map_err(|e| e.to_string()));
+    let mut kafka = match started {
+        Ok(kafka) => kafka,
         Err(e) => {
-            eprintln!("broker-check: cannot start nisshi: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let proxy = match Proxy::start(broker.address()).await {
-        Ok(proxy) => proxy,
-        Err(e) => {
-            eprintln!("broker-check: cannot start the read-committed proxy: {e}");
+            eprintln!("broker-check: cannot start the local Apache Kafka: {e}");
             return ExitCode::from(2);
         }
     };
     eprintln!(
-        "broker-check: nisshi on {} (log {}), proxy on {}, started in {:.1?}",
-        broker.address(),
-        broker.log_path().display(),
-        proxy.address(),
+        "broker-check: Apache Kafka {KAFKA_VERSION} on {} (log {}), started in {:.1?}",
+        kafka.bootstrap_servers(),
+        kafka.log_paths()[0].display(),
         step.elapsed()
     );
-    let target = |label: &str, address: std::net::SocketAddr| Target {
-        label: label.to_owned(),
-        bootstrap: address.to_string(),
+    let target = Target {
+        label: "kafka".to_owned(),
+        bootstrap: kafka.bootstrap_servers(),
         config: Vec::new(),
         replication_factor: 1,
         timeout,
     };
-    let through_proxy = check(target("proxy", proxy.address())).await;
-    let bare = check(target("bare", broker.address())).await;
-    println!("{}", through_proxy.line("proxy"));
-    println!("{}", bare.line("bare"));
-    eprintln!(
-        "broker-check: the bare nisshi broker is expected to fail (aborted records visible, \
-         read_committed watermark 0); only target=proxy decides the exit code"
-    );
-    drop(proxy);
-    if let Err(e) = broker.stop().await {
-        eprintln!("broker-check: stopping nisshi: {e}");
+    let outcome = check(target).await;
+    println!("{}", outcome.line("kafka"));
+    let stopped = tokio::task::spawn_blocking(move || kafka.stop_node(1)).await;
+    if let Ok(Err(e)) = stopped {
+        eprintln!("broker-check: stopping Kafka: {e}");
     }
-    exit_code(&through_proxy)
+    exit_code(&outcome)
 }
 
 /// 0: passed; 1: the scenario ran and the target failed it; 2: it could not run to the end.
@@ -493,8 +489,8 @@ fn produce_and_consume(target: &Target, topic: &str, outcome: &mut Outcome) -> R
     let d = send(&first, topic, "zombie", 1)?;
     let z1 = delivered(&first, vec![d], timeout)?;
     let successor = producer(target, &txn_id)?;
-    // A fencing broker answers at once; nisshi drops the connection instead, and librdkafka
-    // retries until this timeout, so do not wait the full step timeout for it.
+    // A fencing broker answers at once; a broker that does not fence would leave librdkafka
+    // retrying until this timeout, so do not wait the full step timeout for it.
     match first.commit_transaction(timeout.min(ZOMBIE_COMMIT_TIMEOUT)) {
         Ok(()) => {
             eprintln!("broker-check: target={label}: the zombie's commit succeeded: not fenced");

@@ -1,9 +1,9 @@
 //! The exactly-once chaos suite; see `exactly_tests::chaos`.
 //!
-//! `cargo run --release -p exactly-tests --bin chaos -- --events E [--seed S]`
+//! `cargo run --release -p exactly-tests --bin chaos -- --events E [--seed S] [--kafka-nodes 3]`
 //!
 //! Prints progress, then exactly one line
-//! `CHAOS events=E kills=K zombies=Z rebalances=B net_faults=F duplicates=D missing=M state=match seed=S`
+//! `CHAOS events=E kills=K zombies=Z rebalances=B net_faults=F broker_crashes=C duplicates=D missing=M state=match seed=S`
 //! and exits 0 only when nothing was duplicated, missing or out of order and B's balances and
 //! C's totals match the reference model. Exit 1: an exactly-once violation (the first
 //! offending record ids are printed); exit 2: the run could not complete (a service died, the
@@ -52,15 +52,14 @@ struct Cli {
     /// Fail the run when a service exits on its own (default: restart it, report the crash).
     #[arg(long)]
     fail_on_crash: bool,
+    /// Nodes of the run's local Apache Kafka: 1, or 3 (replication factor 3; broker crashes
+    /// then hit partition leaders and the active controller).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3))]
+    kafka_nodes: u32,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // nisshi at `info` logs every protocol field (gigabytes per minute); the chaos broker only
-    // needs warnings. Set before any thread exists (set_var is not thread-safe).
-    if std::env::var_os("EXACTLY_NISSHI_LOG").is_none() {
-        std::env::set_var("EXACTLY_NISSHI_LOG", "warn");
-    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("CHAOS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
@@ -78,6 +77,7 @@ fn main() -> ExitCode {
     options.log_dir = cli.log_dir;
     options.build = !cli.no_build;
     options.fail_on_crash = cli.fail_on_crash;
+    options.kafka_nodes = cli.kafka_nodes;
     let deadline = cli
         .deadline_secs
         .map(Duration::from_secs)

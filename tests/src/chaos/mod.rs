@@ -7,13 +7,16 @@
 //! system test (repeated kill -9; aggregates recomputed from the input must match).
 //!
 //! Split of work:
-//! - this module (harness crate): broker + read-committed proxy, the service processes, the
-//!   fault [`schedule`] and its application, waiting for the chain to [`drain`];
+//! - this module (harness crate): a local Apache Kafka of its own (one node, or three with
+//!   `--kafka-nodes 3`) behind the fault-injecting proxy, the service processes, the fault
+//!   [`schedule`] (service kills, zombies, rebalances, network faults, broker crashes) and its
+//!   application, waiting for the chain to [`drain`];
 //! - `chaos-workload` (an `exactly-examples` binary, run as a child because this crate cannot
 //!   link the examples crate): producing the seeded payment commands and verifying every
 //!   output topic plus B's balances and C's totals against the examples' reference model.
 //!
-//! Entry point: `cargo run --release -p exactly-tests --bin chaos -- --events E [--seed S]`.
+//! Entry point: `cargo run --release -p exactly-tests --bin chaos -- --events E [--seed S]
+//! [--kafka-nodes 3]`.
 
 pub mod binaries;
 pub mod drain;
@@ -25,10 +28,11 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::{unique_name, TestCluster};
 use crate::error::HarnessError;
+use crate::kafka::ClusterOptions;
 use crate::process::{ProcessError, ProcessSpec, Supervisor};
 use binaries::{Binaries, BinariesError};
-use drain::{ChainProbe, GroupProbe, TopicEnds};
-use schedule::{Counts, Fault, ScheduledFault, Service, INITIAL_INSTANCES};
+use drain::{ChainProbe, GroupProbe};
+use schedule::{BrokerTarget, Counts, Fault, ScheduledFault, Service, INITIAL_INSTANCES};
 
 /// How long a service may take to stop after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(30);
@@ -56,10 +60,6 @@ pub struct ChaosOptions {
     /// The drain fails early when no group commits anything for this long while input is
     /// left (a stuck partition does not heal by waiting).
     pub drain_stall_timeout: Duration,
-    /// The chain counts as drained once no topic of the run changed for this long and no
-    /// transaction is open, even if the group offsets say otherwise (they are informational
-    /// in `exactly`; the snapshot topic is the source of truth).
-    pub quiet_period: Duration,
     /// Directory for every log of the run (default: a fresh one under the temp directory).
     pub log_dir: Option<PathBuf>,
     /// Run `$CARGO build -p exactly-examples --bins` first (when run through cargo).
@@ -67,6 +67,9 @@ pub struct ChaosOptions {
     /// A service that exits on its own fails the run. Without it the run restarts the
     /// service (as an orchestrator would), reports the crash and goes on verifying.
     pub fail_on_crash: bool,
+    /// Kafka nodes of the run's own cluster: 1, or 3 (replication factor 3, `min.insync.replicas`
+    /// 2; broker crashes then hit a partition leader or the active controller).
+    pub kafka_nodes: u32,
 }
 
 impl ChaosOptions {
@@ -81,10 +84,10 @@ impl ChaosOptions {
             session_timeout: Duration::from_secs(6),
             drain_timeout: Duration::from_secs(300),
             drain_stall_timeout: Duration::from_secs(90),
-            quiet_period: Duration::from_secs(20),
             log_dir: None,
             build: true,
             fail_on_crash: false,
+            kafka_nodes: 1,
         }
     }
 
@@ -110,6 +113,8 @@ fn fault_duration(fault: &Fault, zombie_pause: Duration) -> Duration {
         Fault::LatencySpike { duration, .. }
         | Fault::BrokerOutage { duration }
         | Fault::DelayedEndTxn { duration, .. } => *duration,
+        // Down time plus a generous JVM restart.
+        Fault::BrokerCrash { down, .. } => *down + Duration::from_secs(30),
         _ => Duration::ZERO,
     }
 }
@@ -204,17 +209,18 @@ impl ChaosOutcome {
         self.duplicates == 0 && self.missing == 0 && self.other_violations == 0 && self.state_match
     }
 
-    /// `CHAOS events=E kills=K zombies=Z rebalances=B net_faults=F duplicates=D missing=M
-    /// state=match|mismatch seed=S`.
+    /// `CHAOS events=E kills=K zombies=Z rebalances=B net_faults=F broker_crashes=C
+    /// duplicates=D missing=M state=match|mismatch seed=S`.
     pub fn chaos_line(&self) -> String {
         let c = &self.counts;
         format!(
-            "CHAOS events={} kills={} zombies={} rebalances={} net_faults={} duplicates={} missing={} state={} seed={}",
+            "CHAOS events={} kills={} zombies={} rebalances={} net_faults={} broker_crashes={} duplicates={} missing={} state={} seed={}",
             c.events,
             c.kills,
             c.zombies,
             c.rebalances,
             c.net_faults,
+            c.broker_crashes,
             self.duplicates,
             self.missing,
             if self.state_match { "match" } else { "mismatch" },
@@ -356,18 +362,34 @@ pub async fn run(options: ChaosOptions) -> Result<ChaosOutcome, ChaosError> {
     say(
         started,
         format_args!(
-            "seed {}: {} events ({} kills, {} zombies, {} rebalances, {} net faults)",
+            "seed {}: {} events ({} kills, {} zombies, {} rebalances, {} net faults, {} broker crashes)",
             options.seed,
             counts.events,
             counts.kills,
             counts.zombies,
             counts.rebalances,
-            counts.net_faults
+            counts.net_faults,
+            counts.broker_crashes
         ),
     );
 
-    say(started, "starting nisshi with the read-committed proxy");
-    let cluster = TestCluster::start().await?;
+    say(
+        started,
+        format_args!(
+            "starting Apache Kafka ({} node{}) behind the fault-injecting proxy",
+            options.kafka_nodes,
+            if options.kafka_nodes == 1 { "" } else { "s" }
+        ),
+    );
+    let cluster = TestCluster::start_owned(ClusterOptions {
+        nodes: options.kafka_nodes,
+        ..if options.kafka_nodes > 1 {
+            ClusterOptions::three_nodes()
+        } else {
+            ClusterOptions::default()
+        }
+    })
+    .await?;
     let names = Names::new(&unique_name("chaos"));
     for topic in names.topics.all() {
         cluster.create_topic(topic, options.partitions).await?;
@@ -385,8 +407,8 @@ pub async fn run(options: ChaosOptions) -> Result<ChaosOutcome, ChaosError> {
     say(
         started,
         format_args!(
-            "broker {} via proxy {}; 6 topics with {} partitions; logs in {}",
-            cluster.broker.address(),
+            "Kafka {} via proxy {}; 6 topics with {} partitions; logs in {}",
+            cluster.direct_bootstrap_servers(),
             cluster.bootstrap_servers(),
             options.partitions,
             log_dir.display()
@@ -525,7 +547,7 @@ impl Run {
         // input record duplicated by a producer retry would look like a framework duplicate.
         let spec = ProcessSpec::new(self.binaries.path("chaos-workload"))
             .arg("produce")
-            .args(["--brokers", &self.cluster.broker.address().to_string()])
+            .args(["--brokers", &self.cluster.direct_bootstrap_servers()])
             .args(["--topic", &self.names.topics.commands])
             .args(["--seed", &self.options.seed.to_string()])
             .args(["--accounts", &self.options.accounts.to_string()])
@@ -593,7 +615,7 @@ impl Run {
     /// and every group's committed offsets: what a stuck run needs investigated.
     async fn diagnose(&mut self) {
         let proxy = self.cluster.bootstrap_servers();
-        let broker = self.cluster.broker.address().to_string();
+        let broker = self.cluster.direct_bootstrap_servers();
         let prefix = self.names.run.clone();
         let groups: Vec<(String, String)> = Service::ALL
             .iter()
@@ -683,8 +705,53 @@ impl Run {
                 self.cluster.proxy.delay_end_txn_response(Duration::ZERO);
                 result?;
             }
+            Fault::BrokerCrash { target, down } => self.crash_broker(*target, *down).await?,
         }
         Ok(())
+    }
+
+    /// SIGKILLs the node `target` resolves to now, keeps it down for `down`, starts it again
+    /// (same ports, same data) and waits until it serves.
+    async fn crash_broker(
+        &mut self,
+        target: BrokerTarget,
+        down: Duration,
+    ) -> Result<(), ChaosError> {
+        let node = self.resolve(target).await?;
+        say(
+            self.started,
+            format_args!("killing Kafka node {node} ({target})"),
+        );
+        self.cluster.kill_broker(node).await?;
+        let result = self
+            .sleep_checking(down, "while a Kafka node was down")
+            .await;
+        // Start it again even when something else died, so the report's logs are complete.
+        self.cluster.start_broker(node).await?;
+        say(self.started, format_args!("Kafka node {node} serves again"));
+        result
+    }
+
+    /// The node id a [`BrokerTarget`] names right now.
+    async fn resolve(&self, target: BrokerTarget) -> Result<u32, ChaosError> {
+        let partitions = self.options.partitions.max(1);
+        let topic = match target {
+            BrokerTarget::LeaderOf { service, .. } => Some(self.names.input(service).to_owned()),
+            BrokerTarget::Controller => None,
+        };
+        let resolved = self
+            .cluster
+            .with_owned_kafka(move |kafka| {
+                Ok(match (target, topic) {
+                    (BrokerTarget::LeaderOf { partition, .. }, Some(topic)) => {
+                        kafka.leader_of(&topic, partition % partitions)?
+                    }
+                    _ => kafka.active_controller(),
+                })
+            })
+            .await?;
+        // No leader known right now (an election under way): any node will do.
+        Ok(resolved.unwrap_or(1))
     }
 
     fn note_stop(&mut self, instance: &str, status: ExitStatus) {
@@ -735,22 +802,16 @@ impl Run {
             );
         }
         let chain = std::sync::Arc::new(ChainProbe::new(probes));
-        let ends = std::sync::Arc::new(
-            TopicEnds::new(&bootstrap, &self.names.run)
-                .map_err(kafka("creating the topic end probe".to_owned()))?,
-        );
         let started = Instant::now();
         let mut last_report = Instant::now();
         // (committed offsets summed over the groups, when that sum last changed)
         let mut progress: (i64, Instant) = (-1, Instant::now());
-        // (every topic's ends, when they last changed)
-        let mut quiet: (Option<drain::Ends>, Instant) = (None, Instant::now());
         loop {
             self.check_alive("while draining")?;
-            let (c, e) = (std::sync::Arc::clone(&chain), std::sync::Arc::clone(&ends));
-            let (behind, committed, now_ends) = tokio::task::spawn_blocking(move || {
+            let c = std::sync::Arc::clone(&chain);
+            let (behind, committed) = tokio::task::spawn_blocking(move || {
                 let behind = c.first_not_drained().map(|g| g.map(str::to_owned));
-                (behind, c.progress().ok(), e.read().ok())
+                (behind, c.progress().ok())
             })
             .await
             .map_err(|e| ChaosError::Workload(format!("drain probe task failed: {e}")))?;
@@ -763,26 +824,7 @@ impl Run {
             if let Some(sum) = committed.filter(|sum| *sum != progress.0) {
                 progress = (sum, Instant::now());
             }
-            match now_ends {
-                Some(now) if quiet.0.as_ref() == Some(&now) => {
-                    if drain::all_stable(&now) && quiet.1.elapsed() >= self.options.quiet_period {
-                        let note = format!(
-                            "the chain went quiet (no topic of the run changed for {:?}, no open \
-                             transaction) while group {group} still reports committed input left: \
-                             the consumer offsets sent to the transactions lag behind (see diag)",
-                            self.options.quiet_period
-                        );
-                        say(self.started, format_args!("note: {note}"));
-                        self.notes.push(note);
-                        self.diagnose().await;
-                        return Ok(());
-                    }
-                }
-                Some(now) => quiet = (Some(now), Instant::now()),
-                None => quiet = (None, Instant::now()),
-            }
-            let stalled = progress.1.elapsed() >= self.options.drain_stall_timeout
-                && quiet.1.elapsed() >= self.options.drain_stall_timeout;
+            let stalled = progress.1.elapsed() >= self.options.drain_stall_timeout;
             if stalled || started.elapsed() >= self.options.drain_timeout {
                 return Err(ChaosError::NotDrained {
                     group,

@@ -114,6 +114,42 @@ pub enum Fault {
         /// How long the fault lasts.
         duration: Duration,
     },
+    /// SIGKILL of a Kafka node (a crash: its data stays on disk), which stays down for
+    /// `down`, then starts again on the same ports with the same data.
+    BrokerCrash {
+        /// Which node.
+        target: BrokerTarget,
+        /// How long it stays down before the restart.
+        down: Duration,
+    },
+}
+
+/// Which Kafka node a [`Fault::BrokerCrash`] hits, resolved when it is applied (on a single
+/// node every target is that node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerTarget {
+    /// The leader of this partition of this service's input topic.
+    LeaderOf {
+        /// Whose input topic.
+        service: Service,
+        /// The partition.
+        partition: i32,
+    },
+    /// The active KRaft controller.
+    Controller,
+}
+
+impl fmt::Display for BrokerTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BrokerTarget::LeaderOf { service, partition } => write!(
+                f,
+                "the leader of {}'s input partition {partition}",
+                service.name()
+            ),
+            BrokerTarget::Controller => write!(f, "the active controller"),
+        }
+    }
 }
 
 /// Which counter of the `CHAOS` line an event adds to.
@@ -127,6 +163,8 @@ pub enum Category {
     Rebalance,
     /// Everything the proxy injects.
     NetFault,
+    /// A Kafka node crashed and restarted.
+    BrokerCrash,
 }
 
 impl Fault {
@@ -142,6 +180,7 @@ impl Fault {
             | Fault::LatencySpike { .. }
             | Fault::BrokerOutage { .. }
             | Fault::DelayedEndTxn { .. } => Category::NetFault,
+            Fault::BrokerCrash { .. } => Category::BrokerCrash,
         }
     }
 }
@@ -169,6 +208,9 @@ impl fmt::Display for Fault {
             Fault::DelayedEndTxn { delay, duration } => {
                 write!(f, "delay EndTxn responses by {delay:?} for {duration:?}")
             }
+            Fault::BrokerCrash { target, down } => {
+                write!(f, "SIGKILL {target}, restart it after {down:?}")
+            }
         }
     }
 }
@@ -195,6 +237,8 @@ pub struct Counts {
     pub rebalances: usize,
     /// [`Category::NetFault`].
     pub net_faults: usize,
+    /// [`Category::BrokerCrash`].
+    pub broker_crashes: usize,
 }
 
 impl Counts {
@@ -208,6 +252,7 @@ impl Counts {
                 Category::Zombie => counts.zombies += 1,
                 Category::Rebalance => counts.rebalances += 1,
                 Category::NetFault => counts.net_faults += 1,
+                Category::BrokerCrash => counts.broker_crashes += 1,
             }
         }
         counts
@@ -234,7 +279,7 @@ impl Fleet {
 }
 
 /// Relative weights of the fault kinds, in the order of [`schedule`]'s match.
-const WEIGHTS: [u32; 9] = [
+const WEIGHTS: [u32; 10] = [
     18, // kill
     8,  // zombie
     10, // clean restart
@@ -244,6 +289,7 @@ const WEIGHTS: [u32; 9] = [
     14, // latency spike
     10, // broker outage
     14, // delayed EndTxn
+    6,  // broker crash
 ];
 
 fn ms(rng: &mut StdRng, lo: u64, hi: u64) -> Duration {
@@ -297,9 +343,20 @@ pub fn schedule(seed: u64, events: usize) -> Vec<ScheduledFault> {
             7 => Fault::BrokerOutage {
                 duration: ms(&mut rng, 1_000, 4_000),
             },
-            _ => Fault::DelayedEndTxn {
+            8 => Fault::DelayedEndTxn {
                 delay: ms(&mut rng, 500, 5_000),
                 duration: ms(&mut rng, 2_000, 5_000),
+            },
+            _ => Fault::BrokerCrash {
+                target: if rng.random_bool(0.5) {
+                    BrokerTarget::LeaderOf {
+                        service,
+                        partition: rng.random_range(0..8),
+                    }
+                } else {
+                    BrokerTarget::Controller
+                },
+                down: ms(&mut rng, 500, 5_000),
             },
         };
         out.push(ScheduledFault { gap, fault });
@@ -331,7 +388,10 @@ mod tests {
         let s = schedule(1, 400);
         let c = Counts::of(&s);
         assert_eq!(c.events, 400);
-        assert_eq!(c.kills + c.zombies + c.rebalances + c.net_faults, 400);
+        assert_eq!(
+            c.kills + c.zombies + c.rebalances + c.net_faults + c.broker_crashes,
+            400
+        );
         let has = |f: fn(&Fault) -> bool| s.iter().any(|e| f(&e.fault));
         assert!(has(|f| matches!(f, Fault::Kill { .. })));
         assert!(has(|f| matches!(f, Fault::Zombie { .. })));
@@ -342,6 +402,12 @@ mod tests {
         assert!(has(|f| matches!(f, Fault::LatencySpike { .. })));
         assert!(has(|f| matches!(f, Fault::BrokerOutage { .. })));
         assert!(has(|f| matches!(f, Fault::DelayedEndTxn { .. })));
+        let crash = |target: fn(&BrokerTarget) -> bool| {
+            s.iter()
+                .any(|e| matches!(&e.fault, Fault::BrokerCrash { target: t, .. } if target(t)))
+        };
+        assert!(crash(|t| matches!(t, BrokerTarget::Controller)));
+        assert!(crash(|t| matches!(t, BrokerTarget::LeaderOf { .. })));
         for e in &s {
             assert!((1_000..=3_000).contains(&(e.gap.as_millis() as u64)));
         }

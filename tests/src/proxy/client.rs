@@ -1,7 +1,7 @@
 //! A minimal Kafka client connection: one request at a time, typed with `kafka-protocol`.
 //!
-//! The proxy uses it for its own requests to the broker (index scans, topic-id lookups), and
-//! the broker launcher for its readiness probe.
+//! For tests that speak the protocol to a broker (or through the proxy) directly, and for
+//! readiness probes. The proxy itself sends no requests of its own.
 
 use std::net::SocketAddr;
 
@@ -15,8 +15,8 @@ use tokio::net::TcpStream;
 use super::framing::{read_frame, write_frame};
 use crate::error::HarnessError;
 
-/// The client id the proxy's own requests carry (visible in broker logs).
-const CLIENT_ID: &str = "exactly-test-proxy";
+/// The client id these requests carry (visible in broker logs).
+const CLIENT_ID: &str = "exactly-test-client";
 
 /// One TCP connection to a Kafka broker on which requests are sent one at a time.
 #[derive(Debug)]

@@ -1,5 +1,6 @@
-//! One proxied client connection: a client socket, its own upstream socket, and two loops
-//! (requests up, responses down) that run until either side closes or a fault drops them.
+//! One proxied client connection: a client socket, its own upstream socket to one broker, and
+//! two loops (requests up, responses down) that run until either side closes or a fault drops
+//! them.
 //!
 //! Requests are read from the client by their own loop into a short queue and forwarded from
 //! there in order. The split lets a connection that holds a request back (an EndTxn under
@@ -18,15 +19,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use super::faults::EndTxnHold;
-use super::fencing::{fenced_request, placeholder_request};
 use super::framing::{
     read_frame, request_key_version_correlation, response_correlation_id, write_frame,
 };
-use super::produce_gate::{idempotent_producer_ids, GateTickets};
-use super::rewrite::{
-    classify_request, fetch_read_uncommitted, rewrite_response, ConnectionState, Pending,
-    PendingResponse,
-};
+use super::rewrite::{classify_request, rewrite_response, PendingResponse};
 use super::{Counters, Shared};
 
 /// How long the proxy waits to connect to the broker for a new client.
@@ -36,114 +32,54 @@ const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// them: the usual backpressure).
 const REQUEST_QUEUE: usize = 32;
 
+/// Responses the proxy may have to rewrite, by correlation id.
 type PendingMap = Arc<Mutex<HashMap<i32, PendingResponse>>>;
 
 /// What the client-reading loop passes on: a request frame, `Ok(None)` at a clean end of the
 /// client's stream, or the read error that ended it.
 type ClientRead = Result<Option<BytesMut>, String>;
 
-/// Serves one client until it disconnects, the broker disconnects, or `kill` changes.
-/// `connection` identifies it in the [`ProduceGate`](super::produce_gate::ProduceGate).
+/// Serves one client against the broker at `upstream` until either side disconnects or
+/// `kill` changes.
 pub(crate) async fn serve(
     client: TcpStream,
     peer: SocketAddr,
+    upstream: SocketAddr,
     shared: Arc<Shared>,
     mut kill: watch::Receiver<u64>,
-    connection: u64,
 ) {
-    let upstream = match tokio::time::timeout(
-        UPSTREAM_CONNECT_TIMEOUT,
-        TcpStream::connect(shared.upstream),
-    )
-    .await
-    {
+    let connected = tokio::select! {
+        connected = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(upstream)) => connected,
+        _ = kill.changed() => return,
+    };
+    let upstream_stream = match connected {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
-            tracing::warn!(%peer, upstream = %shared.upstream, %error, "proxy cannot reach the broker; closing the client");
+            tracing::info!(%peer, %upstream, %error, "proxy cannot reach the broker; closing the client");
             return;
         }
         Err(_) => {
-            tracing::warn!(%peer, upstream = %shared.upstream, "proxy timed out connecting to the broker; closing the client");
+            tracing::warn!(%peer, %upstream, "proxy timed out connecting to the broker; closing the client");
             return;
         }
     };
     let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
+    let _ = upstream_stream.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
-    let (upstream_read, upstream_write) = upstream.into_split();
+    let (upstream_read, upstream_write) = upstream_stream.into_split();
     let pending: PendingMap = Arc::default();
-    let tickets = Arc::new(GateTickets::new(shared.produce_gate.clone(), connection));
-    // Responses are read by their own task, so the connection can go on reading them after
-    // its client is gone (see `drain_produce_responses`).
-    let (responses_tx, mut responses) = mpsc::channel(REQUEST_QUEUE);
-    let answered = tickets.clone();
-    let _reader = AbortOnDrop(tokio::spawn(read_frames(
-        upstream_read,
-        responses_tx,
-        move |frame| {
-            if let Some(correlation_id) = response_correlation_id(frame) {
-                answered.answered(correlation_id);
-            }
-        },
-    )));
-    let requests = forward_requests(
-        client_read,
-        upstream_write,
-        pending.clone(),
-        shared.clone(),
-        tickets.clone(),
-    );
-    let forwarded = forward_responses(&mut responses, client_write, pending, shared.clone());
+    let requests = forward_requests(client_read, upstream_write, pending.clone(), shared.clone());
+    let responses = forward_responses(upstream_read, client_write, pending, shared.clone());
     let outcome = tokio::select! {
         outcome = requests => outcome.map_err(|e| format!("client side: {e}")),
-        outcome = forwarded => outcome.map_err(|e| format!("broker side: {e}")),
+        outcome = responses => outcome.map_err(|e| format!("broker side: {e}")),
         _ = kill.changed() => Err("dropped by fault injection".to_string()),
     };
     match outcome {
-        Ok(()) => tracing::debug!(%peer, "proxy connection closed"),
-        Err(reason) => tracing::debug!(%peer, %reason, "proxy connection ended"),
+        Ok(()) => tracing::debug!(%peer, %upstream, "proxy connection closed"),
+        Err(reason) => tracing::debug!(%peer, %upstream, %reason, "proxy connection ended"),
     }
-    // The client's socket is closed now (its halves went with the futures above), and so is
-    // the upstream write half: the broker sees the end after the requests it already has.
-    drain_produce_responses(&mut responses, &tickets, peer).await;
-}
-
-/// How long a closed connection waits for the broker to answer the Produce requests it
-/// forwarded before it lets other connections of the same producers through.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Reads (and discards) the broker's responses until every Produce request this connection
-/// forwarded is answered, so a client's retry on another connection cannot reach the broker
-/// while the first copy is still being written (see [`super::produce_gate`]).
-async fn drain_produce_responses(
-    responses: &mut mpsc::Receiver<ClientRead>,
-    tickets: &GateTickets,
-    peer: SocketAddr,
-) {
-    if tickets.outstanding() == 0 {
-        return;
-    }
-    let drained = async {
-        while tickets.outstanding() > 0 {
-            match responses.recv().await {
-                Some(Ok(Some(_))) => {}
-                // The broker closed or failed: nothing of this connection is in it any more.
-                Some(Ok(None)) | Some(Err(_)) | None => return,
-            }
-        }
-    };
-    if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
-        tracing::warn!(%peer, outstanding = tickets.outstanding(), ?DRAIN_TIMEOUT, "broker did not answer a closed connection's Produce requests; letting the producer's other connections through");
-    }
-}
-
-/// Aborts a spawned task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    // Both sockets close here, with the futures that own their halves.
 }
 
 /// Forwards the client's requests upstream until the client's stream ends (`Ok`) or either
@@ -153,33 +89,24 @@ async fn forward_requests(
     upstream: OwnedWriteHalf,
     pending: PendingMap,
     shared: Arc<Shared>,
-    tickets: Arc<GateTickets>,
 ) -> Result<(), String> {
     let (reads_tx, reads) = mpsc::channel(REQUEST_QUEUE);
     // The reader's end is reported through the queue, after every request it read; the
     // forwarder decides when the connection is done.
     let reader = async move {
-        read_frames(client, reads_tx, |_| {}).await;
+        read_frames(client, reads_tx).await;
         std::future::pending::<Result<(), String>>().await
     };
     tokio::select! {
         outcome = reader => outcome,
-        outcome = forward_queued_requests(reads, upstream, pending, shared, tickets) => outcome,
+        outcome = forward_queued_requests(reads, upstream, pending, shared) => outcome,
     }
 }
 
-/// Reads frames from `socket` into `queue` until its stream ends or fails, calling
-/// `on_frame` on each before it is queued.
-async fn read_frames(
-    mut socket: OwnedReadHalf,
-    queue: mpsc::Sender<ClientRead>,
-    on_frame: impl Fn(&BytesMut),
-) {
+/// Reads frames from `socket` into `queue` until its stream ends or fails.
+async fn read_frames(mut socket: OwnedReadHalf, queue: mpsc::Sender<ClientRead>) {
     loop {
         let read = read_frame(&mut socket).await.map_err(|e| e.to_string());
-        if let Ok(Some(frame)) = &read {
-            on_frame(frame);
-        }
         let last = !matches!(read, Ok(Some(_)));
         if queue.send(read).await.is_err() || last {
             return;
@@ -192,9 +119,7 @@ async fn forward_queued_requests(
     mut upstream: OwnedWriteHalf,
     pending: PendingMap,
     shared: Arc<Shared>,
-    tickets: Arc<GateTickets>,
 ) -> Result<(), String> {
-    let mut state = ConnectionState::default();
     let mut hold = shared.faults.end_txn_hold();
     // Requests read while an EndTxn was held, to forward after it.
     let mut backlog: VecDeque<ClientRead> = VecDeque::new();
@@ -206,7 +131,7 @@ async fn forward_queued_requests(
         let Some(frame) = read? else {
             return Ok(());
         };
-        let Some((api_key, _, correlation_id)) = request_key_version_correlation(&frame) else {
+        let Some((api_key, _, _)) = request_key_version_correlation(&frame) else {
             return Err(format!(
                 "request frame of {} bytes is too short",
                 frame.len()
@@ -232,37 +157,7 @@ async fn forward_queued_requests(
                 return Ok(());
             }
         }
-        // Checked after any hold: a successor may have fenced this producer meanwhile.
-        if let Some(fenced) = fenced_request(&frame, &shared.producer_epochs) {
-            // Withheld; the placeholder keeps its answer in order (see `fencing`).
-            let placeholder =
-                placeholder_request(fenced.correlation_id).map_err(|e| e.to_string())?;
-            let correlation_id = fenced.correlation_id;
-            let expected = PendingResponse {
-                api_key: fenced.api_key,
-                version: fenced.version,
-                pending: Pending::Fenced(fenced),
-            };
-            lock(&pending).insert(correlation_id, expected);
-            write_frame(&mut upstream, &placeholder)
-                .await
-                .map_err(|e| e.to_string())?;
-            continue;
-        }
-        if let Some(producer_ids) = idempotent_producer_ids(&frame) {
-            if tickets.enter(correlation_id, producer_ids).await {
-                Counters::add(&shared.counters.produce_requests_delayed, 1);
-            }
-        }
-        let mut frame = frame;
-        if let Some((correlation_id, expected)) = classify_request(&frame, &mut state) {
-            if matches!(expected.pending, Pending::ReadCommittedFetch { .. })
-                && !fetch_read_uncommitted(&mut frame)
-            {
-                // Forwarded as is, nisshi would withhold committed records (see
-                // `fetch_read_uncommitted`): a client that never gets them waits forever.
-                return Err("cannot make a read_committed Fetch read uncommitted".to_string());
-            }
+        if let Some((correlation_id, expected)) = classify_request(&frame) {
             // Registered before forwarding, so the response cannot overtake it.
             lock(&pending).insert(correlation_id, expected);
         }
@@ -334,15 +229,15 @@ impl Drop for HeldRequest<'_> {
     }
 }
 
-/// Passes the broker's responses (read by `read_frames` into `responses`) to the client,
-/// rewritten where needed, until the broker's stream ends (`Ok`) or either side fails.
+/// Passes the broker's responses to the client, with advertised addresses rewritten, until
+/// the broker's stream ends (`Ok`) or either side fails.
 async fn forward_responses(
-    responses: &mut mpsc::Receiver<ClientRead>,
+    mut upstream: OwnedReadHalf,
     mut client: OwnedWriteHalf,
     pending: PendingMap,
     shared: Arc<Shared>,
 ) -> Result<(), String> {
-    while let Some(frame) = responses.recv().await.unwrap_or(Ok(None))? {
+    while let Some(frame) = read_frame(&mut upstream).await.map_err(|e| e.to_string())? {
         let frame = frame.freeze();
         let expected = response_correlation_id(&frame).and_then(|id| lock(&pending).remove(&id));
         let Some(expected) = expected else {
@@ -351,19 +246,19 @@ async fn forward_responses(
                 .map_err(|e| e.to_string())?;
             continue;
         };
-        if matches!(expected.pending, Pending::EndTxn) {
+        if expected.api_key == ApiKey::EndTxn {
             if let Some(delay) = shared.faults.end_txn_response_delay() {
                 tracing::info!(?delay, "proxy holds an EndTxn response");
                 tokio::time::sleep(delay).await;
             }
         }
-        let api_key: ApiKey = expected.api_key;
-        match rewrite_response(&frame, expected, &shared).await {
+        let api_key = expected.api_key;
+        match rewrite_response(&frame, expected, &shared.addresses, &shared.counters) {
             Ok(Some(rewritten)) => write_frame(&mut client, &rewritten).await,
             Ok(None) => write_frame(&mut client, &frame).await,
             Err(error) => {
-                // Never pass on a response that should have been rewritten: the client would
-                // see aborted data. Closing makes it retry.
+                // Never pass on a response whose addresses should have been rewritten: the
+                // client would connect to the broker around the proxy. Closing makes it retry.
                 Counters::add(&shared.counters.rewrite_failures, 1);
                 tracing::warn!(?api_key, %error, "proxy could not rewrite a response; closing the connection");
                 return Err(error.to_string());

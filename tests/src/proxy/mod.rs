@@ -1,71 +1,35 @@
-//! A read-committed Kafka-protocol proxy with fault injection, in front of the test broker.
+//! A fault-injecting Kafka-protocol proxy in front of a real Apache Kafka cluster.
 //!
-//! nisshi 0.7.0 never lists aborted transactions in Fetch responses and answers
-//! ListOffsets(read_committed, latest) with 0 (DESIGN.md §4). Its other ListOffsets answers
-//! for "latest" and "earliest" are wrong too: it answers from the batch object with the
-//! newest (oldest) modification time, and "latest" is that batch's *base* offset + 1
-//! (measured: 3509 for a 4000-record partition written in several batches; 1 for a
-//! 100-record partition after DeleteRecords, whose earliest was right at 45). Its Fetch
-//! responses carry the right high watermark and log start offset. This proxy sits between
-//! the clients and the broker and
+//! The proxy listens on one loopback port per broker and forwards every connection to its
+//! broker, byte for byte, in both directions. It exists so that tests can put faults into the
+//! path between the clients and Kafka ([`Faults`]):
 //!
-//! - serves read_committed Fetch requests as Kafka does: it forwards them read_uncommitted,
-//!   cuts each partition's records at the last stable offset (whole batches below it), and
-//!   fills `aborted_transactions` and `last_stable_offset`, all from a transaction index it
-//!   builds by reading each partition uncommitted and parsing the log's own control markers
-//!   ([`txn_index`]), so librdkafka's own read_committed filter drops aborted records. (nisshi's
-//!   own read_committed fetch withholds records Kafka returns: it keeps a committed
-//!   transaction pending while an overlapping one is still open, e.g. one of a killed
-//!   producer, so a reader told Kafka's LSO would wait for them forever; see
-//!   `rewrite::fetch_read_uncommitted`);
-//! - answers every ListOffsets "latest" (-1) and "earliest" (-2) as Kafka does: the high
-//!   watermark (read_uncommitted), the last stable offset (read_committed) and the log start
-//!   offset, taken from a Fetch the proxy sends itself while the client's request is in
-//!   flight ([`txn_index::TxnIndex`]'s probe). Timestamp lookups (>= 0) and the other special
-//!   timestamps pass through unchanged;
-//! - rewrites advertised addresses (Metadata, FindCoordinator, DescribeCluster) to itself so
-//!   clients never bypass it ([`rewrite`]);
-//! - answers the transactional requests of a fenced (zombie) producer with the fenced error
-//!   code Kafka gives, where nisshi closes the connection instead ([`fencing`]);
-//! - keeps an idempotent producer's Produce requests on different connections apart (a
-//!   retry waits until the broker answered the first copy), because nisshi writes two copies
-//!   of one batch that it processes at once ([`produce_gate`]);
-//! - injects faults on command ([`Faults`]): latency, dropped connections, outages, late
-//!   EndTxn responses, and EndTxn requests held back (a transaction left open with its
-//!   records, whose commit a killed client never sends).
+//! - latency per request kind ([`Proxy::set_latency`]);
+//! - every connection dropped at once ([`Proxy::drop_connections`]);
+//! - an outage: connections refused for a while ([`Proxy::refuse_connections_for`]);
+//! - late EndTxn responses ([`Proxy::delay_end_txn_response`]), and EndTxn requests held
+//!   back ([`Proxy::hold_end_txn_requests`]): a transaction left open with its records, whose
+//!   commit a killed client never sends.
 //!
-//! It never invents records: it adds abort information derived from markers in the log
-//! itself, withholds the records at and above the last stable offset (which Kafka withholds
-//! too), and withholds (never invents) requests of producers the broker already fenced. The
-//! last stable offset depends only on the log's own records and markers (the first offset of
-//! the earliest transaction without a marker), so read_committed visibility is Kafka's even
-//! where nisshi's own differs, and Fetch and ListOffsets answers use the same LSO (a reader
-//! told an end gets every record up to it). Cutting above the true LSO could only expose
-//! records of a transaction that is still open: a test would see a record that was never
-//! committed (an unexpected record or a duplicate), a false failure that cannot hide a real
-//! duplicate. A held EndTxn request looks to the broker like a client that has not sent it yet,
-//! and a discarded one like a client that died before sending it. So it can cause false
-//! failures (e.g. a connection dropped by a fault) but cannot hide a duplicate or let a stale
-//! producer commit.
+//! To stay in the path, the proxy rewrites the broker addresses Kafka advertises (Metadata,
+//! FindCoordinator, DescribeCluster, and the leader endpoints of Fetch and Produce responses)
+//! to its own listeners, each broker's to the listener in front of it ([`rewrite`]). It
+//! changes nothing else Kafka answers; a response whose addresses it cannot rewrite is not
+//! passed on (the connection is closed, the client retries), so a client never learns a
+//! broker's own address from Kafka. The only other change is to ApiVersions answers, whose
+//! version ranges for those few APIs are capped at what the proxy can decode.
 //!
-//! ListOffsets answers are replaced, never invented: each is an offset the broker itself
-//! reported (in a Fetch response) at an instant after it received the client's request and
-//! before the client gets the answer, so it is an answer Kafka could have given to that
-//! request even with writes, commits and deletions running concurrently (these offsets only
-//! grow). Readers of the framework rely on them: a "latest" too low would end a snapshot
-//! tail read early (stale state, i.e. possible duplicates), an "earliest" too low would hide
-//! a retention gap. When the proxy cannot derive an answer it closes the connection instead
-//! of passing the broker's, so the client retries: a delay or a false failure, never a wrong
-//! offset.
+//! Faults only delay, withhold or cut what flows: a held EndTxn request looks to the broker
+//! like a client that has not sent it yet, a discarded one like a client that died before
+//! sending it, a dropped connection like a network failure. So a fault can make a test fail
+//! falsely (e.g. a commit that times out) but cannot hide a duplicate or let a stale producer
+//! commit: every answer a client gets is Kafka's own.
 
 pub mod client;
 mod connection;
 mod faults;
-mod fencing;
 pub mod framing;
-mod produce_gate;
 mod rewrite;
-pub mod txn_index;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,9 +40,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::HarnessError;
 pub use faults::Faults;
-use fencing::ProducerEpochs;
-use produce_gate::ProduceGate;
-use txn_index::TxnIndex;
+use rewrite::{AddressMap, Route};
 
 /// Counters of what the proxy did, for tests that want to show a code path was exercised.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -87,31 +49,12 @@ pub struct ProxyStats {
     pub connections: u64,
     /// Client connections closed at once because of an outage.
     pub connections_refused: u64,
-    /// read_committed Fetch responses the proxy rewrote.
-    pub fetches_rewritten: u64,
-    /// Aborted-transaction entries added to Fetch responses, summed over partitions.
-    pub aborted_entries_added: u64,
-    /// Fetch partitions whose `last_stable_offset` the proxy changed.
-    pub lso_adjusted: u64,
-    /// read_committed Fetch partitions cut to the client's `partition_max_bytes` (at batch
-    /// boundaries; nisshi ignores the limit, Kafka honours it).
-    pub fetch_partitions_truncated: u64,
-    /// read_committed Fetch partitions whose records (fetched upstream read_uncommitted)
-    /// the proxy cut at its last stable offset, leaving out batches of open transactions.
-    pub fetch_partitions_cut_at_lso: u64,
-    /// ListOffsets(latest/earliest) partition answers the proxy derived itself (high
-    /// watermark, last stable offset or log start), whether or not the broker's differed.
-    pub list_offsets_rewritten: u64,
-    /// Of those, answers where the broker's offset was wrong and the proxy changed it.
-    pub list_offsets_corrected: u64,
-    /// Uncommitted Fetch requests the proxy itself sent to index partitions.
-    pub index_fetches: u64,
-    /// Responses that should have been rewritten but could not be decoded or indexed (the
-    /// connection is closed instead, so the client retries).
+    /// Responses whose advertised addresses could not be rewritten because they could not be
+    /// decoded or encoded (the connection is closed instead, so the client retries).
     pub rewrite_failures: u64,
-    /// Transactional requests of fenced producers the proxy answered itself with
-    /// `PRODUCER_FENCED` / `INVALID_PRODUCER_EPOCH` instead of forwarding them.
-    pub fences_synthesized: u64,
+    /// Advertised broker addresses that matched no upstream broker of the proxy and were
+    /// passed on unchanged: a client may connect to them directly, around the faults.
+    pub addresses_unmapped: u64,
     /// EndTxn requests held by [`Faults::hold_end_txn_requests`] (each counted once, when
     /// the hold starts).
     pub end_txn_held: u64,
@@ -120,9 +63,6 @@ pub struct ProxyStats {
     /// Held EndTxn requests discarded, never forwarded, because their client connection
     /// closed (or was dropped by a fault) while they were held.
     pub end_txn_discarded: u64,
-    /// Produce requests of an idempotent producer held back until the broker had answered
-    /// that producer's requests on another connection (see [`produce_gate`]).
-    pub produce_requests_delayed: u64,
 }
 
 impl ProxyStats {
@@ -137,20 +77,11 @@ impl ProxyStats {
 pub(crate) struct Counters {
     pub connections: AtomicU64,
     pub connections_refused: AtomicU64,
-    pub fetches_rewritten: AtomicU64,
-    pub aborted_entries_added: AtomicU64,
-    pub lso_adjusted: AtomicU64,
-    pub fetch_partitions_truncated: AtomicU64,
-    pub fetch_partitions_cut_at_lso: AtomicU64,
-    pub list_offsets_rewritten: AtomicU64,
-    pub list_offsets_corrected: AtomicU64,
-    pub index_fetches: AtomicU64,
     pub rewrite_failures: AtomicU64,
-    pub fences_synthesized: AtomicU64,
+    pub addresses_unmapped: AtomicU64,
     pub end_txn_held: AtomicU64,
     pub end_txn_released: AtomicU64,
     pub end_txn_discarded: AtomicU64,
-    pub produce_requests_delayed: AtomicU64,
 }
 
 impl Counters {
@@ -163,77 +94,129 @@ impl Counters {
         ProxyStats {
             connections: get(&self.connections),
             connections_refused: get(&self.connections_refused),
-            fetches_rewritten: get(&self.fetches_rewritten),
-            aborted_entries_added: get(&self.aborted_entries_added),
-            lso_adjusted: get(&self.lso_adjusted),
-            fetch_partitions_truncated: get(&self.fetch_partitions_truncated),
-            fetch_partitions_cut_at_lso: get(&self.fetch_partitions_cut_at_lso),
-            list_offsets_rewritten: get(&self.list_offsets_rewritten),
-            list_offsets_corrected: get(&self.list_offsets_corrected),
-            index_fetches: get(&self.index_fetches),
             rewrite_failures: get(&self.rewrite_failures),
-            fences_synthesized: get(&self.fences_synthesized),
+            addresses_unmapped: get(&self.addresses_unmapped),
             end_txn_held: get(&self.end_txn_held),
             end_txn_released: get(&self.end_txn_released),
             end_txn_discarded: get(&self.end_txn_discarded),
-            produce_requests_delayed: get(&self.produce_requests_delayed),
         }
     }
 }
 
-/// State shared by the accept loop and every connection of one proxy.
+/// State shared by the accept loops and every connection of one proxy.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub upstream: SocketAddr,
-    pub advertised: SocketAddr,
+    /// Each upstream broker and the listener in front of it, in the order given to
+    /// [`Proxy::start_cluster`].
+    pub addresses: AddressMap,
     pub faults: Faults,
     pub counters: Counters,
-    pub index: TxnIndex,
-    pub producer_epochs: ProducerEpochs,
-    pub produce_gate: Arc<ProduceGate>,
 }
 
 /// A running proxy. Dropping it stops accepting and closes every connection.
 #[derive(Debug)]
 pub struct Proxy {
     shared: Arc<Shared>,
-    accept_task: JoinHandle<()>,
+    accept_tasks: Vec<JoinHandle<()>>,
 }
 
 impl Proxy {
-    /// Starts a proxy for the broker at `upstream`, listening on a free 127.0.0.1 port.
+    /// Starts a proxy for the single broker at `upstream`, listening on a free 127.0.0.1
+    /// port: [`Proxy::start_cluster`] with one broker.
     pub async fn start(upstream: SocketAddr) -> Result<Proxy, HarnessError> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| HarnessError::io("binding the proxy listener on 127.0.0.1:0", e))?;
-        let advertised = listener
-            .local_addr()
-            .map_err(|e| HarnessError::io("reading the proxy listener's address", e))?;
+        Proxy::start_cluster(&[upstream]).await
+    }
+
+    /// Starts a proxy for the brokers of one cluster: one listener on a free 127.0.0.1 port
+    /// per broker in `upstreams`, each forwarding to its broker. Addresses the brokers
+    /// advertise are rewritten to the matching listener (by port and host, `localhost` and
+    /// loopback IPs alike); one that matches no broker in `upstreams` is passed on unchanged
+    /// with a warning (counted in [`ProxyStats::addresses_unmapped`]). Faults apply to every
+    /// listener.
+    pub async fn start_cluster(upstreams: &[SocketAddr]) -> Result<Proxy, HarnessError> {
+        if upstreams.is_empty() {
+            return Err(HarnessError::io(
+                "starting the proxy",
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "no upstream broker given"),
+            ));
+        }
+        // Every listener is bound before any connection is served, so the address map is
+        // complete from the first response on.
+        let mut listeners = Vec::with_capacity(upstreams.len());
+        let mut routes = Vec::with_capacity(upstreams.len());
+        for &upstream in upstreams {
+            let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| {
+                HarnessError::io(
+                    format!("binding the proxy listener for broker {upstream} on 127.0.0.1:0"),
+                    e,
+                )
+            })?;
+            let advertised = listener
+                .local_addr()
+                .map_err(|e| HarnessError::io("reading the proxy listener's address", e))?;
+            listeners.push(listener);
+            routes.push(Route {
+                upstream,
+                advertised,
+            });
+        }
         let shared = Arc::new(Shared {
-            upstream,
-            advertised,
+            addresses: AddressMap::new(routes),
             faults: Faults::default(),
             counters: Counters::default(),
-            index: TxnIndex::new(upstream),
-            producer_epochs: ProducerEpochs::default(),
-            produce_gate: Arc::default(),
         });
-        let accept_task = tokio::spawn(accept_loop(listener, shared.clone()));
-        tracing::info!(proxy = %advertised, %upstream, "read-committed proxy started");
+        let accept_tasks = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(route, listener)| tokio::spawn(accept_loop(listener, route, shared.clone())))
+            .collect();
+        for route in shared.addresses.routes() {
+            tracing::info!(proxy = %route.advertised, upstream = %route.upstream, "fault proxy listening");
+        }
         Ok(Proxy {
             shared,
-            accept_task,
+            accept_tasks,
         })
     }
 
-    /// The address clients connect to (and that the proxy advertises as the broker's).
+    /// The address of the first listener (in front of the first upstream broker): enough as
+    /// `bootstrap.servers` for a single broker; see [`Proxy::bootstrap_servers`].
     pub fn address(&self) -> SocketAddr {
-        self.shared.advertised
+        self.shared.addresses.routes()[0].advertised
     }
 
-    /// The broker behind the proxy.
+    /// The address of every listener, in the order of the upstream brokers.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.shared
+            .addresses
+            .routes()
+            .iter()
+            .map(|route| route.advertised)
+            .collect()
+    }
+
+    /// `bootstrap.servers` for clients: every listener, comma-separated.
+    pub fn bootstrap_servers(&self) -> String {
+        self.addresses()
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The first broker behind the proxy.
     pub fn upstream(&self) -> SocketAddr {
-        self.shared.upstream
+        self.shared.addresses.routes()[0].upstream
+    }
+
+    /// Every broker behind the proxy, in the order given to [`Proxy::start_cluster`].
+    pub fn upstreams(&self) -> Vec<SocketAddr> {
+        self.shared
+            .addresses
+            .routes()
+            .iter()
+            .map(|route| route.upstream)
+            .collect()
     }
 
     /// The fault settings; see [`Faults`].
@@ -281,14 +264,6 @@ impl Proxy {
         self.shared.faults.clear();
     }
 
-    /// Forgets the transaction index and the producer epochs learnt for fencing, e.g. after a
-    /// broker restart lost all data. (A partition whose high watermark drops below what was
-    /// indexed is also re-indexed automatically.)
-    pub fn reset_index(&self) {
-        self.shared.index.reset();
-        self.shared.producer_epochs.reset();
-    }
-
     /// What the proxy did so far.
     pub fn stats(&self) -> ProxyStats {
         self.shared.counters.snapshot()
@@ -297,12 +272,15 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        self.accept_task.abort();
+        for task in &self.accept_tasks {
+            task.abort();
+        }
         self.shared.faults.drop_connections();
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+/// Accepts the connections of listener `route` and serves each against its broker.
+async fn accept_loop(listener: TcpListener, route: usize, shared: Arc<Shared>) {
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -318,15 +296,16 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             drop(client);
             continue;
         }
-        let connection = shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+        Counters::add(&shared.counters.connections, 1);
         // Subscribe before spawning so a drop_connections() right now also ends this one.
         let kill = shared.faults.kill_signal();
+        let upstream = shared.addresses.routes()[route].upstream;
         tokio::spawn(connection::serve(
             client,
             peer,
+            upstream,
             shared.clone(),
             kill,
-            connection,
         ));
     }
 }

@@ -1,635 +1,771 @@
-//! Which requests need their response rewritten, and the rewrites themselves.
+//! The broker addresses in Kafka's responses, rewritten to the proxy's listeners.
 //!
-//! Everything not listed here passes through as raw bytes. Rewritten: ApiVersions (cap the
-//! versions of the APIs rewritten here to what `kafka-protocol` decodes), Metadata /
-//! FindCoordinator / DescribeCluster (advertise the proxy), read_committed Fetch (aborted
-//! transactions, last stable offset) and ListOffsets "latest"/"earliest" for both isolation
-//! levels (high watermark, last stable offset, log start offset; see [`super`] for why these
-//! are safe to replace).
-//! InitProducerId responses are read (not changed) to learn producer epochs for
-//! [`fencing`](super::fencing); a fenced request's placeholder answer is replaced.
+//! Kafka tells clients where its brokers are in Metadata, FindCoordinator and
+//! DescribeCluster responses, and (KIP-951, when a partition's leader moved) in the
+//! `node_endpoints` of Fetch (v16+) and Produce (v10+) responses. Each advertised
+//! `host:port` that belongs to an upstream broker of the proxy is replaced by the proxy's
+//! listener in front of that broker ([`AddressMap`]), so clients never connect around the
+//! proxy. Nothing else in those responses changes; a response with no address to rewrite is
+//! passed on as Kafka sent it, byte for byte. Every other response passes through unread.
+//!
+//! ApiVersions answers are the one other change: the version ranges of the APIs decoded here
+//! are capped at what `kafka-protocol` can decode, so a client never picks a version whose
+//! responses the proxy could not rewrite.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use bytes::{Bytes, BytesMut};
-use kafka_protocol::messages::fetch_response::AbortedTransaction;
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsResponse, DescribeClusterResponse, FetchRequest, FetchResponse,
-    FindCoordinatorResponse, InitProducerIdRequest, InitProducerIdResponse, ListOffsetsRequest,
-    ListOffsetsResponse, MetadataResponse, RequestHeader, ResponseHeader,
+    ApiKey, ApiVersionsResponse, DescribeClusterResponse, FetchResponse, FindCoordinatorResponse,
+    MetadataResponse, ProduceResponse, ResponseHeader,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
-use uuid::Uuid;
 
-use super::fencing::{fenced_response, FencedRequest};
 use super::framing::request_key_version_correlation;
-use super::txn_index::{clamp_to_log_start, parse_batches, ScanTarget};
-use super::{Counters, Shared};
+use super::Counters;
 use crate::error::HarnessError;
 
-/// The longest pause before answering a read_committed fetch whose records all lie above the
-/// last stable offset (Kafka waits up to the fetch's `max_wait_ms` for more).
-const EMPTY_FETCH_PAUSE_MS: u64 = 100;
-/// Kafka's `isolation_level` for read_committed.
-const READ_COMMITTED: i8 = 1;
-/// ListOffsets timestamp meaning "latest".
-const LATEST_TIMESTAMP: i64 = -1;
-/// ListOffsets timestamp meaning "earliest".
-const EARLIEST_TIMESTAMP: i64 = -2;
+/// The first Fetch version whose responses carry `node_endpoints` (KIP-951).
+const FETCH_NODE_ENDPOINTS_VERSION: i16 = 16;
+/// The first Produce version whose responses carry `node_endpoints` (KIP-951).
+const PRODUCE_NODE_ENDPOINTS_VERSION: i16 = 10;
+/// The first Produce version with flexible (compact) encodings.
+const PRODUCE_FLEXIBLE_VERSION: i16 = 9;
 
-/// APIs whose responses (or requests) the proxy decodes; clients must not use versions
-/// `kafka-protocol` cannot decode.
+/// APIs whose responses the proxy decodes; clients must not use versions `kafka-protocol`
+/// cannot decode.
 const DECODED_APIS: [ApiKey; 6] = [
     ApiKey::ApiVersions,
     ApiKey::Metadata,
     ApiKey::FindCoordinator,
     ApiKey::DescribeCluster,
     ApiKey::Fetch,
-    ApiKey::ListOffsets,
+    ApiKey::Produce,
 ];
 
-/// A topic as a Fetch request names it: by name before v13, by id from v13.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) enum TopicKey {
-    Name(String),
-    Id(Uuid),
+/// One upstream broker and the proxy listener in front of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Route {
+    /// The broker's address, as the proxy connects to it.
+    pub upstream: SocketAddr,
+    /// The proxy's listener for it, as clients are told.
+    pub advertised: SocketAddr,
 }
 
-/// Per client connection state needed to rewrite responses.
-#[derive(Debug, Default)]
-pub(crate) struct ConnectionState {
-    /// The fetch offset and byte limit last requested per partition. Incremental fetch
-    /// sessions leave out partitions whose offset did not change, so the latest value is the
-    /// session's.
-    fetch_positions: HashMap<(TopicKey, i32), FetchPosition>,
-}
-
-/// Where a client fetches a partition from, and how many bytes it accepts per response.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FetchPosition {
-    fetch_offset: i64,
-    max_bytes: i32,
-}
-
-/// What to do with the response to one request.
+/// Which listener stands for which broker.
 #[derive(Debug)]
-pub(crate) enum Pending {
-    ApiVersions,
-    Metadata,
-    FindCoordinator,
-    DescribeCluster,
-    /// A read_committed fetch, with the fetch offset of every partition in its session.
-    ReadCommittedFetch {
-        positions: HashMap<(TopicKey, i32), FetchPosition>,
-        max_wait_ms: i32,
-    },
-    /// ListOffsets partitions asked for the latest or earliest offset (the timestamp
-    /// asked, per partition).
-    ListOffsets {
-        read_committed: bool,
-        positions: HashMap<(String, i32), i64>,
-    },
-    /// May be held back by [`Faults::delay_end_txn_response`](super::Faults::delay_end_txn_response).
-    EndTxn,
-    /// A transactional producer's InitProducerId: its answer is the id's newest epoch.
-    InitProducerId {
-        transactional_id: String,
-    },
-    /// The placeholder of a request the proxy answers as fenced; its answer is replaced.
-    Fenced(FencedRequest),
+pub(crate) struct AddressMap {
+    routes: Vec<Route>,
 }
 
-/// A response the connection waits for, keyed by correlation id.
-#[derive(Debug)]
+/// What became of one advertised address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mapped {
+    /// Replaced by the listener of its broker.
+    Rewritten,
+    /// It matches no upstream broker: left as it is.
+    Unmapped,
+}
+
+impl AddressMap {
+    pub fn new(routes: Vec<Route>) -> AddressMap {
+        AddressMap { routes }
+    }
+
+    /// Every route, in the order the brokers were given.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The listener for the broker that advertises itself as `host:port`, if it is one of
+    /// the upstream brokers. `localhost` matches a loopback upstream.
+    pub fn listener_for(&self, host: &str, port: i32) -> Option<SocketAddr> {
+        self.routes
+            .iter()
+            .find(|route| {
+                i32::from(route.upstream.port()) == port && same_host(host, route.upstream.ip())
+            })
+            .map(|route| route.advertised)
+    }
+
+    /// Replaces `host`/`port` by the listener of their broker; an address of no upstream
+    /// broker is left unchanged (with a warning).
+    fn rewrite(
+        &self,
+        host: &mut StrBytes,
+        port: &mut i32,
+        api_key: ApiKey,
+        counters: &Counters,
+    ) -> Mapped {
+        match self.listener_for(host.as_str(), *port) {
+            Some(listener) => {
+                *host = StrBytes::from_string(listener.ip().to_string());
+                *port = i32::from(listener.port());
+                Mapped::Rewritten
+            }
+            None => {
+                Counters::add(&counters.addresses_unmapped, 1);
+                tracing::warn!(
+                    host = host.as_str(),
+                    port = *port,
+                    ?api_key,
+                    upstreams = ?self.routes.iter().map(|r| r.upstream).collect::<Vec<_>>(),
+                    "Kafka advertises an address that is none of the proxy's brokers; passing it on unchanged"
+                );
+                Mapped::Unmapped
+            }
+        }
+    }
+}
+
+/// True when the advertised `host` names `ip`: the same IP literal, or `localhost` for a
+/// loopback IP.
+fn same_host(host: &str, ip: IpAddr) -> bool {
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.eq_ignore_ascii_case("localhost") {
+        return ip.is_loopback();
+    }
+    match host.parse::<IpAddr>() {
+        Ok(advertised) => canonical(advertised) == canonical(ip),
+        Err(_) => false,
+    }
+}
+
+/// An IPv4-mapped IPv6 address as IPv4, every other address as it is.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// A response the connection waits for to rewrite it, keyed by correlation id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PendingResponse {
     pub api_key: ApiKey,
     pub version: i16,
-    pub pending: Pending,
 }
 
-/// Turns a read_committed Fetch request frame into the same request at read_uncommitted,
-/// in place; false (frame unchanged) if it is not one or its layout is not understood.
-///
-/// nisshi 0.7.0 withholds from read_committed fetches records Kafka would return: it keeps
-/// a committed transaction pending while any transaction that overlaps it on the partition
-/// is still open, so its read_committed end lags behind commit markers already in the log
-/// (measured: `committed_transaction_below_an_abandoned_one_is_visible` in
-/// `tests/tests/proxy.rs`). The proxy therefore reads uncommitted and cuts each partition at
-/// its own last stable offset ([`rewrite_fetch`]).
-///
-/// Only the one-byte `isolation_level` field changes, so the frame is patched rather than
-/// re-encoded: it sits after the request header and `[replica_id (before v15),] max_wait_ms,
-/// min_bytes, max_bytes`.
-pub(crate) fn fetch_read_uncommitted(frame: &mut [u8]) -> bool {
-    let Some((key, version, _)) = request_key_version_correlation(frame) else {
-        return false;
-    };
-    if key != ApiKey::Fetch as i16 || version < 4 {
-        return false;
-    }
-    let mut rest = Bytes::copy_from_slice(frame);
-    let header_version = ApiKey::Fetch.request_header_version(version);
-    if RequestHeader::decode(&mut rest, header_version).is_err() {
-        return false;
-    }
-    let header_len = frame.len() - rest.len();
-    let replica_id_len = if version < 15 { 4 } else { 0 };
-    let at = header_len + replica_id_len + 12;
-    match frame.get_mut(at) {
-        Some(level) if *level as i8 == READ_COMMITTED => {
-            *level = 0;
-            true
-        }
-        _ => false,
-    }
-}
-
-/// Decides from a client request what its response needs. `None`: pass it through.
-pub(crate) fn classify_request(
-    frame: &[u8],
-    state: &mut ConnectionState,
-) -> Option<(i32, PendingResponse)> {
+/// Decides from a client request whether its response may need rewriting (or, for EndTxn, may
+/// be delayed by a fault). `None`: pass the response through unread.
+pub(crate) fn classify_request(frame: &[u8]) -> Option<(i32, PendingResponse)> {
     let (key, version, correlation_id) = request_key_version_correlation(frame)?;
     let api_key = ApiKey::try_from(key).ok()?;
-    let pending = match api_key {
-        ApiKey::ApiVersions => Pending::ApiVersions,
-        ApiKey::Metadata => Pending::Metadata,
-        ApiKey::FindCoordinator => Pending::FindCoordinator,
-        ApiKey::DescribeCluster => Pending::DescribeCluster,
-        ApiKey::EndTxn => Pending::EndTxn,
-        ApiKey::InitProducerId => {
-            let request: InitProducerIdRequest = decode_request(frame, version)?;
-            let transactional_id = request.transactional_id?.0.to_string();
-            Pending::InitProducerId { transactional_id }
+    let watched = match api_key {
+        ApiKey::ApiVersions
+        | ApiKey::Metadata
+        | ApiKey::FindCoordinator
+        | ApiKey::DescribeCluster
+        | ApiKey::EndTxn => true,
+        ApiKey::Fetch => version >= FETCH_NODE_ENDPOINTS_VERSION,
+        ApiKey::Produce => {
+            version >= PRODUCE_NODE_ENDPOINTS_VERSION && produce_expects_response(frame, version)
         }
-        ApiKey::Fetch => {
-            let request: FetchRequest = decode_request(frame, version)?;
-            track_fetch_positions(&request, version, state);
-            if request.isolation_level != READ_COMMITTED {
+        _ => false,
+    };
+    watched.then_some((correlation_id, PendingResponse { api_key, version }))
+}
+
+/// False for a Produce request with `acks=0`, which Kafka does not answer (so a pending
+/// entry for it would never be removed). True when in doubt.
+fn produce_expects_response(frame: &[u8], version: i16) -> bool {
+    produce_acks(frame, version) != Some(0)
+}
+
+/// The `acks` of a Produce request frame (v3+), read without decoding its records: it
+/// follows the request header and the nullable `transactional_id`.
+fn produce_acks(frame: &[u8], version: i16) -> Option<i16> {
+    let mut rest = frame;
+    kafka_protocol::protocol::decode_request_header_from_buffer(&mut rest).ok()?;
+    let id_len = if version >= PRODUCE_FLEXIBLE_VERSION {
+        // Compact nullable string: unsigned varint length + 1, 0 for null.
+        let mut value: u64 = 0;
+        let mut shift = 0;
+        loop {
+            let (&byte, tail) = rest.split_first()?;
+            rest = tail;
+            value |= u64::from(byte & 0x7f).checked_shl(shift)?;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 28 {
                 return None;
             }
-            Pending::ReadCommittedFetch {
-                positions: state.fetch_positions.clone(),
-                max_wait_ms: request.max_wait_ms,
-            }
         }
-        ApiKey::ListOffsets => {
-            if version < 1 {
-                return None; // v0 answers with a list of offsets; no client here uses it
-            }
-            let request: ListOffsetsRequest = decode_request(frame, version)?;
-            // No isolation level before v2: read_uncommitted.
-            let read_committed = version >= 2 && request.isolation_level == READ_COMMITTED;
-            let positions: HashMap<(String, i32), i64> = request
-                .topics
-                .iter()
-                .flat_map(|t| {
-                    t.partitions
-                        .iter()
-                        .filter(|p| matches!(p.timestamp, LATEST_TIMESTAMP | EARLIEST_TIMESTAMP))
-                        .map(|p| ((t.name.0.to_string(), p.partition_index), p.timestamp))
-                })
-                .collect();
-            if positions.is_empty() {
-                return None;
-            }
-            Pending::ListOffsets {
-                read_committed,
-                positions,
-            }
-        }
-        _ => return None,
+        usize::try_from(value.saturating_sub(1)).ok()?
+    } else {
+        let (len, tail) = rest.split_first_chunk::<2>()?;
+        rest = tail;
+        // -1: null.
+        usize::try_from(i16::from_be_bytes(*len)).unwrap_or(0)
     };
-    Some((
-        correlation_id,
-        PendingResponse {
-            api_key,
-            version,
-            pending,
-        },
-    ))
+    let acks = rest.get(id_len..)?.first_chunk::<2>()?;
+    Some(i16::from_be_bytes(*acks))
 }
 
-/// Decodes a request frame (header and body); `None` (with a warning) if it cannot be.
-pub(crate) fn decode_request<R: Decodable>(frame: &[u8], version: i16) -> Option<R> {
-    let mut bytes = Bytes::copy_from_slice(frame);
-    let decoded = kafka_protocol::protocol::decode_request_header_from_buffer(&mut bytes)
-        .and_then(|_: RequestHeader| R::decode(&mut bytes, version));
-    match decoded {
-        Ok(request) => Some(request),
-        Err(error) => {
-            tracing::warn!(%error, version, "proxy could not decode a request; passing it through");
-            None
-        }
-    }
-}
-
-fn track_fetch_positions(request: &FetchRequest, version: i16, state: &mut ConnectionState) {
-    let key = |name: &StrBytes, id: Uuid| {
-        if version >= 13 {
-            TopicKey::Id(id)
-        } else {
-            TopicKey::Name(name.to_string())
-        }
-    };
-    // A full fetch request (new session or no session) lists every partition.
-    if request.session_epoch <= 0 {
-        state.fetch_positions.clear();
-    }
-    for topic in &request.topics {
-        for partition in &topic.partitions {
-            state.fetch_positions.insert(
-                (key(&topic.topic.0, topic.topic_id), partition.partition),
-                FetchPosition {
-                    fetch_offset: partition.fetch_offset,
-                    max_bytes: partition.partition_max_bytes,
-                },
-            );
-        }
-    }
-    for forgotten in &request.forgotten_topics_data {
-        for partition in &forgotten.partitions {
-            state
-                .fetch_positions
-                .remove(&(key(&forgotten.topic.0, forgotten.topic_id), *partition));
-        }
-    }
-}
-
-/// Rewrites one response frame (correlation id first). `Ok(None)`: pass the original on.
-pub(crate) async fn rewrite_response(
+/// Rewrites the advertised addresses in one response frame (correlation id first).
+/// `Ok(None)`: nothing to change, pass the original on. `Err`: the response should have been
+/// rewritten but could not be decoded or encoded.
+pub(crate) fn rewrite_response(
     frame: &Bytes,
     pending: PendingResponse,
-    shared: &Shared,
+    addresses: &AddressMap,
+    counters: &Counters,
 ) -> Result<Option<BytesMut>, HarnessError> {
-    let PendingResponse {
-        api_key,
-        version,
-        pending,
-    } = pending;
-    match pending {
-        Pending::EndTxn => return Ok(None), // only tracked for the delay fault
-        // The frame answers the placeholder (an ApiVersions request): replace it whole.
-        Pending::Fenced(request) => {
-            Counters::add(&shared.counters.fences_synthesized, 1);
-            tracing::info!(
-                transactional_id = %request.transactional_id,
-                producer_id = request.producer_id,
-                producer_epoch = request.producer_epoch,
-                api_key = ?request.api_key,
-                version = request.version,
-                error_code = request.error_code(),
-                "proxy answered a fenced producer's request"
-            );
-            return fenced_response(&request).map(Some);
-        }
-        _ => {}
-    }
-    let context = || format!("rewriting a {api_key:?} v{version} response");
+    let PendingResponse { api_key, version } = pending;
+    let context = || format!("rewriting the addresses in a {api_key:?} v{version} response");
     let mut body = frame.clone();
-    let header = ResponseHeader::decode(&mut body, api_key.response_header_version(version))
+    let header_version = api_key.response_header_version(version);
+    let header = ResponseHeader::decode(&mut body, header_version)
         .map_err(|e| HarnessError::protocol(context(), e))?;
-    let correlation_id = header.correlation_id;
-    let encode = |message: &dyn Fn(&mut BytesMut) -> anyhow::Result<()>| -> Result<Option<BytesMut>, HarnessError> {
-        let mut buf = BytesMut::new();
-        ResponseHeader::default()
-            .with_correlation_id(correlation_id)
-            .encode(&mut buf, api_key.response_header_version(version))
-            .map_err(|e| HarnessError::protocol(context(), e))?;
-        message(&mut buf).map_err(|e| HarnessError::protocol(context(), e))?;
-        Ok(Some(buf))
+    let rewrite = |host: &mut StrBytes, port: &mut i32| {
+        addresses.rewrite(host, port, api_key, counters) == Mapped::Rewritten
     };
-    match pending {
-        Pending::EndTxn | Pending::Fenced(_) => Ok(None),
-        Pending::InitProducerId { transactional_id } => {
-            // Only read: a response that cannot be decoded records nothing, which only
-            // means the broker alone judges this id's zombies.
-            match InitProducerIdResponse::decode(&mut body, version) {
-                Ok(response) if response.error_code == 0 => shared.producer_epochs.record(
-                    &transactional_id,
-                    response.producer_id.0,
-                    response.producer_epoch,
-                ),
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(%error, version, "proxy could not decode an InitProducerId response");
-                }
-            }
-            Ok(None)
-        }
-        Pending::ApiVersions => {
+    // Each arm decodes the body and returns it re-encoded when something changed.
+    let encoded: Option<BytesMut> = match api_key {
+        ApiKey::ApiVersions => {
             let Ok(mut response) = ApiVersionsResponse::decode(&mut body, version) else {
                 // An UNSUPPORTED_VERSION answer is encoded as v0; the client retries lower.
                 return Ok(None);
             };
-            cap_api_versions(&mut response);
-            encode(&|buf| response.encode(buf, version))
+            cap_api_versions(&mut response)
+                .then(|| encode(&header, header_version, &response, version))
+                .transpose()
+                .map_err(|e| HarnessError::protocol(context(), e))?
         }
-        Pending::Metadata => {
+        ApiKey::Metadata => {
             let mut response = MetadataResponse::decode(&mut body, version)
                 .map_err(|e| HarnessError::protocol(context(), e))?;
+            let mut changed = false;
             for broker in &mut response.brokers {
-                advertise(&mut broker.host, &mut broker.port, shared.advertised);
+                changed |= rewrite(&mut broker.host, &mut broker.port);
             }
-            for topic in &response.topics {
-                if let Some(name) = &topic.name {
-                    shared.index.learn_topic(topic.topic_id, name.0.as_str());
-                }
-            }
-            encode(&|buf| response.encode(buf, version))
+            changed
+                .then(|| encode(&header, header_version, &response, version))
+                .transpose()
+                .map_err(|e| HarnessError::protocol(context(), e))?
         }
-        Pending::FindCoordinator => {
+        ApiKey::FindCoordinator => {
             let mut response = FindCoordinatorResponse::decode(&mut body, version)
                 .map_err(|e| HarnessError::protocol(context(), e))?;
+            let mut changed = false;
+            // An error answer carries no address (an empty host, port -1).
             if version < 4 {
                 if response.error_code == 0 {
-                    advertise(&mut response.host, &mut response.port, shared.advertised);
+                    changed |= rewrite(&mut response.host, &mut response.port);
                 }
             } else {
                 for coordinator in &mut response.coordinators {
                     if coordinator.error_code == 0 {
-                        advertise(
-                            &mut coordinator.host,
-                            &mut coordinator.port,
-                            shared.advertised,
-                        );
+                        changed |= rewrite(&mut coordinator.host, &mut coordinator.port);
                     }
                 }
             }
-            encode(&|buf| response.encode(buf, version))
+            changed
+                .then(|| encode(&header, header_version, &response, version))
+                .transpose()
+                .map_err(|e| HarnessError::protocol(context(), e))?
         }
-        Pending::DescribeCluster => {
+        ApiKey::DescribeCluster => {
             let mut response = DescribeClusterResponse::decode(&mut body, version)
                 .map_err(|e| HarnessError::protocol(context(), e))?;
+            let mut changed = false;
             for broker in &mut response.brokers {
-                advertise(&mut broker.host, &mut broker.port, shared.advertised);
+                changed |= rewrite(&mut broker.host, &mut broker.port);
             }
-            encode(&|buf| response.encode(buf, version))
+            changed
+                .then(|| encode(&header, header_version, &response, version))
+                .transpose()
+                .map_err(|e| HarnessError::protocol(context(), e))?
         }
-        Pending::ReadCommittedFetch {
-            positions,
-            max_wait_ms,
-        } => {
+        ApiKey::Fetch => {
             let mut response = FetchResponse::decode(&mut body, version)
                 .map_err(|e| HarnessError::protocol(context(), e))?;
-            let withheld_everything =
-                rewrite_fetch(&mut response, version, &positions, shared).await?;
-            if withheld_everything {
-                // Kafka would have waited up to max_wait_ms for records below the LSO; the
-                // broker answered at once because records exist above it. Without a pause
-                // the client would refetch in a tight loop while a transaction stays open.
-                let wait = u64::try_from(max_wait_ms).unwrap_or(0);
-                tokio::time::sleep(std::time::Duration::from_millis(
-                    wait.min(EMPTY_FETCH_PAUSE_MS),
-                ))
-                .await;
+            let mut changed = false;
+            for endpoint in &mut response.node_endpoints {
+                changed |= rewrite(&mut endpoint.host, &mut endpoint.port);
             }
-            Counters::add(&shared.counters.fetches_rewritten, 1);
-            encode(&|buf| response.encode(buf, version))
+            changed
+                .then(|| encode(&header, header_version, &response, version))
+                .transpose()
+                .map_err(|e| HarnessError::protocol(context(), e))?
         }
-        Pending::ListOffsets {
-            read_committed,
-            positions,
-        } => {
-            let mut response = ListOffsetsResponse::decode(&mut body, version)
+        ApiKey::Produce => {
+            let mut response = ProduceResponse::decode(&mut body, version)
                 .map_err(|e| HarnessError::protocol(context(), e))?;
-            for topic in &mut response.topics {
-                let name = topic.name.0.to_string();
-                for partition in &mut topic.partitions {
-                    let key = (name.clone(), partition.partition_index);
-                    let Some(&timestamp) = positions.get(&key) else {
-                        continue;
-                    };
-                    if partition.error_code != 0 {
-                        continue;
-                    }
-                    let offsets = shared
-                        .index
-                        .offsets(
-                            &name,
-                            partition.partition_index,
-                            read_committed && timestamp == LATEST_TIMESTAMP,
-                            &shared.counters,
-                        )
-                        .await?;
-                    let offset = match (timestamp, read_committed) {
-                        (EARLIEST_TIMESTAMP, _) => offsets.log_start,
-                        (_, true) => offsets.last_stable,
-                        (_, false) => offsets.high_watermark,
-                    };
-                    if partition.offset != offset {
-                        tracing::debug!(
-                            topic = %name,
-                            partition = partition.partition_index,
-                            timestamp,
-                            read_committed,
-                            broker = partition.offset,
-                            proxy = offset,
-                            "corrected a ListOffsets answer"
-                        );
-                        Counters::add(&shared.counters.list_offsets_corrected, 1);
-                    }
-                    partition.offset = offset;
-                    // Kafka sends no timestamp with these answers.
-                    partition.timestamp = -1;
-                    Counters::add(&shared.counters.list_offsets_rewritten, 1);
-                }
+            let mut changed = false;
+            for endpoint in &mut response.node_endpoints {
+                changed |= rewrite(&mut endpoint.host, &mut endpoint.port);
             }
-            encode(&|buf| response.encode(buf, version))
+            changed
+                .then(|| encode(&header, header_version, &response, version))
+                .transpose()
+                .map_err(|e| HarnessError::protocol(context(), e))?
         }
+        // EndTxn is only watched for the delay fault; nothing else is registered.
+        _ => None,
+    };
+    if encoded.is_some() && matches!(api_key, ApiKey::Fetch | ApiKey::Produce) {
+        tracing::debug!(
+            ?api_key,
+            version,
+            "rewrote the leader endpoints of a response"
+        );
     }
+    Ok(encoded)
 }
 
-/// Caps the versions of the APIs the proxy decodes to what `kafka-protocol` supports.
-fn cap_api_versions(response: &mut ApiVersionsResponse) {
+/// Encodes `header` and `response` into one frame body.
+fn encode<M: Encodable>(
+    header: &ResponseHeader,
+    header_version: i16,
+    response: &M,
+    version: i16,
+) -> anyhow::Result<BytesMut> {
+    let mut buf = BytesMut::new();
+    header.encode(&mut buf, header_version)?;
+    response.encode(&mut buf, version)?;
+    Ok(buf)
+}
+
+/// Caps the versions of the APIs the proxy decodes to what `kafka-protocol` supports; true
+/// if that changed anything.
+fn cap_api_versions(response: &mut ApiVersionsResponse) -> bool {
+    let mut changed = false;
     for api in &mut response.api_keys {
         let Ok(key) = ApiKey::try_from(api.api_key) else {
             continue;
         };
         if DECODED_APIS.contains(&key) {
             let decodable = key.valid_versions();
-            api.max_version = api.max_version.min(decodable.max);
-            api.min_version = api.min_version.max(decodable.min).min(api.max_version);
+            let max_version = api.max_version.min(decodable.max);
+            let min_version = api.min_version.max(decodable.min).min(max_version);
+            changed |= (min_version, max_version) != (api.min_version, api.max_version);
+            api.min_version = min_version;
+            api.max_version = max_version;
         }
     }
-}
-
-fn advertise(host: &mut StrBytes, port: &mut i32, proxy: SocketAddr) {
-    *host = StrBytes::from_string(proxy.ip().to_string());
-    *port = i32::from(proxy.port());
-}
-
-/// Makes the answer to a read_committed fetch (sent upstream read_uncommitted) Kafka's: cuts
-/// each partition's records at the last stable offset, fills aborted transactions and the
-/// last stable offset. Returns true when records were cut and none are left in any partition.
-async fn rewrite_fetch(
-    response: &mut FetchResponse,
-    version: i16,
-    positions: &HashMap<(TopicKey, i32), FetchPosition>,
-    shared: &Shared,
-) -> Result<bool, HarnessError> {
-    let mut cut_any = false;
-    let mut kept_any = false;
-    for endpoint in &mut response.node_endpoints {
-        advertise(&mut endpoint.host, &mut endpoint.port, shared.advertised);
-    }
-    for topic in &mut response.responses {
-        let (name, key) = if version >= 13 {
-            (
-                shared.index.topic_name(topic.topic_id).await?,
-                TopicKey::Id(topic.topic_id),
-            )
-        } else {
-            let name = topic.topic.0.to_string();
-            (name.clone(), TopicKey::Name(name))
-        };
-        for partition in &mut topic.partitions {
-            if partition.error_code != 0 {
-                continue;
-            }
-            let high_watermark = partition.high_watermark;
-            // Every marker of a transaction that is visible below the LSO lies below the
-            // high watermark: index up to it before answering.
-            let index = shared
-                .index
-                .scan(
-                    &name,
-                    partition.partition_index,
-                    ScanTarget::UpTo(high_watermark),
-                    &shared.counters,
-                )
-                .await?;
-            let txns = index.txns();
-            // Clamped with this response's own log start: one seen later (by a scan) could
-            // lie above records this response still carries.
-            let lso = clamp_to_log_start(
-                txns.last_stable_offset(high_watermark),
-                partition.log_start_offset,
-                high_watermark,
-            );
-            if partition.last_stable_offset != lso {
-                partition.last_stable_offset = lso;
-                Counters::add(&shared.counters.lso_adjusted, 1);
-            }
-            let position = positions
-                .get(&(key.clone(), partition.partition_index))
-                .copied();
-            let mut batches = partition
-                .records
-                .as_deref()
-                .map(parse_batches)
-                .unwrap_or_default();
-            // The request went upstream read_uncommitted: keep only what Kafka's
-            // read_committed fetch returns, the whole batches below the LSO. A batch never
-            // straddles it (the LSO is the base offset of an open transaction's first batch,
-            // and every batch's offsets are contiguous), but a batch that did is left out.
-            let parsed = batches.len();
-            batches.truncate(batches.partition_point(|b| b.last_offset < lso));
-            if batches.len() < parsed {
-                cut_any = true;
-                Counters::add(&shared.counters.fetch_partitions_cut_at_lso, 1);
-            }
-            let below_lso = batches.len();
-            let max_bytes = position.map_or(i32::MAX, |p| p.max_bytes);
-            let kept_bytes = limit_to_max_bytes(&mut batches, max_bytes);
-            if batches.len() < below_lso {
-                Counters::add(&shared.counters.fetch_partitions_truncated, 1);
-            }
-            if let Some(records) = partition.records.as_ref() {
-                if kept_bytes < records.len() {
-                    partition.records = Some(records.slice(..kept_bytes));
-                }
-            }
-            kept_any |= kept_bytes > 0;
-            let aborted = match (batches.first(), batches.last()) {
-                (Some(first), Some(last)) => {
-                    let fetch_offset = position.map_or(first.base_offset, |p| p.fetch_offset);
-                    txns.aborted_between(fetch_offset, last.last_offset)
-                }
-                _ => Vec::new(),
-            };
-            tracing::debug!(
-                topic = %name,
-                partition = partition.partition_index,
-                version,
-                high_watermark,
-                lso,
-                batches = batches.len(),
-                aborted = aborted.len(),
-                "rewrote a read_committed fetch partition"
-            );
-            Counters::add(&shared.counters.aborted_entries_added, aborted.len() as u64);
-            partition.aborted_transactions = Some(
-                aborted
-                    .into_iter()
-                    .map(|(producer_id, first_offset)| {
-                        AbortedTransaction::default()
-                            .with_producer_id(producer_id.into())
-                            .with_first_offset(first_offset)
-                    })
-                    .collect(),
-            );
-        }
-    }
-    Ok(cut_any && !kept_any)
-}
-
-/// Keeps the longest prefix of whole batches within `max_bytes` (at least one batch, as
-/// Kafka does since KIP-74) and returns its size in bytes. nisshi ignores a fetch's
-/// per-partition byte limit; honouring it makes small-fetch tests meaningful. The records
-/// left out are not lost: the client fetches them next, from the following offset.
-fn limit_to_max_bytes(batches: &mut Vec<super::txn_index::BatchInfo>, max_bytes: i32) -> usize {
-    let limit = usize::try_from(max_bytes).unwrap_or(0);
-    let mut kept = 0;
-    let mut bytes = 0;
-    for batch in batches.iter() {
-        if kept > 0 && bytes + batch.byte_len > limit {
-            break;
-        }
-        bytes += batch.byte_len;
-        kept += 1;
-    }
-    batches.truncate(kept);
-    bytes
+    changed
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use kafka_protocol::messages::api_versions_response::ApiVersion;
+    use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
+    use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, NodeEndpoint};
+    use kafka_protocol::messages::find_coordinator_response::Coordinator;
+    use kafka_protocol::messages::metadata_response::MetadataResponseBroker;
+    use kafka_protocol::messages::{BrokerId, ProduceRequest, RequestHeader, TransactionalId};
+
+    /// Three brokers on 127.0.0.1:19092..19094 behind listeners on 127.0.0.1:40001..40003.
+    fn three_brokers() -> AddressMap {
+        AddressMap::new(
+            (0..3)
+                .map(|i| Route {
+                    upstream: SocketAddr::from(([127, 0, 0, 1], 19092 + i)),
+                    advertised: SocketAddr::from(([127, 0, 0, 1], 40001 + i)),
+                })
+                .collect(),
+        )
+    }
+
+    fn str(s: &str) -> StrBytes {
+        StrBytes::from_string(s.to_string())
+    }
+
+    /// A response frame as a broker sends it: header then body.
+    fn response_frame<M: Encodable>(api_key: ApiKey, version: i16, response: &M) -> Bytes {
+        let header = ResponseHeader::default().with_correlation_id(42);
+        encode(
+            &header,
+            api_key.response_header_version(version),
+            response,
+            version,
+        )
+        .unwrap()
+        .freeze()
+    }
+
+    /// Rewrites `frame` and decodes the result (or the original, if unchanged).
+    fn rewritten<M: Decodable>(
+        frame: &Bytes,
+        api_key: ApiKey,
+        version: i16,
+        addresses: &AddressMap,
+        counters: &Counters,
+    ) -> (M, bool) {
+        let pending = PendingResponse { api_key, version };
+        let out = rewrite_response(frame, pending, addresses, counters).unwrap();
+        let changed = out.is_some();
+        let mut body = out.map_or_else(|| frame.clone(), BytesMut::freeze);
+        let header =
+            ResponseHeader::decode(&mut body, api_key.response_header_version(version)).unwrap();
+        assert_eq!(header.correlation_id, 42);
+        (M::decode(&mut body, version).unwrap(), changed)
+    }
+
+    fn unmapped(counters: &Counters) -> u64 {
+        counters.snapshot().addresses_unmapped
+    }
 
     #[test]
-    fn read_committed_fetches_become_read_uncommitted_and_nothing_else_changes() {
-        let versions = ApiKey::Fetch.valid_versions();
-        for version in 4.max(versions.min)..=versions.max {
-            let request = FetchRequest::default()
-                .with_max_wait_ms(500)
-                .with_min_bytes(1)
-                .with_max_bytes(52_428_800)
-                .with_isolation_level(READ_COMMITTED)
-                .with_session_id(3)
-                .with_session_epoch(2);
-            let header = RequestHeader::default()
-                .with_request_api_key(ApiKey::Fetch as i16)
-                .with_request_api_version(version)
-                .with_correlation_id(7)
-                .with_client_id(Some(StrBytes::from_static_str("rdkafka")));
-            let mut frame = BytesMut::new();
-            header
-                .encode(&mut frame, ApiKey::Fetch.request_header_version(version))
-                .unwrap();
-            request.encode(&mut frame, version).unwrap();
-            let mut frame = frame.to_vec();
-            // Fields a version lacks decode as defaults: compare with the original as decoded.
-            let original: FetchRequest = decode_request(&frame, version).unwrap();
-            assert_eq!(original.isolation_level, READ_COMMITTED, "v{version}");
-            assert!(fetch_read_uncommitted(&mut frame), "v{version}");
-            let decoded: FetchRequest = decode_request(&frame, version).unwrap();
-            assert_eq!(decoded, original.with_isolation_level(0), "v{version}");
-            // Already read_uncommitted: left alone.
-            assert!(!fetch_read_uncommitted(&mut frame), "v{version}");
+    fn hosts_match_by_ip_and_localhost_is_loopback() {
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        assert!(same_host("127.0.0.1", loopback));
+        assert!(same_host("localhost", loopback));
+        assert!(same_host("LOCALHOST", loopback));
+        assert!(same_host(
+            "localhost",
+            IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])
+        ));
+        assert!(same_host("::ffff:127.0.0.1", loopback));
+        assert!(same_host(
+            "[::1]",
+            IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])
+        ));
+        assert!(!same_host("127.0.0.2", loopback));
+        assert!(!same_host("kafka-1", loopback));
+        assert!(!same_host("localhost", IpAddr::from([10, 0, 0, 1])));
+
+        let map = three_brokers();
+        assert_eq!(
+            map.listener_for("localhost", 19093),
+            Some(SocketAddr::from(([127, 0, 0, 1], 40002)))
+        );
+        assert_eq!(map.listener_for("127.0.0.1", 19095), None);
+        assert_eq!(map.listener_for("10.0.0.1", 19092), None);
+    }
+
+    #[test]
+    fn metadata_brokers_map_to_their_own_listener_and_strangers_stay() {
+        let (map, counters) = (three_brokers(), Counters::default());
+        let broker = |id: i32, host: &str, port: i32| {
+            MetadataResponseBroker::default()
+                .with_node_id(BrokerId(id))
+                .with_host(str(host))
+                .with_port(port)
+                .with_rack(Some(str("rack-a")))
+        };
+        for version in ApiKey::Metadata.valid_versions().min..=ApiKey::Metadata.valid_versions().max
+        {
+            let mut original = MetadataResponse::default().with_brokers(vec![
+                broker(3, "127.0.0.1", 19094),
+                broker(1, "127.0.0.1", 19092),
+                broker(2, "localhost", 19093),
+                broker(9, "127.0.0.1", 9092),
+            ]);
+            if version >= 2 {
+                original = original.with_cluster_id(Some(str("cluster")));
+            }
+            if version >= 1 {
+                original = original.with_controller_id(BrokerId(2));
+            }
+            let frame = response_frame(ApiKey::Metadata, version, &original);
+            let (response, changed): (MetadataResponse, _) =
+                rewritten(&frame, ApiKey::Metadata, version, &map, &counters);
+            assert!(changed, "v{version}");
+            let addresses: Vec<(i32, &str, i32)> = response
+                .brokers
+                .iter()
+                .map(|b| (b.node_id.0, b.host.as_str(), b.port))
+                .collect();
+            assert_eq!(
+                addresses,
+                [
+                    (3, "127.0.0.1", 40003),
+                    (1, "127.0.0.1", 40001),
+                    (2, "127.0.0.1", 40002),
+                    (9, "127.0.0.1", 9092),
+                ],
+                "v{version}"
+            );
+            // Nothing but the addresses changed.
+            let mut expected = original.clone();
+            for (broker, port) in expected.brokers.iter_mut().zip([40003, 40001, 40002, 9092]) {
+                broker.host = str("127.0.0.1");
+                broker.port = port;
+            }
+            let mut decoded_expected = response_frame(ApiKey::Metadata, version, &expected);
+            ResponseHeader::decode(
+                &mut decoded_expected,
+                ApiKey::Metadata.response_header_version(version),
+            )
+            .unwrap();
+            assert_eq!(
+                response,
+                MetadataResponse::decode(&mut decoded_expected, version).unwrap(),
+                "v{version}"
+            );
         }
+        let versions = ApiKey::Metadata.valid_versions();
+        assert_eq!(
+            unmapped(&counters),
+            u64::try_from(versions.max - versions.min + 1).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_response_with_nothing_to_map_passes_unchanged() {
+        let (map, counters) = (three_brokers(), Counters::default());
+        let original =
+            MetadataResponse::default().with_brokers(vec![MetadataResponseBroker::default()
+                .with_node_id(BrokerId(7))
+                .with_host(str("elsewhere"))
+                .with_port(19092)]);
+        let frame = response_frame(ApiKey::Metadata, 12, &original);
+        let pending = PendingResponse {
+            api_key: ApiKey::Metadata,
+            version: 12,
+        };
+        assert!(rewrite_response(&frame, pending, &map, &counters)
+            .unwrap()
+            .is_none());
+        assert_eq!(unmapped(&counters), 1);
+    }
+
+    #[test]
+    fn find_coordinator_maps_the_coordinator_of_every_version() {
+        let (map, counters) = (three_brokers(), Counters::default());
+        let versions = ApiKey::FindCoordinator.valid_versions();
+        for version in versions.min..=versions.max {
+            let original = if version < 4 {
+                FindCoordinatorResponse::default()
+                    .with_node_id(BrokerId(2))
+                    .with_host(str("localhost"))
+                    .with_port(19093)
+            } else {
+                FindCoordinatorResponse::default().with_coordinators(vec![
+                    Coordinator::default()
+                        .with_key(str("txn-a"))
+                        .with_node_id(BrokerId(2))
+                        .with_host(str("localhost"))
+                        .with_port(19093),
+                    // An error answer carries no address and is left alone.
+                    Coordinator::default()
+                        .with_key(str("txn-b"))
+                        .with_node_id(BrokerId(-1))
+                        .with_host(str(""))
+                        .with_port(-1)
+                        .with_error_code(15),
+                ])
+            };
+            let frame = response_frame(ApiKey::FindCoordinator, version, &original);
+            let (response, changed): (FindCoordinatorResponse, _) =
+                rewritten(&frame, ApiKey::FindCoordinator, version, &map, &counters);
+            assert!(changed, "v{version}");
+            if version < 4 {
+                assert_eq!(
+                    (response.host.as_str(), response.port),
+                    ("127.0.0.1", 40002)
+                );
+            } else {
+                let coordinators: Vec<(&str, i32)> = response
+                    .coordinators
+                    .iter()
+                    .map(|c| (c.host.as_str(), c.port))
+                    .collect();
+                assert_eq!(coordinators, [("127.0.0.1", 40002), ("", -1)]);
+            }
+        }
+        assert_eq!(unmapped(&counters), 0);
+
+        // A v0-v3 error answer is passed on as it is.
+        let error = FindCoordinatorResponse::default()
+            .with_error_code(15)
+            .with_node_id(BrokerId(-1))
+            .with_port(-1);
+        let frame = response_frame(ApiKey::FindCoordinator, 2, &error);
+        let pending = PendingResponse {
+            api_key: ApiKey::FindCoordinator,
+            version: 2,
+        };
+        assert!(rewrite_response(&frame, pending, &map, &counters)
+            .unwrap()
+            .is_none());
+        assert_eq!(unmapped(&counters), 0);
+    }
+
+    #[test]
+    fn describe_cluster_brokers_are_mapped() {
+        let (map, counters) = (three_brokers(), Counters::default());
+        let versions = ApiKey::DescribeCluster.valid_versions();
+        for version in versions.min..=versions.max {
+            let original = DescribeClusterResponse::default()
+                .with_cluster_id(str("cluster"))
+                .with_controller_id(BrokerId(1))
+                .with_brokers(vec![
+                    DescribeClusterBroker::default()
+                        .with_broker_id(BrokerId(1))
+                        .with_host(str("127.0.0.1"))
+                        .with_port(19092),
+                    DescribeClusterBroker::default()
+                        .with_broker_id(BrokerId(3))
+                        .with_host(str("127.0.0.1"))
+                        .with_port(19094),
+                ]);
+            let frame = response_frame(ApiKey::DescribeCluster, version, &original);
+            let (response, changed): (DescribeClusterResponse, _) =
+                rewritten(&frame, ApiKey::DescribeCluster, version, &map, &counters);
+            assert!(changed);
+            let ports: Vec<i32> = response.brokers.iter().map(|b| b.port).collect();
+            assert_eq!(ports, [40001, 40003], "v{version}");
+            assert_eq!(response.cluster_id.as_str(), "cluster");
+        }
+    }
+
+    #[test]
+    fn fetch_node_endpoints_are_mapped_and_records_kept() {
+        let (map, counters) = (three_brokers(), Counters::default());
+        let records = Bytes::from_static(b"not parsed by the proxy");
+        let topics = vec![FetchableTopicResponse::default().with_partitions(vec![
+            kafka_protocol::messages::fetch_response::PartitionData::default()
+                .with_partition_index(0)
+                .with_error_code(6)
+                .with_high_watermark(10)
+                .with_records(Some(records.clone())),
+        ])];
+        let with_endpoints = FetchResponse::default()
+            .with_responses(topics.clone())
+            .with_node_endpoints(vec![NodeEndpoint::default()
+                .with_node_id(BrokerId(2))
+                .with_host(str("127.0.0.1"))
+                .with_port(19093)]);
+        let version = FETCH_NODE_ENDPOINTS_VERSION;
+        let frame = response_frame(ApiKey::Fetch, version, &with_endpoints);
+        let (response, changed): (FetchResponse, _) =
+            rewritten(&frame, ApiKey::Fetch, version, &map, &counters);
+        assert!(changed);
+        assert_eq!(
+            (
+                response.node_endpoints[0].host.as_str(),
+                response.node_endpoints[0].port
+            ),
+            ("127.0.0.1", 40002)
+        );
+        assert_eq!(
+            response.responses[0].partitions[0].records,
+            Some(records.clone())
+        );
+
+        // Without endpoints (the usual case) the frame passes as Kafka sent it.
+        let plain = FetchResponse::default().with_responses(topics);
+        let frame = response_frame(ApiKey::Fetch, version, &plain);
+        let pending = PendingResponse {
+            api_key: ApiKey::Fetch,
+            version,
+        };
+        assert!(rewrite_response(&frame, pending, &map, &counters)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn produce_node_endpoints_are_mapped() {
+        let (map, counters) = (three_brokers(), Counters::default());
+        let version = PRODUCE_NODE_ENDPOINTS_VERSION;
+        let original = ProduceResponse::default().with_node_endpoints(vec![
+            kafka_protocol::messages::produce_response::NodeEndpoint::default()
+                .with_node_id(BrokerId(1))
+                .with_host(str("localhost"))
+                .with_port(19092),
+        ]);
+        let frame = response_frame(ApiKey::Produce, version, &original);
+        let (response, changed): (ProduceResponse, _) =
+            rewritten(&frame, ApiKey::Produce, version, &map, &counters);
+        assert!(changed);
+        assert_eq!(response.node_endpoints[0].port, 40001);
+    }
+
+    #[test]
+    fn undecodable_responses_are_errors() {
+        let (map, counters) = (three_brokers(), Counters::default());
+        let frame = Bytes::from_static(&[0, 0, 0, 42, 0xff]);
+        let pending = PendingResponse {
+            api_key: ApiKey::Metadata,
+            version: 12,
+        };
+        assert!(rewrite_response(&frame, pending, &map, &counters).is_err());
+    }
+
+    fn request_frame<R: Encodable>(api_key: ApiKey, version: i16, request: &R) -> Vec<u8> {
+        let mut frame = BytesMut::new();
+        RequestHeader::default()
+            .with_request_api_key(api_key as i16)
+            .with_request_api_version(version)
+            .with_correlation_id(7)
+            .with_client_id(Some(str("rdkafka")))
+            .encode(&mut frame, api_key.request_header_version(version))
+            .unwrap();
+        request.encode(&mut frame, version).unwrap();
+        frame.to_vec()
+    }
+
+    #[test]
+    fn produce_acks_are_read_in_every_version() {
+        let versions = ApiKey::Produce.valid_versions();
+        for version in versions.min..=versions.max {
+            for transactional_id in [None, Some("txn-with-a-longer-id".repeat(8))] {
+                for acks in [-1, 0, 1] {
+                    let request = ProduceRequest::default()
+                        .with_transactional_id(
+                            transactional_id.clone().map(|id| TransactionalId(str(&id))),
+                        )
+                        .with_acks(acks)
+                        .with_timeout_ms(30_000);
+                    let frame = request_frame(ApiKey::Produce, version, &request);
+                    assert_eq!(
+                        produce_acks(&frame, version),
+                        Some(acks),
+                        "v{version} {transactional_id:?}"
+                    );
+                    let classified = classify_request(&frame);
+                    let watched = version >= PRODUCE_NODE_ENDPOINTS_VERSION && acks != 0;
+                    assert_eq!(classified.is_some(), watched, "v{version} acks={acks}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_responses_that_can_carry_addresses_are_watched() {
+        let fetch = |version: i16| {
+            request_frame(
+                ApiKey::Fetch,
+                version,
+                &kafka_protocol::messages::FetchRequest::default(),
+            )
+        };
+        assert!(classify_request(&fetch(15)).is_none());
+        assert_eq!(
+            classify_request(&fetch(16)),
+            Some((
+                7,
+                PendingResponse {
+                    api_key: ApiKey::Fetch,
+                    version: 16
+                }
+            ))
+        );
+        let metadata = request_frame(
+            ApiKey::Metadata,
+            12,
+            &kafka_protocol::messages::MetadataRequest::default(),
+        );
+        assert!(classify_request(&metadata).is_some());
+        let heartbeat = request_frame(
+            ApiKey::Heartbeat,
+            4,
+            &kafka_protocol::messages::HeartbeatRequest::default(),
+        );
+        assert!(classify_request(&heartbeat).is_none());
     }
 
     #[test]
@@ -641,18 +777,30 @@ mod tests {
                 .with_max_version(99),
             ApiVersion::default()
                 .with_api_key(ApiKey::Produce as i16)
+                .with_min_version(3)
+                .with_max_version(99),
+            ApiVersion::default()
+                .with_api_key(ApiKey::EndTxn as i16)
                 .with_min_version(0)
                 .with_max_version(99),
         ]);
-        cap_api_versions(&mut response);
+        assert!(cap_api_versions(&mut response));
         assert_eq!(
-            response.api_keys[0].max_version,
-            ApiKey::Fetch.valid_versions().max
+            (
+                response.api_keys[0].min_version,
+                response.api_keys[0].max_version
+            ),
+            (
+                ApiKey::Fetch.valid_versions().min,
+                ApiKey::Fetch.valid_versions().max
+            )
         );
         assert_eq!(
-            response.api_keys[0].min_version,
-            ApiKey::Fetch.valid_versions().min
+            response.api_keys[1].max_version,
+            ApiKey::Produce.valid_versions().max
         );
-        assert_eq!(response.api_keys[1].max_version, 99);
+        assert_eq!(response.api_keys[2].max_version, 99);
+        // Already within range: nothing changes, and the frame would pass unchanged.
+        assert!(!cap_api_versions(&mut response));
     }
 }

@@ -172,11 +172,11 @@ pub async fn count_records(bootstrap: &str, topic: &str) -> u64 {
     }
 }
 
-/// Where clients connect: the read-committed proxy (DEBUG_BYPASS_PROXY=1 connects to the bare
-/// broker instead, for debugging the happy path only: nisshi alone delivers aborted records).
+/// Where clients connect: the fault-injecting proxy (DEBUG_BYPASS_PROXY=1 connects to the
+/// brokers themselves, to rule the proxy out while debugging).
 pub fn bootstrap_of(cluster: &exactly_tests::TestCluster) -> String {
     if std::env::var_os("DEBUG_BYPASS_PROXY").is_some() {
-        cluster.broker.address().to_string()
+        cluster.direct_bootstrap_servers()
     } else {
         cluster.bootstrap_servers()
     }
@@ -302,9 +302,8 @@ fn read_all_blocking(bootstrap: &str, topic: &str, isolation: &str) -> Vec<ReadR
         .set("enable.partition.eof", "true")
         .create()
         .expect("reader");
-    // nisshi 0.7.0 answers ListOffsets(latest) for read_uncommitted wrongly (e.g. 1 for a
-    // partition of 4000 records) and the proxy corrects only read_committed: read
-    // uncommitted partitions until the Fetch path reports their end instead.
+    // Read uncommitted partitions until the Fetch path reports their end (the high
+    // watermark), not to a watermark taken at the start: writers may still be running.
     let uncommitted = isolation == "read_uncommitted";
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))

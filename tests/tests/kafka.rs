@@ -1,0 +1,240 @@
+//! The local Apache Kafka launcher: a broker crash keeps its data and comes back on the same
+//! port, a 3-node cluster survives losing a partition leader and the active controller, a
+//! killed launcher leaks no JVM, and a missing Java or Maven is a clear error.
+
+use std::time::{Duration, Instant};
+
+use exactly_tests::kafka::ClusterOptions;
+use exactly_tests::process::{ChildProcess, ProcessSpec};
+use exactly_tests::{unique_name, TestCluster};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+/// Commits `n` records to `topic`/0 in one transaction through `bootstrap`.
+fn commit_records(bootstrap: &str, topic: &str, first: u32, n: u32) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("transactional.id", unique_name("launcher-txn"))
+        .create()
+        .expect("producer");
+    producer
+        .init_transactions(Duration::from_secs(60))
+        .expect("init_transactions");
+    producer.begin_transaction().expect("begin");
+    for i in first..first + n {
+        let payload = i.to_string();
+        producer
+            .send(
+                BaseRecord::<(), _>::to(topic)
+                    .partition(0)
+                    .payload(&payload),
+            )
+            .expect("send");
+    }
+    producer
+        .commit_transaction(Duration::from_secs(60))
+        .expect("commit");
+}
+
+/// The payloads of `topic`/0, read_committed, from the start to the end.
+fn read_all(bootstrap: &str, topic: &str) -> Vec<u32> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique_name("launcher-reader"))
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .expect("tpl");
+    consumer.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => seen.push(
+                std::str::from_utf8(message.payload().expect("payload"))
+                    .expect("utf8")
+                    .parse()
+                    .expect("number"),
+            ),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return seen,
+            Some(Err(_)) | None => {}
+        }
+    }
+    panic!("did not reach the end of {topic}/0 in 60 s; read {seen:?}");
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_broker_restarts_on_its_port_with_its_data() {
+    let cluster = TestCluster::start_owned(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let topic = unique_name("crash");
+    cluster.create_topic(&topic, 1).await.expect("topic");
+    let direct = cluster.direct_bootstrap_servers();
+    let (d, t) = (direct.clone(), topic.clone());
+    blocking(move || commit_records(&d, &t, 0, 100)).await;
+
+    cluster.kill_broker(1).await.expect("kill -9");
+    cluster.start_broker(1).await.expect("restart");
+
+    // Same address, same data: written before the crash, readable after it; writable again.
+    let (d, t) = (direct.clone(), topic.clone());
+    blocking(move || commit_records(&d, &t, 100, 10)).await;
+    let (d, t) = (direct.clone(), topic.clone());
+    let seen = blocking(move || read_all(&d, &t)).await;
+    assert_eq!(seen, (0..110).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_survive_losing_a_leader_and_the_controller() {
+    let cluster = TestCluster::start_owned(ClusterOptions::three_nodes())
+        .await
+        .expect("cluster");
+    assert_eq!(cluster.replication_factor(), 3);
+    let topic = unique_name("failover");
+    cluster.create_topic(&topic, 1).await.expect("topic");
+    let bootstrap = cluster.bootstrap_servers();
+    let (b, t) = (bootstrap.clone(), topic.clone());
+    blocking(move || commit_records(&b, &t, 0, 50)).await;
+
+    let t = topic.clone();
+    let leader = cluster
+        .with_owned_kafka(move |kafka| kafka.leader_of(&t, 0))
+        .await
+        .expect("metadata")
+        .expect("a leader");
+    cluster.kill_broker(leader).await.expect("kill the leader");
+    // Two replicas are left, min.insync.replicas is 2: committed writes go on.
+    let (b, t) = (bootstrap.clone(), topic.clone());
+    blocking(move || commit_records(&b, &t, 50, 50)).await;
+    let t = topic.clone();
+    let new_leader = cluster
+        .with_owned_kafka(move |kafka| kafka.leader_of(&t, 0))
+        .await
+        .expect("metadata");
+    assert!(
+        new_leader.is_some() && new_leader != Some(leader),
+        "leadership must move off node {leader}: {new_leader:?}"
+    );
+    cluster
+        .start_broker(leader)
+        .await
+        .expect("restart the old leader");
+
+    let controller = cluster
+        .with_owned_kafka(|kafka| Ok(kafka.active_controller()))
+        .await
+        .expect("controller")
+        .expect("an active controller");
+    cluster
+        .kill_broker(controller)
+        .await
+        .expect("kill the controller");
+    // A new controller is elected: creating a topic needs one.
+    let other = unique_name("after-controller");
+    cluster
+        .create_topic(&other, 1)
+        .await
+        .expect("topic after the controller died");
+    cluster
+        .start_broker(controller)
+        .await
+        .expect("restart the old controller");
+
+    let (b, t) = (bootstrap.clone(), topic.clone());
+    let seen = blocking(move || read_all(&b, &t)).await;
+    assert_eq!(seen, (0..100).collect::<Vec<_>>());
+}
+
+/// Whether a process with this pid exists (a zombie counts as gone).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_launcher_leaks_no_jvm() {
+    let spec = ProcessSpec::new(env!("CARGO_BIN_EXE_kafka")).args(["--topic", "leak-check:2"]);
+    let mut launcher = ChildProcess::spawn("kafka-launcher", spec).expect("spawn");
+    launcher
+        .wait_for_log("bootstrap.servers=", Duration::from_secs(180))
+        .await
+        .expect("kafka started");
+    let text = launcher.log_text().expect("log");
+    let jvm: u32 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("node 1 pid "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no JVM pid in:\n{text}"));
+    assert!(alive(jvm), "JVM {jvm} should run");
+    launcher.kill_hard().await.expect("kill -9 the launcher");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(jvm) {
+        assert!(
+            Instant::now() < deadline,
+            "JVM {jvm} outlived its launcher by 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `broker-check --install-only` with an empty cache and the given environment.
+async fn install_with(env: &[(&str, &str)]) -> (bool, String) {
+    let cache = tempfile::tempdir().expect("cache dir");
+    let mut spec = ProcessSpec::new(env!("CARGO_BIN_EXE_broker-check"))
+        .arg("--install-only")
+        .env("EXACTLY_CACHE_DIR", cache.path().display().to_string());
+    for (key, value) in env {
+        spec = spec.env(key, value);
+    }
+    let mut child = ChildProcess::spawn("install-check", spec).expect("spawn");
+    let status = child
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .expect("exit");
+    (status.success(), child.log_text().expect("log"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_java_or_maven_is_a_clear_error() {
+    let (ok, log) = install_with(&[("JAVA_HOME", "/nonexistent-jdk")]).await;
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains("needs Java 17 or newer") && log.contains("/nonexistent-jdk/bin/java"),
+        "{log}"
+    );
+
+    // A real Java, but no Maven on PATH (an empty directory is the whole PATH).
+    let java_home = std::path::Path::new(
+        &std::fs::canonicalize(which("java").expect("java on PATH")).expect("java path"),
+    )
+    .parent()
+    .and_then(|bin| bin.parent())
+    .expect("JAVA_HOME")
+    .display()
+    .to_string();
+    let empty = tempfile::tempdir().expect("empty PATH dir");
+    let path = empty.path().display().to_string();
+    let (ok, log) = install_with(&[("JAVA_HOME", &java_home), ("PATH", &path)]).await;
+    assert!(!ok, "{log}");
+    assert!(log.contains("Maven (`mvn`) is not on PATH"), "{log}");
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}

@@ -1,10 +1,12 @@
 //! Topic checks before an app starts: the input topics must exist, and each input topic's
 //! snapshot topic must have the same partition count (partition p of the snapshot topic holds
-//! the snapshots of input partition p). A missing snapshot topic is created.
+//! the snapshots of input partition p) and a configuration that keeps every snapshot record
+//! (not compacted, records as large as a chunk accepted). A missing snapshot topic is created
+//! with explicit configs, never the cluster's defaults.
 
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::metadata::Metadata;
@@ -71,6 +73,7 @@ async fn fetch_metadata_once(config: &AppConfig) -> Result<Metadata, Error> {
 pub(crate) async fn prepare_topics(config: &AppConfig) -> Result<(), Error> {
     let metadata = fetch_metadata(config).await?;
     let mut to_create: Vec<(String, usize, usize)> = Vec::new();
+    let mut to_check: Vec<String> = Vec::new();
     for input in &config.input_topics {
         let Some((partitions, replication)) = describe(&metadata, input) else {
             return Err(Error::TopicNotFound {
@@ -87,17 +90,19 @@ pub(crate) async fn prepare_topics(config: &AppConfig) -> Result<(), Error> {
                     actual,
                 })
             }
-            Some(_) => {}
+            Some(_) => to_check.push(snapshot_topic),
             None => to_create.push((snapshot_topic, partitions, replication)),
         }
-    }
-    if to_create.is_empty() {
-        return Ok(());
     }
     let admin: AdminClient<DefaultClientContext> = config
         .admin_config()
         .create()
         .map_err(|source| Error::kafka("creating the admin client", source))?;
+    check_snapshot_topic_configs(config, &admin, &to_check).await?;
+    if to_create.is_empty() {
+        return Ok(());
+    }
+    let max_message_bytes = snapshot_max_message_bytes(config).to_string();
     let new_topics: Vec<NewTopic<'_>> = to_create
         .iter()
         .map(|(name, partitions, replication)| {
@@ -111,6 +116,8 @@ pub(crate) async fn prepare_topics(config: &AppConfig) -> Result<(), Error> {
             .set("cleanup.policy", "delete")
             .set("retention.ms", "-1")
             .set("retention.bytes", "-1")
+            // A chunk and its envelope always fit, whatever the cluster's default.
+            .set("max.message.bytes", &max_message_bytes)
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
@@ -168,5 +175,139 @@ pub(crate) async fn prepare_topics(config: &AppConfig) -> Result<(), Error> {
             });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `max.message.bytes` of a created snapshot topic: Kafka's default (1 MiB + 12), or more when
+/// chunks are configured larger.
+fn snapshot_max_message_bytes(config: &AppConfig) -> usize {
+    config
+        .snapshot_record_max_bytes()
+        .max(KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
+}
+
+/// Kafka's default topic `max.message.bytes`.
+const KAFKA_DEFAULT_MAX_MESSAGE_BYTES: usize = 1_048_588;
+
+/// Checks existing snapshot topics' configs: compaction would delete snapshot records that
+/// later records point at, and a `max.message.bytes` below a chunk's size would refuse every
+/// full snapshot (each attempt aborting its transaction).
+async fn check_snapshot_topic_configs(
+    config: &AppConfig,
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[String],
+) -> Result<(), Error> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let resources: Vec<ResourceSpecifier<'_>> = topics
+        .iter()
+        .map(|t| ResourceSpecifier::Topic(t.as_str()))
+        .collect();
+    let options = AdminOptions::new().request_timeout(Some(METADATA_TIMEOUT));
+    let results = admin
+        .describe_configs(resources.iter(), &options)
+        .await
+        .map_err(|source| Error::kafka("describing the snapshot topics' configs", source))?;
+    for (topic, result) in topics.iter().zip(results) {
+        let resource = result.map_err(|code| {
+            Error::kafka(
+                format!("describing the configs of snapshot topic {topic}"),
+                rdkafka::error::KafkaError::AdminOp(code),
+            )
+        })?;
+        let value = |name: &str| {
+            resource
+                .get(name)
+                .and_then(|entry| entry.value.clone())
+                .unwrap_or_default()
+        };
+        check_snapshot_topic_config(
+            config,
+            topic,
+            &value("cleanup.policy"),
+            &value("max.message.bytes"),
+        )?;
+        let retention = value("retention.ms");
+        if !retention.is_empty() && retention != "-1" {
+            tracing::warn!(topic = %topic, retention_ms = %retention, "snapshot topic has a time retention: the latest full snapshot must be younger than it, or recovery fails; set retention.ms=-1 (exactly trims snapshot topics itself)");
+        }
+    }
+    Ok(())
+}
+
+/// The rules of [`check_snapshot_topic_configs`] for one topic's values.
+fn check_snapshot_topic_config(
+    config: &AppConfig,
+    topic: &str,
+    cleanup_policy: &str,
+    max_message_bytes: &str,
+) -> Result<(), Error> {
+    let problem = |setting: &str, value: &str, fix: String| Error::SnapshotTopicConfig {
+        topic: topic.to_owned(),
+        setting: setting.to_owned(),
+        value: value.to_owned(),
+        fix,
+    };
+    if cleanup_policy.split(',').any(|p| p.trim() == "compact") {
+        return Err(problem(
+            "cleanup.policy",
+            cleanup_policy,
+            format!("compaction deletes snapshot records that later records point at; set cleanup.policy=delete (kafka-configs.sh --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=delete)"),
+        ));
+    }
+    let needed = config.snapshot_record_max_bytes();
+    if let Ok(bytes) = max_message_bytes.trim().parse::<usize>() {
+        if bytes < needed {
+            return Err(problem(
+                "max.message.bytes",
+                max_message_bytes,
+                format!("snapshot chunks need records of up to {needed} bytes (max_chunk_bytes plus envelope); raise the topic's max.message.bytes to at least {needed}, or lower AppConfig::max_chunk_bytes"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> AppConfig {
+        AppConfig::new("app", "localhost:9092").input_topic("in")
+    }
+
+    #[test]
+    fn compacted_snapshot_topics_are_refused() {
+        let error =
+            check_snapshot_topic_config(&config(), "app.in.snapshots", "compact,delete", "1048588")
+                .unwrap_err()
+                .to_string();
+        assert!(error.contains("cleanup.policy=compact,delete"), "{error}");
+        assert!(error.contains("set cleanup.policy=delete"), "{error}");
+    }
+
+    #[test]
+    fn too_small_records_are_refused_with_the_size_needed() {
+        let needed = config().snapshot_record_max_bytes();
+        let error =
+            check_snapshot_topic_config(&config(), "t", "delete", &(needed - 1).to_string())
+                .unwrap_err()
+                .to_string();
+        assert!(error.contains(&format!("at least {needed}")), "{error}");
+        assert!(check_snapshot_topic_config(&config(), "t", "delete", &needed.to_string()).is_ok());
+    }
+
+    #[test]
+    fn created_topics_take_at_least_kafkas_default_record_size() {
+        assert_eq!(
+            snapshot_max_message_bytes(&config()),
+            KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+        );
+        let big = config().max_chunk_bytes(4 << 20);
+        assert_eq!(
+            snapshot_max_message_bytes(&big),
+            big.snapshot_record_max_bytes()
+        );
     }
 }

@@ -35,6 +35,30 @@ pub enum StartFrom {
     Latest,
 }
 
+/// How instances of an app share partitions (the consumer group protocol).
+///
+/// Both are incremental: a rebalance revokes only the partitions that change owner. They
+/// differ in what the partitions that stay go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupProtocol {
+    /// KIP-848's consumer group protocol (`group.protocol=consumer`; Kafka 4.0 and later;
+    /// default). The broker assigns partitions and each member reconciles on its own: the
+    /// partitions that stay never notice a rebalance (measured by `rebalance-check`: no
+    /// aborted transaction, no recovery). Session timeout and heartbeat interval are the
+    /// broker's (`group.consumer.session.timeout.ms`, 45 s by default, which is how long a
+    /// crashed instance's partitions wait for a new owner; lower it on the cluster, down to
+    /// `group.consumer.min.session.timeout.ms`, for faster failover).
+    #[default]
+    Consumer,
+    /// The classic protocol with the `cooperative-sticky` assignor: for brokers before 4.0,
+    /// and when failover speed matters more than rebalance cost, since its session timeout is
+    /// the client's (`session.timeout.ms`, 10 s by default here). Its weakness: every
+    /// rebalance bumps the group generation, and the transactions that were sending offsets
+    /// at that moment, on partitions that stay, are rejected (`ILLEGAL_GENERATION`), aborted
+    /// and recovered.
+    CooperativeSticky,
+}
+
 /// An invalid configuration, with what to do about it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -119,6 +143,9 @@ fn invalid(setting: &str, value: impl ToString, fix: impl Into<String>) -> Confi
 /// | `EXACTLY_ERROR_POLICY` | `fail`, `skip` or `dead-letter:<topic>` |
 /// | `EXACTLY_AUTO_OFFSET_RESET` | `earliest` or `latest` |
 /// | `EXACTLY_TRANSACTION_TIMEOUT_MS` | [`transaction_timeout`](Self::transaction_timeout) |
+/// | `EXACTLY_MAX_BUFFERED_BYTES` | [`max_buffered_bytes`](Self::max_buffered_bytes) |
+/// | `EXACTLY_MAX_CONSECUTIVE_ABORTS` | [`max_consecutive_aborts`](Self::max_consecutive_aborts) |
+/// | `EXACTLY_GROUP_PROTOCOL` | [`group_protocol`](Self::group_protocol): `consumer` or `cooperative-sticky` |
 /// | `EXACTLY_KAFKA_<NAME>` | librdkafka property for every client: `<NAME>` lower-cased, `_` → `.` (`EXACTLY_KAFKA_SASL_MECHANISMS=PLAIN` sets `sasl.mechanisms`) |
 /// | `EXACTLY_CONSUMER_KAFKA_<NAME>`, `EXACTLY_PRODUCER_KAFKA_<NAME>` | the same for the consumer / the producers only |
 #[derive(Debug, Clone)]
@@ -137,6 +164,9 @@ pub struct AppConfig {
     pub(crate) error_policy: ErrorPolicy,
     pub(crate) auto_offset_reset: StartFrom,
     pub(crate) transaction_timeout: Duration,
+    pub(crate) group_protocol: GroupProtocol,
+    pub(crate) max_consecutive_aborts: u32,
+    pub(crate) max_buffered_bytes: usize,
     /// Passthrough for every client, then per client (the per-client value wins).
     pub(crate) kafka: BTreeMap<String, String>,
     pub(crate) consumer_kafka: BTreeMap<String, String>,
@@ -149,6 +179,15 @@ pub const DEFAULT_SNAPSHOT_TOPIC_PATTERN: &str = "{app}.{topic}.snapshots";
 /// Bytes a snapshot chunk's envelope (ids, offsets, checksums, record overhead) may add on top
 /// of its data; keeps chunks below `message.max.bytes`.
 const CHUNK_ENVELOPE_ALLOWANCE: usize = 4096;
+
+/// `session.timeout.ms` of the classic protocol unless set: a crashed instance's partitions move
+/// on after this long (librdkafka's own default is 45 s; brokers accept 6 s and more by default).
+const DEFAULT_SESSION_TIMEOUT_MS: u64 = 10_000;
+/// `heartbeat.interval.ms` of the classic protocol unless set (well below a third of the session
+/// timeout).
+const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
+/// The broker's default `group.consumer.session.timeout.ms` (KIP-848).
+const KIP848_DEFAULT_SESSION_TIMEOUT_MS: u64 = 45_000;
 
 /// librdkafka's default `message.max.bytes`.
 const LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
@@ -173,6 +212,9 @@ impl AppConfig {
             error_policy: ErrorPolicy::Fail,
             auto_offset_reset: StartFrom::Earliest,
             transaction_timeout: Duration::from_secs(60),
+            group_protocol: GroupProtocol::default(),
+            max_consecutive_aborts: 10,
+            max_buffered_bytes: 16 * 1024 * 1024,
             kafka: BTreeMap::new(),
             consumer_kafka: BTreeMap::new(),
             producer_kafka: BTreeMap::new(),
@@ -268,6 +310,30 @@ impl AppConfig {
     /// it (90 %) unless set through [`kafka`](Self::kafka).
     pub fn transaction_timeout(mut self, timeout: Duration) -> Self {
         self.transaction_timeout = timeout;
+        self
+    }
+
+    /// How many transactions of one partition may abort in a row, without a commit in
+    /// between, before the partition fails with the first of their errors (default 10; with
+    /// the backoff between attempts, about half a minute). An abort that keeps coming back (a
+    /// record larger than the output topic allows, a compacted output topic refusing a null
+    /// key, a missing ACL) is not a passing fault.
+    pub fn max_consecutive_aborts(mut self, aborts: u32) -> Self {
+        self.max_consecutive_aborts = aborts;
+        self
+    }
+
+    /// Bytes of fetched records the runtime holds for one partition whose worker is busy
+    /// before it pauses fetching that partition (default 16 MiB; at most 16 384 records
+    /// either way, plus the worker's own queue of 2 048). Bounds memory per partition.
+    pub fn max_buffered_bytes(mut self, bytes: usize) -> Self {
+        self.max_buffered_bytes = bytes;
+        self
+    }
+
+    /// How instances share partitions (default [`GroupProtocol::Consumer`], Kafka 4.0+).
+    pub fn group_protocol(mut self, protocol: GroupProtocol) -> Self {
+        self.group_protocol = protocol;
         self
     }
 
@@ -403,6 +469,21 @@ impl AppConfig {
                     }
                 }
                 "TRANSACTION_TIMEOUT_MS" => self.transaction_timeout = ms()?,
+                "MAX_BUFFERED_BYTES" => {
+                    self.max_buffered_bytes = usize::try_from(number()?)
+                        .map_err(|_| env_err("expected a number of bytes"))?
+                }
+                "MAX_CONSECUTIVE_ABORTS" => {
+                    self.max_consecutive_aborts = u32::try_from(number()?)
+                        .map_err(|_| env_err("expected a number below 2^32"))?
+                }
+                "GROUP_PROTOCOL" => {
+                    self.group_protocol = match value.trim().to_ascii_lowercase().as_str() {
+                        "cooperative-sticky" | "classic" => GroupProtocol::CooperativeSticky,
+                        "consumer" => GroupProtocol::Consumer,
+                        _ => return Err(env_err("expected cooperative-sticky or consumer")),
+                    }
+                }
                 _ => {
                     // Other EXACTLY_* variables may belong to the application or its tests:
                     // mention them (a typo is the likely cause) without failing.
@@ -416,6 +497,13 @@ impl AppConfig {
     /// Checks that the configuration can work; every error says what to change.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_name("app id", &self.app_id)?;
+        if self.app_id.contains('.') {
+            return Err(invalid(
+                "app id",
+                &self.app_id,
+                "must not contain '.': transactional ids and snapshot topics are <app>.<topic>..., so app \"a.b\" reading topic \"c\" and app \"a\" reading topic \"b.c\" would share them (and fence each other); use '-' or '_' instead",
+            ));
+        }
         if self.bootstrap_servers.trim().is_empty() {
             return Err(invalid(
                 "bootstrap servers",
@@ -467,6 +555,13 @@ impl AppConfig {
                     "the dead-letter topic is an input topic: failed records would be read again; use another topic",
                 ));
             }
+        }
+        if self.max_consecutive_aborts == 0 {
+            return Err(invalid(
+                "max_consecutive_aborts",
+                0,
+                "must be at least 1 (a single abort is a normal event: a rebalance, a broker failover)",
+            ));
         }
         if self.max_batch_records == 0 {
             return Err(invalid("max_batch_records", 0, "must be at least 1"));
@@ -572,6 +667,17 @@ impl AppConfig {
                 "enable.idempotence" if v != "true" => {
                     return managed("transactional producers are idempotent; remove it")
                 }
+                "auto.offset.reset" => {
+                    return managed("the group consumer never resets on its own (a position out of range is a retention-gap error); where a partition without snapshots starts is AppConfig::auto_offset_reset (EXACTLY_AUTO_OFFSET_RESET)")
+                }
+                "group.protocol" => {
+                    return managed("use AppConfig::group_protocol (EXACTLY_GROUP_PROTOCOL)")
+                }
+                "partition.assignment.strategy" | "session.timeout.ms" | "heartbeat.interval.ms"
+                    if self.group_protocol == GroupProtocol::Consumer =>
+                {
+                    return managed("with the consumer group protocol the broker owns this setting (group.consumer.* broker configs, or the group's own configs); remove it")
+                }
                 _ => {}
             }
         }
@@ -629,20 +735,57 @@ impl AppConfig {
             .set("client.id", format!("exactly-{}", self.app_id))
             .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set(
+            .set("enable.auto.offset.store", "false");
+        if group {
+            // The worker always seeks; a position out of range means retention deleted input
+            // that was never processed, which must be an error, never a silent jump.
+            c.set("group.id", &self.app_id)
+                .set("auto.offset.reset", "error");
+            match self.group_protocol {
+                GroupProtocol::CooperativeSticky => {
+                    c.set("partition.assignment.strategy", "cooperative-sticky")
+                        .set("session.timeout.ms", DEFAULT_SESSION_TIMEOUT_MS.to_string())
+                        .set(
+                            "heartbeat.interval.ms",
+                            DEFAULT_HEARTBEAT_INTERVAL_MS.to_string(),
+                        );
+                }
+                GroupProtocol::Consumer => {
+                    c.set("group.protocol", "consumer");
+                }
+            }
+        } else {
+            c.set(
                 "auto.offset.reset",
                 match self.auto_offset_reset {
                     StartFrom::Earliest => "earliest",
                     StartFrom::Latest => "latest",
                 },
             );
-        if group {
-            c.set("group.id", &self.app_id);
         }
         apply(&mut c, &self.kafka);
         apply(&mut c, &self.consumer_kafka);
         c
+    }
+
+    /// The largest record the framework writes to a snapshot topic: a chunk plus its envelope.
+    pub(crate) fn snapshot_record_max_bytes(&self) -> usize {
+        self.max_chunk_bytes + CHUNK_ENVELOPE_ALLOWANCE
+    }
+
+    /// The group's session timeout as this instance sees it: how long a member that stopped
+    /// heartbeating keeps its partitions.
+    pub(crate) fn session_timeout(&self) -> Duration {
+        let configured = self
+            .consumer_kafka
+            .get("session.timeout.ms")
+            .or_else(|| self.kafka.get("session.timeout.ms"))
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let ms = match self.group_protocol {
+            GroupProtocol::CooperativeSticky => configured.unwrap_or(DEFAULT_SESSION_TIMEOUT_MS),
+            GroupProtocol::Consumer => KIP848_DEFAULT_SESSION_TIMEOUT_MS,
+        };
+        Duration::from_millis(ms)
     }
 
     /// Configuration of the transactional producer `transactional_id`.
@@ -727,7 +870,15 @@ mod tests {
         assert_eq!(consumer.get("isolation.level"), Some("read_committed"));
         assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
         assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"));
-        assert_eq!(consumer.get("auto.offset.reset"), Some("earliest"));
+        // The group consumer never resets on its own; the recovery reader starts where asked.
+        assert_eq!(consumer.get("auto.offset.reset"), Some("error"));
+        assert_eq!(
+            c.consumer_config(false).get("auto.offset.reset"),
+            Some("earliest")
+        );
+        assert_eq!(consumer.get("group.protocol"), Some("consumer"));
+        assert_eq!(consumer.get("partition.assignment.strategy"), None);
+        assert_eq!(c.consumer_config(false).get("group.protocol"), None);
         assert_eq!(consumer.get("group.id"), Some("app"));
         assert_eq!(consumer.get("bootstrap.servers"), Some("localhost:9092"));
         assert_eq!(c.consumer_config(false).get("group.id"), None);
@@ -769,18 +920,103 @@ mod tests {
     }
 
     #[test]
+    fn cooperative_sticky_sets_the_assignor_and_a_short_session() {
+        let c = base().group_protocol(GroupProtocol::CooperativeSticky);
+        c.validate().unwrap();
+        let consumer = c.consumer_config(true);
+        assert_eq!(
+            consumer.get("partition.assignment.strategy"),
+            Some("cooperative-sticky")
+        );
+        assert_eq!(consumer.get("session.timeout.ms"), Some("10000"));
+        assert_eq!(consumer.get("group.protocol"), None);
+        assert_eq!(c.session_timeout(), Duration::from_secs(10));
+        let from_env = base()
+            .apply_env([(
+                "EXACTLY_GROUP_PROTOCOL".to_owned(),
+                "cooperative-sticky".to_owned(),
+            )])
+            .unwrap();
+        assert_eq!(from_env.group_protocol, GroupProtocol::CooperativeSticky);
+    }
+
+    #[test]
+    fn the_consumer_group_protocol_leaves_session_settings_to_the_broker() {
+        let c = base().group_protocol(GroupProtocol::Consumer);
+        c.validate().unwrap();
+        let consumer = c.consumer_config(true);
+        assert_eq!(consumer.get("group.protocol"), Some("consumer"));
+        assert_eq!(consumer.get("partition.assignment.strategy"), None);
+        assert_eq!(consumer.get("session.timeout.ms"), None);
+        assert_eq!(c.session_timeout(), Duration::from_secs(45));
+        let refused = c.kafka("session.timeout.ms", "6000").validate();
+        assert!(
+            matches!(&refused, Err(ConfigError::ManagedProperty { property, .. }) if property == "session.timeout.ms"),
+            "{refused:?}"
+        );
+        let from_env = base()
+            .apply_env([("EXACTLY_GROUP_PROTOCOL".to_owned(), "consumer".to_owned())])
+            .unwrap();
+        assert_eq!(from_env.group_protocol, GroupProtocol::Consumer);
+    }
+
+    #[test]
+    fn offset_reset_and_group_protocol_cannot_be_passed_through() {
+        for property in ["auto.offset.reset", "group.protocol"] {
+            let refused = base().consumer_kafka(property, "latest").validate();
+            assert!(
+                matches!(&refused, Err(ConfigError::ManagedProperty { property: p, .. }) if p == property),
+                "{property}: {refused:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn app_ids_with_dots_are_refused_as_ambiguous() {
+        // "a.b" + "c" and "a" + "b.c" would both own transactional id a.b.c.0.
+        let error = AppConfig::new("a.b", "localhost:9092")
+            .input_topic("c")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("must not contain '.'"), "{error}");
+        AppConfig::new("a", "localhost:9092")
+            .input_topic("b.c")
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn abort_budget_and_buffer_bounds_are_settable() {
+        let c = base()
+            .apply_env([
+                ("EXACTLY_MAX_CONSECUTIVE_ABORTS".to_owned(), "3".to_owned()),
+                (
+                    "EXACTLY_MAX_BUFFERED_BYTES".to_owned(),
+                    "1048576".to_owned(),
+                ),
+            ])
+            .unwrap();
+        assert_eq!(c.max_consecutive_aborts, 3);
+        assert_eq!(c.max_buffered_bytes, 1 << 20);
+        assert!(base().max_consecutive_aborts(0).validate().is_err());
+    }
+
+    #[test]
     fn passthrough_overrides_defaults_and_per_client_wins() {
         let c = base()
-            .kafka("auto.offset.reset", "latest")
+            .group_protocol(GroupProtocol::CooperativeSticky)
+            .kafka("session.timeout.ms", "20000")
             .kafka("linger.ms", "1")
             .producer_kafka("linger.ms", "20")
             .consumer_kafka("fetch.wait.max.ms", "10")
             .kafka("message.timeout.ms", "5000");
         c.validate().unwrap();
         assert_eq!(
-            c.consumer_config(true).get("auto.offset.reset"),
-            Some("latest")
+            c.consumer_config(true).get("session.timeout.ms"),
+            Some("20000")
         );
+        assert_eq!(c.session_timeout(), Duration::from_secs(20));
         assert_eq!(c.consumer_config(true).get("linger.ms"), Some("1"));
         assert_eq!(c.consumer_config(true).get("fetch.wait.max.ms"), Some("10"));
         let p = c.producer_config("x");
@@ -937,7 +1173,10 @@ mod tests {
         assert_eq!(consumer.get("sasl.mechanisms"), Some("PLAIN"));
         assert_eq!(consumer.get("security.protocol"), Some("SASL_PLAINTEXT"));
         assert_eq!(consumer.get("fetch.min.bytes"), Some("1"));
-        assert_eq!(consumer.get("auto.offset.reset"), Some("latest"));
+        assert_eq!(
+            c.consumer_config(false).get("auto.offset.reset"),
+            Some("latest")
+        );
         assert_eq!(c.producer_config("t").get("linger.ms"), Some("2"));
         assert_eq!(c.producer_config("t").get("sasl.mechanisms"), Some("PLAIN"));
     }

@@ -39,7 +39,7 @@ pub enum Error {
         topic: String,
     },
     /// The snapshot topic exists with a different partition count than its input topic.
-    #[error("snapshot topic {snapshot_topic:?} has {actual} partitions but input topic {input_topic:?} has {expected}; partition p of the snapshot topic must hold input partition p: delete the snapshot topic (losing state) or configure another snapshot_topic_pattern")]
+    #[error("snapshot topic {snapshot_topic:?} has {actual} partitions but input topic {input_topic:?} has {expected}; partition p of the snapshot topic holds the state of input partition p, so the two must have the same count. If partitions were added to the input topic, the keys moved between partitions and the state cannot follow them: restore the input's partition count, or migrate to a new app id deliberately. If the snapshot topic was created by hand, recreate it with {expected} partitions before the app's first start")]
     SnapshotTopicPartitions {
         /// The snapshot topic.
         snapshot_topic: String,
@@ -49,6 +49,18 @@ pub enum Error {
         expected: usize,
         /// The snapshot topic's partition count.
         actual: usize,
+    },
+    /// A snapshot topic's configuration would lose or refuse snapshot records.
+    #[error("snapshot topic {topic:?} has {setting}={value}: {fix}")]
+    SnapshotTopicConfig {
+        /// The snapshot topic.
+        topic: String,
+        /// The topic config.
+        setting: String,
+        /// Its value.
+        value: String,
+        /// Why that cannot work and what to change.
+        fix: String,
     },
     /// A snapshot read from a snapshot partition is corrupt or unreadable (never loaded).
     #[error("snapshot partition {topic}/{partition}: {source}")]
@@ -177,6 +189,91 @@ pub enum Error {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// Input that this app had not processed yet was deleted under it (retention or
+    /// DeleteRecords overtook a lagging partition).
+    #[error("unprocessed input of {topic}/{partition} was deleted: this app's next record is at offset {position} but the log now starts at {log_start_offset}, so records [{position}, {log_start_offset}) were never processed; raise the topic's retention (retention.ms / retention.bytes) above the app's worst lag, or reset the app deliberately")]
+    InputDeleted {
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+        /// The next offset the app needed.
+        position: i64,
+        /// The partition's log start offset now.
+        log_start_offset: i64,
+    },
+    /// The input ends before what this app already processed: the topic was deleted and
+    /// recreated, or truncated (unclean leader election).
+    #[error("input {topic}/{partition} ends at offset {log_end_offset}, but this app already processed it up to offset {needed_offset}: the topic was deleted and recreated or lost data; refusing to continue from a different log (reset the app deliberately if the topic was recreated on purpose)")]
+    InputTruncated {
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+        /// The offset the app's snapshot says comes next.
+        needed_offset: i64,
+        /// The partition's high watermark.
+        log_end_offset: i64,
+    },
+    /// The group has committed offsets for a partition whose snapshot topic holds nothing:
+    /// starting from an empty state would reprocess input whose outputs already went out.
+    #[error("group {group} has committed offset {committed_offset} for {topic}/{partition}, but snapshot partition {snapshot_topic}/{partition} holds no snapshot record: the app's state is missing (snapshot topic deleted or recreated?); starting from scratch would reprocess input and duplicate outputs downstream. To start over deliberately, delete the group's offsets (kafka-consumer-groups.sh --delete-offsets --group {group} --topic {topic}) and the snapshot topic; to keep state, restore the snapshot topic")]
+    OffsetsWithoutSnapshots {
+        /// The consumer group (the app id).
+        group: String,
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+        /// The group's committed offset.
+        committed_offset: i64,
+        /// The snapshot topic that should hold the state.
+        snapshot_topic: String,
+    },
+    /// A partition's transactions kept aborting without a single commit in between.
+    #[error("{topic}/{partition} aborted {aborts} transactions in a row without committing one (producer {transactional_id}); the first failure was: {first_error}")]
+    AbortBudgetExhausted {
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+        /// The partition's transactional id.
+        transactional_id: String,
+        /// Aborts in a row.
+        aborts: u32,
+        /// The error that caused the first of them.
+        first_error: String,
+    },
+    /// A partition worker panicked (in the processor, a format, or the framework).
+    #[error("the worker of {topic}/{partition} panicked: {message}")]
+    WorkerPanicked {
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+        /// The panic message.
+        message: String,
+    },
+    /// A partition worker's thread ended without reporting how.
+    #[error("the worker of {topic}/{partition} ended without reporting an outcome")]
+    WorkerLost {
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+    },
+    /// The group consumer hit an error it cannot recover from (authorization, a fenced static
+    /// member, a fatal client error).
+    #[error("the group consumer of {group} cannot go on: {source}; {fix}")]
+    ConsumerFailed {
+        /// The consumer group (the app id).
+        group: String,
+        /// The error librdkafka reported.
+        #[source]
+        source: Box<rdkafka::error::KafkaError>,
+        /// What to check.
+        fix: String,
     },
     /// The runtime's consumer thread ended without reporting a result (it panicked).
     #[error("the exactly runtime thread stopped unexpectedly")]

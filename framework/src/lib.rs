@@ -86,7 +86,9 @@ pub(crate) mod snapshot;
 pub mod testing;
 
 pub use codec::{BoxError, DecodeError, EncodeError, Format, Json, Raw, Utf8};
-pub use config::{AppConfig, ConfigError, ErrorPolicy, StartFrom, DEFAULT_SNAPSHOT_TOPIC_PATTERN};
+pub use config::{
+    AppConfig, ConfigError, ErrorPolicy, GroupProtocol, StartFrom, DEFAULT_SNAPSHOT_TOPIC_PATTERN,
+};
 pub use error::Error;
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use processor::{

@@ -35,7 +35,7 @@ use crate::processor::{
 use crate::proto::{FullSnapshotRef, IncrementalSnapshot};
 use crate::recovery::{recover, Recovered, RecoveryTarget, READ_STALL_TIMEOUT};
 use crate::snapshot::store::{
-    flush_promptly, send_blocking, write_full_snapshot, write_incremental, PartitionReader,
+    flush_promptly, send_blocking, write_incremental, write_snapshot_chunks, PartitionReader,
     TxnProducer, TxnProducerContext,
 };
 use crate::snapshot::{
@@ -59,6 +59,28 @@ pub(crate) enum ConsumerRequest {
     },
 }
 
+/// The consumer's group metadata, refreshed by the consumer thread after every rebalance and
+/// periodically; a worker reads the current one for every commit.
+#[derive(Default)]
+pub(crate) struct GroupMetadataCell(std::sync::Mutex<Option<Arc<ConsumerGroupMetadata>>>);
+
+impl GroupMetadataCell {
+    /// Takes the consumer's current metadata.
+    pub(crate) fn refresh<C: rdkafka::consumer::ConsumerContext>(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<C>,
+    ) {
+        if let Some(metadata) = rdkafka::consumer::Consumer::group_metadata(consumer) {
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(metadata));
+        }
+    }
+
+    /// The latest metadata, if the consumer has any yet.
+    pub(crate) fn current(&self) -> Option<Arc<ConsumerGroupMetadata>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// How a worker ended.
 #[derive(Debug)]
 pub(crate) enum WorkerOutcome {
@@ -80,11 +102,29 @@ pub(crate) struct PartitionWorker<P: Processor> {
     pub(crate) partition: i32,
     pub(crate) snapshot_topic: String,
     pub(crate) transactional_id: String,
-    pub(crate) group_metadata: Arc<ConsumerGroupMetadata>,
+    pub(crate) group_metadata: Arc<GroupMetadataCell>,
     pub(crate) records: Receiver<Forwarded>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) requests: Sender<ConsumerRequest>,
     pub(crate) epoch: u64,
+    /// Transactions committed so far (an abort streak ends with a commit).
+    pub(crate) commits: std::cell::Cell<u64>,
+}
+
+/// Aborts in a row without a commit in between, and the error behind the first of them.
+#[derive(Default)]
+struct AbortStreak {
+    aborts: u32,
+    first_error: Option<String>,
+}
+
+impl AbortStreak {
+    /// Counts one more abort; `true` once `budget` aborts happened in a row.
+    fn exhausted(&mut self, error: String, budget: u32) -> bool {
+        self.aborts += 1;
+        self.first_error.get_or_insert(error);
+        self.aborts >= budget
+    }
 }
 
 /// The in-memory side of a live partition.
@@ -123,6 +163,12 @@ enum LiveExit {
     /// The producer is unusable; recreate it.
     FatalProducer(KafkaError),
     Fenced,
+    /// The coordinator aborted the open transaction because it outlived the transaction
+    /// timeout (and bumped the epoch): recreate the producer and recover at once.
+    TimedOut {
+        /// How long the transaction had been open.
+        age: Duration,
+    },
     /// Stop the partition (after aborting the open transaction).
     Failed(Error),
 }
@@ -170,6 +216,9 @@ const DELIVERY_REPORTS_EVERY: usize = 64;
 /// How long recovery is retried while it fails for transient reasons (broker unreachable,
 /// reads stalled) before the partition fails. Like Kafka Streams' `task.timeout.ms`.
 const RECOVERY_RETRY_BUDGET: Duration = Duration::from_secs(300);
+/// How long a worker whose transaction timed out waits for a revocation (see
+/// [`PartitionWorker::rebalance_grace`]): a few heartbeats.
+const TIMEOUT_REBALANCE_GRACE: Duration = Duration::from_secs(2);
 /// Attempts of a retriable transactional call before the transaction is abandoned.
 const RETRIES: u32 = 5;
 
@@ -208,6 +257,7 @@ impl<P: Processor> PartitionWorker<P> {
         let mut backoff = Duration::from_millis(100);
         // Set while recovery keeps failing for transient reasons.
         let mut recovery_retry_deadline: Option<Instant> = None;
+        let mut streak = AbortStreak::default();
         'producer: loop {
             if self.stopping() {
                 return WorkerOutcome::Finished;
@@ -262,7 +312,11 @@ impl<P: Processor> PartitionWorker<P> {
                     return WorkerOutcome::Finished;
                 }
                 let live_since = Instant::now();
+                let commits_before = self.commits.get();
                 let exit = self.live_loop(&producer, live);
+                if self.commits.get() > commits_before {
+                    streak = AbortStreak::default();
+                }
                 if live_since.elapsed() > Duration::from_secs(30) {
                     // A long healthy run: the next failure is not part of a crash loop.
                     backoff = Duration::from_millis(100);
@@ -275,15 +329,42 @@ impl<P: Processor> PartitionWorker<P> {
                         self.metrics.transaction_aborted();
                         return WorkerOutcome::Failed(error);
                     }
+                    LiveExit::TimedOut { age } => {
+                        let cause = format!(
+                            "a transaction stayed open {age:?}, past transaction_timeout {:?}, and the transaction coordinator aborted it: make process() faster per batch, lower max_batch_records or raise transaction_timeout",
+                            self.txn_timeout()
+                        );
+                        tracing::warn!(age_ms = age.as_millis() as u64, transaction_timeout_ms = self.txn_timeout().as_millis() as u64, "the transaction coordinator aborted a transaction that outlived the transaction timeout (not a zombie); recovering now");
+                        if streak.exhausted(cause, self.config.max_consecutive_aborts) {
+                            return self.abort_budget_exhausted(streak);
+                        }
+                        if self.rebalance_grace() {
+                            return WorkerOutcome::Finished;
+                        }
+                        continue 'producer;
+                    }
                     LiveExit::FatalProducer(error) => {
+                        if streak.exhausted(error.to_string(), self.config.max_consecutive_aborts) {
+                            return self.abort_budget_exhausted(streak);
+                        }
                         tracing::warn!(error = %error, "fatal producer error; recreating the producer");
                         std::thread::sleep(backoff);
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue 'producer;
                     }
                     LiveExit::Abort(reason) => {
-                        tracing::warn!(error = %reason, "aborting the transaction; rebuilding state through recovery");
+                        // The record the broker refused says more than the failed commit.
+                        let cause = match producer.context().take_first_error() {
+                            Some(delivery) => format!("{delivery} (then: {reason})"),
+                            None => reason.to_string(),
+                        };
+                        tracing::warn!(error = %cause, aborts_in_a_row = streak.aborts + 1, "aborting the transaction; rebuilding state through recovery");
                         producer.context().reset();
+                        if streak.exhausted(cause, self.config.max_consecutive_aborts) {
+                            let _ = abort(&producer, self.txn_timeout());
+                            self.metrics.transaction_aborted();
+                            return self.abort_budget_exhausted(streak);
+                        }
                         match abort(&producer, self.txn_timeout()) {
                             Ok(()) => self.metrics.transaction_aborted(),
                             Err(e) => match classify(&e) {
@@ -311,6 +392,31 @@ impl<P: Processor> PartitionWorker<P> {
 
     fn txn_timeout(&self) -> Duration {
         self.config.transaction_timeout
+    }
+
+    /// After a timed-out transaction the producer's epoch was bumped, as it would be by a
+    /// successor: an instance that was paused so long (a zombie) is told by its consumer within
+    /// a heartbeat that the partition moved on. Wait that long before initializing a new
+    /// producer, which would fence the new owner. `true`: the partition was revoked meanwhile.
+    fn rebalance_grace(&self) -> bool {
+        let until = Instant::now() + TIMEOUT_REBALANCE_GRACE;
+        while Instant::now() < until {
+            if self.stopping() {
+                return true;
+            }
+            std::thread::sleep(IDLE_POLL);
+        }
+        self.stopping()
+    }
+
+    fn abort_budget_exhausted(&self, streak: AbortStreak) -> WorkerOutcome {
+        WorkerOutcome::Failed(Error::AbortBudgetExhausted {
+            topic: self.topic.to_string(),
+            partition: self.partition,
+            transactional_id: self.transactional_id.clone(),
+            aborts: streak.aborts,
+            first_error: streak.first_error.unwrap_or_default(),
+        })
     }
 
     fn create_producer(&self) -> Result<TxnProducer, ProducerStart> {
@@ -356,6 +462,7 @@ impl<P: Processor> PartitionWorker<P> {
         // is committed to it.
         reader_config.set("group.id", format!("{}.recovery", self.config.app_id));
         let reader = PartitionReader::new(reader_config, READ_STALL_TIMEOUT)?;
+        let committed_offset = || self.group_committed_offset();
         let target = RecoveryTarget {
             input_topic: &self.topic,
             partition: self.partition,
@@ -364,16 +471,68 @@ impl<P: Processor> PartitionWorker<P> {
             fingerprint_enabled: self.config.state_fingerprint,
             error_policy: &self.config.error_policy,
             stop: &self.stop,
+            group: &self.config.app_id,
+            committed_offset: &committed_offset,
         };
         recover(&*self.processor, &target, &reader, &self.metrics).map(|r| r.map(Live::from))
     }
 
-    fn live_loop(&mut self, producer: &TxnProducer, mut live: Live<P::State>) -> LiveExit {
+    /// The offset the app's consumer group has committed for this partition, if any (read
+    /// without joining the group).
+    fn group_committed_offset(&self) -> Result<Option<i64>, Error> {
+        let context = || {
+            format!(
+                "reading group {}'s committed offset of {}/{}",
+                self.config.app_id, self.topic, self.partition
+            )
+        };
+        // A plain reader with the group's id: it never joins (and so never takes part in the
+        // group protocol), it only asks the coordinator for the committed offset.
+        let mut config = self.config.consumer_config(false);
+        config.set("group.id", &self.config.app_id);
+        let consumer: rdkafka::consumer::BaseConsumer = config
+            .create()
+            .map_err(|source| Error::kafka(context(), source))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, self.partition);
+        let committed =
+            rdkafka::consumer::Consumer::committed_offsets(&consumer, tpl, READ_STALL_TIMEOUT)
+                .map_err(|source| Error::kafka(context(), source))?;
+        Ok(committed
+            .find_partition(&self.topic, self.partition)
+            .and_then(|element| match element.offset() {
+                Offset::Offset(offset) if offset >= 0 => Some(offset),
+                _ => None,
+            }))
+    }
+
+    /// Processes records in transactions until told to stop or a transaction fails. A
+    /// "fenced" failure of a transaction older than the transaction timeout is the
+    /// coordinator's timeout abort (it bumps the epoch, which librdkafka reports as fenced),
+    /// not a zombie: [`LiveExit::TimedOut`].
+    fn live_loop(&mut self, producer: &TxnProducer, live: Live<P::State>) -> LiveExit {
+        // Some(start) while a transaction is open.
+        let mut open: Option<Instant> = None;
+        let exit = self.run_transactions(producer, live, &mut open);
+        match (exit, open) {
+            (LiveExit::Fenced, Some(since)) if since.elapsed() >= self.txn_timeout() => {
+                LiveExit::TimedOut {
+                    age: since.elapsed(),
+                }
+            }
+            (exit, _) => exit,
+        }
+    }
+
+    fn run_transactions(
+        &mut self,
+        producer: &TxnProducer,
+        mut live: Live<P::State>,
+        open: &mut Option<Instant>,
+    ) -> LiveExit {
         let commit_interval = self.config.commit_interval;
         let max_batch = self.config.max_batch_records.max(1);
         let mut out = Output::new();
-        // Some(start) while a transaction is open.
-        let mut open: Option<Instant> = None;
         let mut batch_records = 0usize;
         loop {
             if self.stopping() {
@@ -386,7 +545,7 @@ impl<P: Processor> PartitionWorker<P> {
                 }
                 return LiveExit::Stopped;
             }
-            let wait = match open {
+            let wait = match *open {
                 Some(started) => commit_interval
                     .saturating_sub(started.elapsed())
                     .min(IDLE_POLL),
@@ -402,7 +561,7 @@ impl<P: Processor> PartitionWorker<P> {
                         if let Err(e) = producer.begin_transaction() {
                             return exit_for(e);
                         }
-                        open = Some(Instant::now());
+                        *open = Some(Instant::now());
                         batch_records = 0;
                     }
                     if let Err(exit) =
@@ -424,12 +583,12 @@ impl<P: Processor> PartitionWorker<P> {
             if batch_records % DELIVERY_REPORTS_EVERY == 0 {
                 producer.poll(Duration::ZERO);
             }
-            if let Some(started) = open {
+            if let Some(started) = *open {
                 if batch_records >= max_batch || started.elapsed() >= commit_interval {
                     if let Err(exit) = self.commit(producer, &mut live, false) {
                         return exit;
                     }
-                    open = None;
+                    *open = None;
                 }
             }
         }
@@ -553,71 +712,138 @@ impl<P: Processor> PartitionWorker<P> {
         if !self.full_snapshot_due(live, true) {
             return Ok(());
         }
-        producer.context().reset();
-        producer.begin_transaction().map_err(exit_for)?;
-        self.commit(producer, live, true)
+        self.write_full_snapshot(producer, live)
     }
 
-    /// Writes the snapshot records of the open transaction and commits it.
+    /// Commits the open transaction (its outputs, its incremental snapshot record and the
+    /// consumer offsets), then writes a full snapshot if one is due. The full snapshot goes in
+    /// transactions of its own, after the batch's: serializing and writing a large state must
+    /// never stretch a transaction toward `transaction.timeout.ms`.
     fn commit(
         &self,
         producer: &TxnProducer,
         live: &mut Live<P::State>,
         final_snapshot: bool,
     ) -> Result<(), LiveExit> {
-        let txn_timeout = self.txn_timeout();
-        let seq = live.transaction_seq + 1;
-        let mut base = live.base.clone();
-        let mut base_input_offset = live.base_input_offset;
-        let mut digest = live.digest;
-        let mut records_since_base = live.records_since_base;
-        let mut full_bytes = None;
+        self.commit_open_transaction(producer, live, None)?;
         if self.full_snapshot_due(live, final_snapshot) {
-            let started = Instant::now();
-            let data = encode_state(&live.state).map_err(|source| {
-                LiveExit::Failed(Error::PartitionSnapshot {
-                    topic: self.snapshot_topic.clone(),
-                    partition: self.partition,
-                    source,
-                })
-            })?;
-            let snapshot_id = format!("{}.{}", self.transactional_id, seq);
-            let chunks = split_into_chunks(
-                &snapshot_id,
-                live.next_offset,
-                &data,
-                self.config.max_chunk_bytes,
-            );
-            // first_chunk_offset is learnt from the delivery reports.
-            let reference = full_snapshot_ref(
-                &snapshot_id,
-                live.next_offset,
-                &data,
-                chunks.len() as u32,
-                -1,
-            );
-            let reference = write_full_snapshot(
+            self.write_full_snapshot(producer, live)?;
+        }
+        Ok(())
+    }
+
+    /// Serializes the state and writes it as a full snapshot: its chunks in one or more
+    /// transactions (each committed before it gets old; unreferenced chunks are harmless),
+    /// then a transaction with the incremental record that points at them.
+    fn write_full_snapshot(
+        &self,
+        producer: &TxnProducer,
+        live: &mut Live<P::State>,
+    ) -> Result<(), LiveExit> {
+        let started = Instant::now();
+        let data = encode_state(&live.state).map_err(|source| {
+            LiveExit::Failed(Error::PartitionSnapshot {
+                topic: self.snapshot_topic.clone(),
+                partition: self.partition,
+                source,
+            })
+        })?;
+        // Unique per attempt: an attempt cut short by a crash may have committed some chunks.
+        let attempt = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let snapshot_id = format!(
+            "{}.{}.{attempt}",
+            self.transactional_id,
+            live.transaction_seq + 1
+        );
+        let chunks = split_into_chunks(
+            &snapshot_id,
+            live.next_offset,
+            &data,
+            self.config.max_chunk_bytes,
+        );
+        let chunk_count = chunks.len() as u32;
+        let first_chunk_offset = self.write_chunks(producer, chunks)?;
+        let reference = full_snapshot_ref(
+            &snapshot_id,
+            live.next_offset,
+            &data,
+            chunk_count,
+            first_chunk_offset,
+        );
+        tracing::debug!(
+            input_offset = live.next_offset,
+            first_chunk_offset,
+            chunks = chunk_count,
+            bytes = data.len(),
+            "full snapshot chunks committed"
+        );
+        producer.context().reset();
+        producer.begin_transaction().map_err(exit_for)?;
+        self.commit_open_transaction(producer, live, Some(reference))?;
+        self.metrics
+            .full_snapshot_written(data.len() as u64, started.elapsed());
+        live.last_full_snapshot = Instant::now();
+        Ok(())
+    }
+
+    /// Writes snapshot chunks in as many transactions as it takes for none of them to stay
+    /// open longer than a quarter of the transaction timeout; returns the first chunk's offset.
+    fn write_chunks(
+        &self,
+        producer: &TxnProducer,
+        chunks: Vec<crate::proto::FullSnapshotChunk>,
+    ) -> Result<i64, LiveExit> {
+        let txn_timeout = self.txn_timeout();
+        let mut first_chunk_offset = None;
+        let mut open: Option<Instant> = None;
+        let mut chunks = chunks.into_iter().peekable();
+        while chunks.peek().is_some() {
+            let group: Vec<_> = chunks.by_ref().take(CHUNKS_PER_WRITE).collect();
+            if open.is_none() {
+                producer.context().reset();
+                producer.begin_transaction().map_err(exit_for)?;
+                open = Some(Instant::now());
+            }
+            let offset = write_snapshot_chunks(
                 producer,
                 &self.snapshot_topic,
                 self.partition,
-                chunks,
-                reference,
+                group,
                 txn_timeout,
             )
             .map_err(exit_for)?;
-            tracing::debug!(
-                input_offset = live.next_offset,
-                first_chunk_offset = reference.first_chunk_offset,
-                chunks = reference.chunk_count,
-                bytes = data.len(),
-                "full snapshot written"
-            );
-            base = Some(reference);
-            base_input_offset = live.next_offset;
-            digest = OutputDigest::new(0);
-            records_since_base = 0;
-            full_bytes = Some((data.len() as u64, started.elapsed()));
+            first_chunk_offset.get_or_insert(offset);
+            let last = chunks.peek().is_none();
+            if last || open.is_some_and(|since| since.elapsed() >= txn_timeout / 4) {
+                retry(|| producer.commit_transaction(txn_timeout))?;
+                open = None;
+            }
         }
+        Ok(first_chunk_offset.unwrap_or(-1))
+    }
+
+    /// Writes the open transaction's incremental snapshot record (pointing at `new_base` when
+    /// a full snapshot was just written) and the consumer offsets, and commits it.
+    fn commit_open_transaction(
+        &self,
+        producer: &TxnProducer,
+        live: &mut Live<P::State>,
+        new_base: Option<FullSnapshotRef>,
+    ) -> Result<(), LiveExit> {
+        let txn_timeout = self.txn_timeout();
+        let seq = live.transaction_seq + 1;
+        let rebased = new_base.is_some();
+        let (base, base_input_offset, digest, records_since_base) = match new_base {
+            Some(reference) => (Some(reference), live.next_offset, OutputDigest::new(0), 0),
+            None => (
+                live.base.clone(),
+                live.base_input_offset,
+                live.digest,
+                live.records_since_base,
+            ),
+        };
         let fingerprint_enabled = self.config.state_fingerprint;
         let incremental = IncrementalSnapshot {
             input_topic: self.topic.to_string(),
@@ -649,9 +875,16 @@ impl<P: Processor> PartitionWorker<P> {
         // Flushed here (promptly) so that commit_transaction's own flush finds nothing left.
         retry(|| flush_promptly(producer, txn_timeout))?;
         let flushed = commit_started.elapsed();
-        retry(|| {
-            producer.send_offsets_to_transaction(&offsets, &self.group_metadata, txn_timeout)
-        })?;
+        // The current generation / member epoch: a rebalance that kept this partition here
+        // changed it, and the broker rejects offsets sent with an old one.
+        // (None only before the consumer's first rebalance, which started this worker.)
+        let group_metadata =
+            self.group_metadata
+                .current()
+                .ok_or(LiveExit::Abort(KafkaError::ConsumerCommit(
+                    RDKafkaErrorCode::State,
+                )))?;
+        retry(|| producer.send_offsets_to_transaction(&offsets, &group_metadata, txn_timeout))?;
         let offsets_sent = commit_started.elapsed();
         retry(|| producer.commit_transaction(txn_timeout))?;
         if let Some(error) = producer.context().take_first_error() {
@@ -662,16 +895,14 @@ impl<P: Processor> PartitionWorker<P> {
         tracing::debug!(
             next_offset = live.next_offset,
             transaction_seq = seq,
+            full_snapshot = rebased,
             flush_ms = flushed.as_millis() as u64,
             offsets_ms = (offsets_sent - flushed).as_millis() as u64,
             end_ms = (commit_started.elapsed() - offsets_sent).as_millis() as u64,
             "transaction committed"
         );
         self.metrics.transaction_committed();
-        if let Some((bytes, took)) = full_bytes {
-            self.metrics.full_snapshot_written(bytes, took);
-            live.last_full_snapshot = Instant::now();
-        }
+        self.commits.set(self.commits.get() + 1);
         live.transaction_seq = seq;
         live.base = base;
         live.base_input_offset = base_input_offset;
@@ -680,6 +911,9 @@ impl<P: Processor> PartitionWorker<P> {
         Ok(())
     }
 }
+
+/// Snapshot chunks sent between two checks of a chunk transaction's age.
+const CHUNKS_PER_WRITE: usize = 16;
 
 /// Aborts the open transaction. librdkafka's abort waits until every outstanding message has
 /// its delivery report, and a `BaseProducer` only serves those when polled: purge what is
@@ -733,10 +967,33 @@ pub(crate) fn spawn<P: Processor>(
     outcome: SyncSender<WorkerOutcome>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let name = format!("exactly-{}-{}", worker.topic, worker.partition);
+    let (topic, partition) = (worker.topic.to_string(), worker.partition);
     std::thread::Builder::new().name(name).spawn(move || {
-        let result = worker.run();
+        // A panic (in the processor, a format, a Default impl, or the framework) fails the
+        // partition with an error the app reports; it never leaves it assigned but dead.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()))
+            .unwrap_or_else(|panic| {
+                let message = panic_message(&*panic);
+                tracing::error!(topic = %topic, partition, panic = %message, "partition worker panicked");
+                WorkerOutcome::Failed(Error::WorkerPanicked {
+                    topic,
+                    partition,
+                    message,
+                })
+            });
         let _ = outcome.send(result);
     })
+}
+
+/// The text of a panic payload (`panic!("...")` gives a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic with a non-text payload".to_owned()
+    }
 }
 
 #[cfg(test)]
@@ -747,6 +1004,23 @@ mod tests {
     fn flush_errors_are_abortable() {
         let e = KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut);
         assert_eq!(classify(&e), TxnErrorClass::Abortable);
+    }
+
+    #[test]
+    fn an_abort_streak_ends_at_its_budget_and_keeps_the_first_error() {
+        let mut streak = AbortStreak::default();
+        assert!(!streak.exhausted("record too large".into(), 3));
+        assert!(!streak.exhausted("then something else".into(), 3));
+        assert!(streak.exhausted("and more".into(), 3));
+        assert_eq!(streak.first_error.as_deref(), Some("record too large"));
+    }
+
+    #[test]
+    fn panic_messages_are_text() {
+        let from_str = std::panic::catch_unwind(|| panic!("boom")).unwrap_err();
+        assert_eq!(panic_message(&*from_str), "boom");
+        let from_string = std::panic::catch_unwind(|| panic!("{} {}", "formatted", 7)).unwrap_err();
+        assert_eq!(panic_message(&*from_string), "formatted 7");
     }
 
     #[test]

@@ -1,15 +1,18 @@
 //! Recovery of one input partition's state (DESIGN §2), run by its partition worker after
-//! `init_transactions` has fenced any previous owner:
+//! `init_transactions` has fenced any previous owner. [`recover`] is the steps, in order:
 //!
-//! 1. find the last committed incremental record on the snapshot partition;
-//! 2. load the full snapshot it points to (chunk checksums verified) or start from the
-//!    default state at the record's base offset;
-//! 3. check the input still holds `[offsetSTART, offsetEND)` (retention);
-//! 4. replay that range through the processor with outputs discarded (fed into a digest);
-//! 5. compare the state fingerprint and output digest with the incremental record.
+//! 1. [`find_latest_incremental`]: the last committed incremental record on the snapshot
+//!    partition;
+//! 2. [`load_base`]: the full snapshot it points to (chunk checksums verified), or the default
+//!    state at the record's base offset;
+//! 3. [`check_input_holds`]: the input still holds `[offsetSTART, offsetEND)` (not deleted by
+//!    retention, not replaced by a shorter log);
+//! 4. [`replay`]: that range through the processor, outputs discarded (fed into a digest);
+//! 5. [`verify_replay`]: record count, state fingerprint and output digest against the record.
 //!
 //! Without any incremental record the partition starts from the default state at the
-//! configured reset position.
+//! configured reset position ([`fresh_start`]) — unless the group has committed offsets for
+//! it, which means the state is missing, not new.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,7 +24,7 @@ use crate::config::{ErrorPolicy, StartFrom};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::processor::{process_raw, Output, Processor, RawRecord};
-use crate::proto::FullSnapshotRef;
+use crate::proto::{FullSnapshotRef, IncrementalSnapshot};
 use crate::snapshot::store::{find_latest_incremental, load_full_snapshot, Flow, PartitionReader};
 use crate::snapshot::{decode_state, fingerprint, OutputDigest};
 
@@ -35,6 +38,9 @@ pub(crate) struct RecoveryTarget<'a> {
     pub(crate) error_policy: &'a ErrorPolicy,
     /// Set when the partition is revoked or the app stops: a long replay is abandoned.
     pub(crate) stop: &'a AtomicBool,
+    /// The app's consumer group, and how to read its committed offset for this partition.
+    pub(crate) group: &'a str,
+    pub(crate) committed_offset: &'a dyn Fn() -> Result<Option<i64>, Error>,
 }
 
 /// A recovered partition: the state as of `next_offset`, plus what the next incremental
@@ -82,165 +88,41 @@ pub(crate) fn recover<P: Processor>(
     metrics: &Metrics,
 ) -> Result<Option<Recovered<P::State>>, Error> {
     let started = Instant::now();
-    let topic: &str = target.input_topic;
-    let partition = target.partition;
-    let latest = find_latest_incremental(reader, target.snapshot_topic, partition)?;
-    let Some(latest) = latest else {
-        let start = match target.start_from {
-            StartFrom::Earliest => reader.bounds(topic, partition)?.0,
-            // The last stable offset, not the high watermark: records of a transaction open
-            // right now may still commit and must not be skipped.
-            StartFrom::Latest => reader.stable_end(topic, partition)?,
-        };
-        tracing::info!(
-            topic,
-            partition,
-            start_offset = start,
-            "no snapshot yet; starting from the default state"
-        );
+    let Some(latest) = find_latest_incremental(reader, target.snapshot_topic, target.partition)?
+    else {
+        let recovered = fresh_start(target, reader)?;
         metrics.recovery_finished(started.elapsed(), 0, false);
-        return Ok(Some(Recovered {
-            state: P::State::default(),
-            next_offset: start,
-            base: None,
-            base_input_offset: start,
-            digest: OutputDigest::new(0),
-            records_since_base: 0,
-            transaction_seq: 0,
-        }));
+        return Ok(Some(recovered));
     };
     let found_latest = started.elapsed();
-    let mut fetched_base = found_latest;
     let inc = latest.record;
-    if inc.input_topic != topic || inc.input_partition != partition {
-        return Err(Error::SnapshotMismatch {
-            topic: target.snapshot_topic.to_owned(),
-            partition,
-            offset: latest.offset,
-            found_topic: inc.input_topic.clone(),
-            found_partition: inc.input_partition,
-        });
-    }
-    let (mut state, start) = match &inc.base {
-        Some(reference) => {
-            let bytes = load_full_snapshot(reader, target.snapshot_topic, partition, reference)?;
-            fetched_base = started.elapsed();
-            let state: P::State =
-                decode_state(&bytes).map_err(|source| Error::PartitionSnapshot {
-                    topic: target.snapshot_topic.to_owned(),
-                    partition,
-                    source,
-                })?;
-            (state, reference.input_offset)
-        }
-        None => (P::State::default(), inc.base_input_offset),
-    };
+    check_record_names_partition(target, latest.offset, &inc)?;
+    let (mut state, start, timing) = load_base::<P>(target, reader, &inc, started)?;
     let end = inc.next_input_offset;
-    let loaded_base = started.elapsed();
-
-    let (log_start, _) = reader.bounds(topic, partition)?;
-    // Also when nothing needs replaying: records in [start, log_start) were never processed.
-    if log_start > start {
-        return Err(Error::RetentionGap {
-            topic: topic.to_owned(),
-            partition,
-            needed_offset: start,
-            log_start_offset: log_start,
-        });
-    }
-
+    check_input_holds(target, reader, start, end)?;
     let replay_started = started.elapsed();
-    let mut digest = OutputDigest::new(0);
-    let mut replayed: u64 = 0;
-    let mut interrupted = false;
-    if end > start {
-        let mut out = Output::new();
-        reader.read(topic, partition, start, |message| {
-            if message.offset() >= end {
-                return Ok(Flow::Stop);
-            }
-            if replayed % 1024 == 0 && target.stop.load(Ordering::Acquire) {
-                interrupted = true;
-                return Ok(Flow::Stop);
-            }
-            replayed += 1;
-            let raw = raw_record(target.input_topic, message);
-            match process_raw(processor, &mut state, &raw, &mut out) {
-                Ok(()) => {}
-                // It committed before, so the policy let it through then: skipped or
-                // dead-lettered records are skipped again.
-                Err(_) if !matches!(target.error_policy, ErrorPolicy::Fail) => {}
-                Err(error) => return Err(Error::Record(error)),
-            }
-            for record in out.take() {
-                digest.update(&record);
-            }
-            Ok(if message.offset() + 1 >= end {
-                Flow::Stop
-            } else {
-                Flow::Continue
-            })
-        })?;
-    }
-    if interrupted {
+    let Some(replayed) = replay(processor, target, reader, &mut state, start, end)? else {
         tracing::info!(
-            topic,
-            partition,
-            replayed,
+            topic = %target.input_topic,
+            partition = target.partition,
             "recovery interrupted: the partition is being released"
         );
         return Ok(None);
-    }
-    // Checked before the fingerprint: a changed input is not a non-deterministic processor.
-    if replayed != inc.records_since_base {
-        return Err(Error::ReplayMismatch {
-            topic: topic.to_owned(),
-            partition,
-            from_offset: start,
-            to_offset: end,
-            replayed,
-            recorded: inc.records_since_base,
-        });
-    }
-
-    if target.fingerprint_enabled && inc.state_fingerprint_enabled {
-        let actual = fingerprint(&state);
-        if actual != inc.state_fingerprint {
-            return Err(Error::NonDeterministic {
-                topic: topic.to_owned(),
-                partition,
-                from_offset: start,
-                to_offset: end,
-                what: "state fingerprint",
-                expected: inc.state_fingerprint,
-                actual,
-            });
-        }
-    }
-    if digest.value() != inc.output_digest {
-        return Err(Error::NonDeterministic {
-            topic: topic.to_owned(),
-            partition,
-            from_offset: start,
-            to_offset: end,
-            what: "output digest",
-            expected: inc.output_digest,
-            actual: digest.value(),
-        });
-    }
+    };
+    verify_replay(target, &inc, &state, &replayed, start)?;
     let elapsed = started.elapsed();
-    metrics.recovery_finished(elapsed, replayed, inc.base.is_some());
+    metrics.recovery_finished(elapsed, replayed.records, inc.base.is_some());
     tracing::info!(
-        topic,
-        partition,
+        topic = %target.input_topic,
+        partition = target.partition,
         base_offset = start,
         next_offset = end,
-        replayed,
+        replayed = replayed.records,
         from_full_snapshot = inc.base.is_some(),
         elapsed_ms = elapsed.as_millis() as u64,
         find_latest_ms = found_latest.as_millis() as u64,
-        fetch_base_ms = (fetched_base - found_latest).as_millis() as u64,
-        decode_base_ms = (loaded_base - fetched_base).as_millis() as u64,
+        fetch_base_ms = (timing.fetched - found_latest).as_millis() as u64,
+        decode_base_ms = (timing.decoded - timing.fetched).as_millis() as u64,
         replay_ms = (elapsed - replay_started).as_millis() as u64,
         "partition recovered"
     );
@@ -249,10 +131,237 @@ pub(crate) fn recover<P: Processor>(
         next_offset: end,
         base: inc.base,
         base_input_offset: start,
-        digest,
+        digest: replayed.digest,
         records_since_base: inc.records_since_base,
         transaction_seq: inc.transaction_seq,
     }))
+}
+
+/// No incremental record: the default state at the configured start — refused when the group
+/// has committed offsets here (the state went missing; starting over would reprocess input
+/// whose outputs already went out).
+fn fresh_start<S: Default>(
+    target: &RecoveryTarget<'_>,
+    reader: &PartitionReader,
+) -> Result<Recovered<S>, Error> {
+    let (topic, partition) = (&**target.input_topic, target.partition);
+    if let Some(committed_offset) = (target.committed_offset)()? {
+        return Err(Error::OffsetsWithoutSnapshots {
+            group: target.group.to_owned(),
+            topic: topic.to_owned(),
+            partition,
+            committed_offset,
+            snapshot_topic: target.snapshot_topic.to_owned(),
+        });
+    }
+    let start = match target.start_from {
+        StartFrom::Earliest => reader.bounds(topic, partition)?.0,
+        // The last stable offset, not the high watermark: records of a transaction open
+        // right now may still commit and must not be skipped.
+        StartFrom::Latest => reader.stable_end(topic, partition)?,
+    };
+    tracing::info!(
+        topic,
+        partition,
+        start_offset = start,
+        "no snapshot yet; starting from the default state"
+    );
+    Ok(Recovered {
+        state: S::default(),
+        next_offset: start,
+        base: None,
+        base_input_offset: start,
+        digest: OutputDigest::new(0),
+        records_since_base: 0,
+        transaction_seq: 0,
+    })
+}
+
+/// The record must describe this input partition (a snapshot topic shared between apps, or
+/// a pattern that maps two inputs to one topic, would mix states).
+fn check_record_names_partition(
+    target: &RecoveryTarget<'_>,
+    offset: i64,
+    inc: &IncrementalSnapshot,
+) -> Result<(), Error> {
+    if inc.input_topic == **target.input_topic && inc.input_partition == target.partition {
+        return Ok(());
+    }
+    Err(Error::SnapshotMismatch {
+        topic: target.snapshot_topic.to_owned(),
+        partition: target.partition,
+        offset,
+        found_topic: inc.input_topic.clone(),
+        found_partition: inc.input_partition,
+    })
+}
+
+/// When the base was fetched and decoded, relative to the start of recovery.
+struct BaseTiming {
+    fetched: Duration,
+    decoded: Duration,
+}
+
+/// The state the record derives from and the input offset it is at: the full snapshot it
+/// points to, or the default state at its base offset.
+fn load_base<P: Processor>(
+    target: &RecoveryTarget<'_>,
+    reader: &PartitionReader,
+    inc: &IncrementalSnapshot,
+    started: Instant,
+) -> Result<(P::State, i64, BaseTiming), Error> {
+    let Some(reference) = &inc.base else {
+        let now = started.elapsed();
+        let timing = BaseTiming {
+            fetched: now,
+            decoded: now,
+        };
+        return Ok((P::State::default(), inc.base_input_offset, timing));
+    };
+    let bytes = load_full_snapshot(reader, target.snapshot_topic, target.partition, reference)?;
+    let fetched = started.elapsed();
+    let state = decode_state(&bytes).map_err(|source| Error::PartitionSnapshot {
+        topic: target.snapshot_topic.to_owned(),
+        partition: target.partition,
+        source,
+    })?;
+    let timing = BaseTiming {
+        fetched,
+        decoded: started.elapsed(),
+    };
+    Ok((state, reference.input_offset, timing))
+}
+
+/// The input must still hold `[start, end)`: retention may have deleted its beginning (also
+/// when nothing needs replaying: records in `[start, log_start)` were never processed), and a
+/// deleted and recreated topic, or lost data, ends before `end`.
+fn check_input_holds(
+    target: &RecoveryTarget<'_>,
+    reader: &PartitionReader,
+    start: i64,
+    end: i64,
+) -> Result<(), Error> {
+    let (topic, partition) = (&**target.input_topic, target.partition);
+    let (log_start, log_end) = reader.bounds(topic, partition)?;
+    if log_start > start {
+        return Err(Error::RetentionGap {
+            topic: topic.to_owned(),
+            partition,
+            needed_offset: start,
+            log_start_offset: log_start,
+        });
+    }
+    if log_end < end {
+        return Err(Error::InputTruncated {
+            topic: topic.to_owned(),
+            partition,
+            needed_offset: end,
+            log_end_offset: log_end,
+        });
+    }
+    Ok(())
+}
+
+/// What a replay saw.
+struct Replayed {
+    records: u64,
+    digest: OutputDigest,
+}
+
+/// Replays input `[start, end)` through the processor into `state`, outputs into a digest.
+/// `None`: interrupted by the stop flag.
+fn replay<P: Processor>(
+    processor: &P,
+    target: &RecoveryTarget<'_>,
+    reader: &PartitionReader,
+    state: &mut P::State,
+    start: i64,
+    end: i64,
+) -> Result<Option<Replayed>, Error> {
+    let mut replayed = Replayed {
+        records: 0,
+        digest: OutputDigest::new(0),
+    };
+    if end <= start {
+        return Ok(Some(replayed));
+    }
+    let mut interrupted = false;
+    let mut out = Output::new();
+    reader.read(target.input_topic, target.partition, start, |message| {
+        if message.offset() >= end {
+            return Ok(Flow::Stop);
+        }
+        if replayed.records % 1024 == 0 && target.stop.load(Ordering::Acquire) {
+            interrupted = true;
+            return Ok(Flow::Stop);
+        }
+        replayed.records += 1;
+        let raw = raw_record(target.input_topic, message);
+        match process_raw(processor, state, &raw, &mut out) {
+            Ok(()) => {}
+            // It committed before, so the policy let it through then: skipped or
+            // dead-lettered records are skipped again.
+            Err(_) if !matches!(target.error_policy, ErrorPolicy::Fail) => {}
+            Err(error) => return Err(Error::Record(error)),
+        }
+        for record in out.take() {
+            replayed.digest.update(&record);
+        }
+        Ok(if message.offset() + 1 >= end {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        })
+    })?;
+    Ok((!interrupted).then_some(replayed))
+}
+
+/// The replay must have met as many records as were processed the first time (else the input
+/// changed) and produced the recorded state fingerprint and output digest (else the processor
+/// is not deterministic).
+fn verify_replay<S: serde::Serialize>(
+    target: &RecoveryTarget<'_>,
+    inc: &IncrementalSnapshot,
+    state: &S,
+    replayed: &Replayed,
+    start: i64,
+) -> Result<(), Error> {
+    let (topic, partition) = (target.input_topic.to_string(), target.partition);
+    let end = inc.next_input_offset;
+    // Checked before the fingerprint: a changed input is not a non-deterministic processor.
+    if replayed.records != inc.records_since_base {
+        return Err(Error::ReplayMismatch {
+            topic,
+            partition,
+            from_offset: start,
+            to_offset: end,
+            replayed: replayed.records,
+            recorded: inc.records_since_base,
+        });
+    }
+    let mismatch = |what, expected, actual| Error::NonDeterministic {
+        topic: topic.clone(),
+        partition,
+        from_offset: start,
+        to_offset: end,
+        what,
+        expected,
+        actual,
+    };
+    if target.fingerprint_enabled && inc.state_fingerprint_enabled {
+        let actual = fingerprint(state);
+        if actual != inc.state_fingerprint {
+            return Err(mismatch("state fingerprint", inc.state_fingerprint, actual));
+        }
+    }
+    if replayed.digest.value() != inc.output_digest {
+        return Err(mismatch(
+            "output digest",
+            inc.output_digest,
+            replayed.digest.value(),
+        ));
+    }
+    Ok(())
 }
 
 /// How long a recovery read may make no progress before failing.

@@ -26,22 +26,26 @@ use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError, TrySendE
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::admin;
 use crate::config::AppConfig;
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::partition::{self, ConsumerRequest, Forwarded, PartitionWorker, WorkerOutcome};
+use crate::partition::{
+    self, ConsumerRequest, Forwarded, GroupMetadataCell, PartitionWorker, WorkerOutcome,
+};
 use crate::processor::Processor;
 use crate::recovery::raw_record;
 
 /// Records buffered per partition between the consumer thread and its worker.
 const WORKER_CHANNEL_CAPACITY: usize = 2048;
 /// Records the consumer thread holds for a partition whose worker's channel is full before
-/// it pauses the partition. A worker's channel fills on every commit (the worker does not
+/// it pauses the partition (or fewer: [`AppConfig::max_buffered_bytes`] bounds their bytes). A worker's channel fills on every commit (the worker does not
 /// read while it commits); pausing at once made librdkafka drop the partition's prefetched
 /// records and fetch them again on resume, over and over. Held records cost memory only:
 /// at most this many per partition (plus what librdkafka has prefetched).
@@ -49,8 +53,10 @@ const HELD_BEFORE_PAUSE: usize = 16_384;
 /// Records the consumer thread forwards between two rounds of its housekeeping (worker
 /// requests, backpressure, ended workers).
 const FORWARD_BURST: usize = 256;
-/// librdkafka's `session.timeout.ms` when the configuration does not set it.
-const LIBRDKAFKA_DEFAULT_SESSION_TIMEOUT_MS: u64 = 45_000;
+/// How often the consumer thread refreshes the group metadata the workers send with their
+/// offsets (besides after every rebalance): KIP-848 bumps a member's epoch without a rebalance
+/// callback when its own assignment does not change.
+const GROUP_METADATA_REFRESH: Duration = Duration::from_millis(100);
 
 /// A stream-processing application: a [`Processor`] run with exactly-once semantics.
 ///
@@ -94,9 +100,15 @@ impl<P: Processor> App<P> {
     }
 
     /// Like [`run`](Self::run), with a caller-provided shutdown trigger.
+    ///
+    /// Dropping the returned future also stops the app: its partitions commit, write their
+    /// final snapshots and leave the group in the background (the threads are not waited for).
     pub async fn run_until<F: Future<Output = ()>>(self, shutdown: F) -> Result<(), Error> {
         admin::prepare_topics(&self.config).await?;
         let stop = Arc::new(AtomicBool::new(false));
+        // Dropping this future (a cancelled task, a select! that went the other way) stops
+        // the app gracefully instead of leaving its threads running unowned.
+        let _stop_on_drop = StopOnDrop(Arc::clone(&stop));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let consumer_loop = ConsumerLoop {
             config: Arc::clone(&self.config),
@@ -125,6 +137,15 @@ impl<P: Processor> App<P> {
             }
         }
         done_rx.await.unwrap_or_else(|_| Err(Error::RuntimeStopped))
+    }
+}
+
+/// Sets the stop flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -162,8 +183,58 @@ struct Slot {
     /// Seek epoch of the live phase; None while the worker recovers (records are dropped).
     live_epoch: Option<u64>,
     /// Records polled while the worker's channel was full; the partition is paused meanwhile.
-    held: VecDeque<Forwarded>,
+    held: Held,
     paused_for_backpressure: bool,
+}
+
+/// Records held for a worker whose channel is full, and their size.
+#[derive(Default)]
+struct Held {
+    records: VecDeque<Forwarded>,
+    bytes: usize,
+}
+
+impl Held {
+    fn size_of(forwarded: &Forwarded) -> usize {
+        let record = &forwarded.record;
+        let field = |bytes: &Option<Vec<u8>>| bytes.as_ref().map_or(0, Vec::len);
+        let headers: usize = record
+            .headers
+            .iter()
+            .map(|(name, value)| name.len() + field(value))
+            .sum();
+        field(&record.key) + field(&record.value) + headers + std::mem::size_of::<Forwarded>()
+    }
+
+    fn push_back(&mut self, forwarded: Forwarded) {
+        self.bytes += Held::size_of(&forwarded);
+        self.records.push_back(forwarded);
+    }
+
+    fn push_front(&mut self, forwarded: Forwarded) {
+        self.bytes += Held::size_of(&forwarded);
+        self.records.push_front(forwarded);
+    }
+
+    fn pop_front(&mut self) -> Option<Forwarded> {
+        let forwarded = self.records.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(Held::size_of(&forwarded));
+        Some(forwarded)
+    }
+
+    fn clear(&mut self) {
+        self.records.clear();
+        self.bytes = 0;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Whether the partition must pause: too many records, or too many bytes.
+    fn full(&self, max_bytes: usize) -> bool {
+        self.records.len() >= HELD_BEFORE_PAUSE || self.bytes >= max_bytes
+    }
 }
 
 /// State shared by the consumer loop and its rebalance callbacks (same thread; the mutex is
@@ -195,6 +266,9 @@ struct Shared<P: Processor> {
     /// [`Registry::dormant`]): a session timeout plus a margin.
     readopt_after: Duration,
     topics: HashMap<String, Arc<str>>,
+    /// The consumer's current group metadata (generation / member epoch), which every
+    /// worker sends with its offsets: a stale one is rejected by the broker.
+    group_metadata: Arc<GroupMetadataCell>,
 }
 
 struct RebalanceContext<P: Processor> {
@@ -204,6 +278,62 @@ struct RebalanceContext<P: Processor> {
 impl<P: Processor> ClientContext for RebalanceContext<P> {}
 
 impl<P: Processor> ConsumerContext for RebalanceContext<P> {
+    /// rdkafka's default rebalance, except that assigned partitions start at their beginning
+    /// (a logical offset) instead of the group's committed offset: the worker seeks after
+    /// recovery anyway, and a partition without a committed offset would otherwise go through
+    /// `auto.offset.reset`, which is `error` here (see [`AppConfig`]). Never at their end:
+    /// should that start win over the worker's seek, records between the two would be
+    /// skipped; records before the seek offset are only read and dropped.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        // The generation (member epoch) changed before this callback: hand the new one to the
+        // partitions that keep running now, not after the revoked ones have stopped (which
+        // blocks this thread for up to a commit each), or their commits meanwhile are
+        // rejected as ILLEGAL_GENERATION and have to recover.
+        self.shared.group_metadata.refresh(consumer);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Err(error) = tpl.set_all_offsets(Offset::Beginning) {
+                    tracing::warn!(error = %error, "setting the start of assigned partitions failed");
+                }
+                self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                self.post_rebalance(consumer, &Rebalance::Assign(tpl));
+                assigned
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
+                let revoked = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                self.post_rebalance(consumer, &Rebalance::Revoke(tpl));
+                revoked
+            }
+            other => {
+                let error = KafkaError::Rebalance(other.into());
+                tracing::warn!(error = %error, "rebalance error");
+                Ok(())
+            }
+        };
+        if let Err(error) = result {
+            tracing::error!(error = %error, "applying a rebalance failed");
+        }
+    }
+
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
@@ -213,7 +343,7 @@ impl<P: Processor> ConsumerContext for RebalanceContext<P> {
                     .map(|e| (self.shared.topic_arc(e.topic()), e.partition()))
                     .collect();
                 tracing::info!(
-                    partitions = keys.len(),
+                    partitions = %partition_list(tpl),
                     "partitions revoked; stopping their workers"
                 );
                 self.shared.stop_workers(&keys);
@@ -224,23 +354,24 @@ impl<P: Processor> ConsumerContext for RebalanceContext<P> {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // Every rebalance changes the generation (classic) or the member epoch (KIP-848): the
+        // partitions that stay keep running and must send the new one with their offsets.
+        self.shared.group_metadata.refresh(consumer);
         if let Rebalance::Assign(tpl) = rebalance {
             if tpl.count() == 0 {
                 return;
             }
+            tracing::info!(
+                partitions = %partition_list(tpl),
+                "partitions assigned; starting their workers"
+            );
             // Nothing is consumed until the worker has fenced, recovered and asked for a seek.
             if let Err(error) = consumer.pause(tpl) {
                 tracing::warn!(error = %error, "pausing newly assigned partitions failed");
             }
-            let Some(group_metadata) = consumer.group_metadata() else {
-                tracing::error!("no consumer group metadata after an assignment");
-                return;
-            };
-            let group_metadata = Arc::new(group_metadata);
             for element in tpl.elements() {
                 let topic = self.shared.topic_arc(element.topic());
-                self.shared
-                    .start_worker(topic, element.partition(), Arc::clone(&group_metadata));
+                self.shared.start_worker(topic, element.partition());
             }
         }
     }
@@ -260,12 +391,7 @@ impl<P: Processor> Shared<P> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn start_worker(
-        &self,
-        topic: Arc<str>,
-        partition: i32,
-        group_metadata: Arc<rdkafka::consumer::ConsumerGroupMetadata>,
-    ) {
+    fn start_worker(&self, topic: Arc<str>, partition: i32) {
         self.lock().dormant.remove(&(Arc::clone(&topic), partition));
         let (records_tx, records_rx) = mpsc::sync_channel(WORKER_CHANNEL_CAPACITY);
         let (outcome_tx, outcome_rx) = mpsc::sync_channel(1);
@@ -278,11 +404,12 @@ impl<P: Processor> Shared<P> {
             transactional_id: self.config.transactional_id(&topic, partition),
             topic: Arc::clone(&topic),
             partition,
-            group_metadata,
+            group_metadata: Arc::clone(&self.group_metadata),
             records: records_rx,
             stop: Arc::clone(&stop),
             requests: self.requests.clone(),
             epoch: 0,
+            commits: Default::default(),
         };
         match partition::spawn(worker, outcome_tx) {
             Ok(thread) => {
@@ -295,7 +422,7 @@ impl<P: Processor> Shared<P> {
                         outcome: outcome_rx,
                         thread: Some(thread),
                         live_epoch: None,
-                        held: VecDeque::new(),
+                        held: Held::default(),
                         paused_for_backpressure: false,
                     },
                 );
@@ -365,14 +492,8 @@ impl<P: Processor> ConsumerLoop<P> {
             .iter()
             .map(|t| (t.clone(), Arc::<str>::from(t.as_str())))
             .collect();
-        let session_timeout_ms = self
-            .config
-            .consumer_config(true)
-            .get("session.timeout.ms")
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(LIBRDKAFKA_DEFAULT_SESSION_TIMEOUT_MS);
         let shared = Arc::new(Shared {
-            readopt_after: Duration::from_millis(session_timeout_ms) + Duration::from_secs(2),
+            readopt_after: self.config.session_timeout() + Duration::from_secs(2),
             config: Arc::clone(&self.config),
             processor: Arc::clone(&self.processor),
             metrics: self.metrics.clone(),
@@ -383,6 +504,7 @@ impl<P: Processor> ConsumerLoop<P> {
                 failure: None,
             }),
             topics,
+            group_metadata: Arc::new(GroupMetadataCell::default()),
         });
         let consumer: BaseConsumer<RebalanceContext<P>> = self
             .config
@@ -403,9 +525,14 @@ impl<P: Processor> ConsumerLoop<P> {
         tracing::info!(app_id = %self.config.app_id, topics = ?topic_names, "consumer started");
 
         let mut pending_seeks: Vec<ConsumerRequest> = Vec::new();
+        let mut metadata_refreshed = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
             if shared.lock().failure.is_some() {
                 break;
+            }
+            if metadata_refreshed.elapsed() >= GROUP_METADATA_REFRESH {
+                shared.group_metadata.refresh(&consumer);
+                metadata_refreshed = Instant::now();
             }
             pending_seeks.extend(requests_rx.try_iter());
             pending_seeks.retain(|request| !serve_request(&consumer, &shared, request));
@@ -427,7 +554,7 @@ impl<P: Processor> ConsumerLoop<P> {
                         forward(&consumer, &shared, key, &message);
                     }
                     Some(Err(error)) => {
-                        tracing::warn!(error = %error, "consumer error");
+                        handle_consumer_error(&consumer, &shared, error);
                         break;
                     }
                 }
@@ -487,6 +614,15 @@ fn serve_request<P: Processor>(
     true
 }
 
+/// `topic/p, topic/q, ...` for log lines.
+fn partition_list(tpl: &TopicPartitionList) -> String {
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn single(topic: &str, partition: i32) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
@@ -520,13 +656,10 @@ fn readopt_fenced<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, sh
             return;
         }
     };
-    let Some(group_metadata) = consumer.group_metadata().map(Arc::new) else {
-        return;
-    };
     for (topic, partition) in due {
         if assignment.find_partition(&topic, partition).is_some() {
             tracing::info!(topic = %topic, partition, "fenced partition still assigned after a session timeout: taking it over again");
-            shared.start_worker(topic, partition, Arc::clone(&group_metadata));
+            shared.start_worker(topic, partition);
         }
     }
 }
@@ -557,7 +690,15 @@ fn service_slots<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, sha
         match slot.outcome.try_recv() {
             Ok(outcome) => ended.push((key.clone(), outcome)),
             Err(TryRecvError::Empty) => {}
-            Err(TryRecvError::Disconnected) => ended.push((key.clone(), WorkerOutcome::Finished)),
+            // The worker's thread ended without a word: never "finished", or the partition
+            // would stay assigned with nobody processing it.
+            Err(TryRecvError::Disconnected) => ended.push((
+                key.clone(),
+                WorkerOutcome::Failed(Error::WorkerLost {
+                    topic: key.0.to_string(),
+                    partition: key.1,
+                }),
+            )),
         }
     }
     for (key, outcome) in ended {
@@ -579,6 +720,104 @@ fn service_slots<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, sha
             }
             WorkerOutcome::Finished => {}
         }
+    }
+}
+
+/// What an error from the group consumer means: most are passing (the client retries); an
+/// offset reset means input this app has not processed is gone (or the log was replaced);
+/// authorization failures, a fenced static member and fatal errors stop the app.
+fn handle_consumer_error<P: Processor>(
+    consumer: &BaseConsumer<RebalanceContext<P>>,
+    shared: &Shared<P>,
+    error: KafkaError,
+) {
+    let code = error.rdkafka_error_code();
+    let fatal = matches!(error, KafkaError::MessageConsumptionFatal(_));
+    let fix = match code {
+        Some(RDKafkaErrorCode::AutoOffsetReset) => {
+            check_positions_in_range(consumer, shared);
+            return;
+        }
+        _ if fatal => "librdkafka reported it as fatal: the consumer cannot be used any more",
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed) => {
+            "the app's principal lacks READ (and DESCRIBE) on an input topic: grant the ACL"
+        }
+        Some(RDKafkaErrorCode::GroupAuthorizationFailed) => {
+            "the app's principal lacks READ on its consumer group (the app id): grant the ACL"
+        }
+        Some(RDKafkaErrorCode::FencedInstanceId) => {
+            "another instance uses the same group.instance.id: give every instance its own"
+        }
+        _ => {
+            tracing::warn!(error = %error, "consumer error");
+            return;
+        }
+    };
+    tracing::error!(error = %error, fix, "the group consumer cannot go on; stopping the app");
+    shared.lock().failure.get_or_insert(Error::ConsumerFailed {
+        group: shared.config.app_id.clone(),
+        source: Box::new(error),
+        fix: fix.to_owned(),
+    });
+}
+
+/// After librdkafka found a fetch position out of range (`auto.offset.reset=error`), finds the
+/// live partitions whose position is outside their log and fails them: below the log start,
+/// unprocessed input was deleted; above the end, the log was replaced. A partition still
+/// recovering has no position yet (its worker seeks): librdkafka's complaint about it is
+/// harmless and ignored.
+fn check_positions_in_range<P: Processor>(
+    consumer: &BaseConsumer<RebalanceContext<P>>,
+    shared: &Shared<P>,
+) {
+    let live: Vec<PartitionKey> = shared
+        .lock()
+        .slots
+        .iter()
+        .filter(|(_, slot)| slot.live_epoch.is_some())
+        .map(|(key, _)| key.clone())
+        .collect();
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    for (topic, partition) in live {
+        let Some(Offset::Offset(position)) = positions
+            .find_partition(&topic, partition)
+            .map(|e| e.offset())
+        else {
+            continue;
+        };
+        let (low, high) = match consumer.fetch_watermarks(
+            &topic,
+            partition,
+            Duration::from_secs(10),
+        ) {
+            Ok(bounds) => bounds,
+            Err(error) => {
+                tracing::warn!(topic = %topic, partition, error = %error, "cannot read the log bounds after an offset-out-of-range report");
+                continue;
+            }
+        };
+        let failure = if position < low {
+            Error::InputDeleted {
+                topic: topic.to_string(),
+                partition,
+                position,
+                log_start_offset: low,
+            }
+        } else if position > high {
+            Error::InputTruncated {
+                topic: topic.to_string(),
+                partition,
+                needed_offset: position,
+                log_end_offset: high,
+            }
+        } else {
+            continue;
+        };
+        tracing::error!(topic = %topic, partition, position, log_start_offset = low, log_end_offset = high, "input position out of range");
+        let _ = consumer.pause(&single(&topic, partition));
+        shared.lock().failure.get_or_insert(failure);
     }
 }
 
@@ -607,7 +846,7 @@ fn forward<P: Processor>(
     } else {
         slot.held.push_back(forwarded);
     }
-    if slot.held.len() >= HELD_BEFORE_PAUSE && !slot.paused_for_backpressure {
+    if slot.held.full(shared.config.max_buffered_bytes) && !slot.paused_for_backpressure {
         slot.paused_for_backpressure = true;
         if let Err(error) = consumer.pause(&single(&key.0, key.1)) {
             tracing::warn!(error = %error, "pausing a partition for backpressure failed");

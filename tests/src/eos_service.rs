@@ -1,12 +1,13 @@
-//! Shared helpers of the `framework_*` integration tests: input generation, the reference
-//! model of the `eos-service` test binary, and process/metrics helpers.
-#![allow(dead_code)]
+//! The `eos-service` workload: input generation, the reference model of the `eos-service`
+//! test binary's outputs, and process/metrics helpers. Used by the `framework_*` integration
+//! tests and the `rebalance-check` binary; helpers panic on harness failures (they are test
+//! code).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use exactly_tests::eos::{check_topic_with, CheckOptions, EosReport, Observed};
-use exactly_tests::process::{ChildProcess, ProcessSpec};
+use crate::eos::{check_topic_with, CheckOptions, EosReport, Observed};
+use crate::process::{ChildProcess, ProcessSpec};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
@@ -174,7 +175,7 @@ pub async fn count_records(bootstrap: &str, topic: &str) -> u64 {
 
 /// Where clients connect: the fault-injecting proxy (DEBUG_BYPASS_PROXY=1 connects to the
 /// brokers themselves, to rule the proxy out while debugging).
-pub fn bootstrap_of(cluster: &exactly_tests::TestCluster) -> String {
+pub fn bootstrap_of(cluster: &crate::TestCluster) -> String {
     if std::env::var_os("DEBUG_BYPASS_PROXY").is_some() {
         cluster.direct_bootstrap_servers()
     } else {
@@ -194,9 +195,16 @@ pub async fn wait_for_count(bootstrap: &str, topic: &str, n: u64, timeout: Durat
     }
 }
 
-/// The `eos-service` command for app `app_id` reading `input` and writing `output`.
-pub fn service_spec(bootstrap: &str, app_id: &str, input: &str, output: &str) -> ProcessSpec {
-    ProcessSpec::new(env!("CARGO_BIN_EXE_eos-service"))
+/// The `eos-service` command (the binary at `binary`) for app `app_id` reading `input` and
+/// writing `output`.
+pub fn service_spec_at(
+    binary: impl AsRef<std::ffi::OsStr>,
+    bootstrap: &str,
+    app_id: &str,
+    input: &str,
+    output: &str,
+) -> ProcessSpec {
+    ProcessSpec::new(binary)
         .args([
             "--brokers",
             bootstrap,
@@ -296,7 +304,7 @@ fn read_all_blocking(bootstrap: &str, topic: &str, isolation: &str) -> Vec<ReadR
     use rdkafka::{Offset, TopicPartitionList};
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", exactly_tests::unique_name("reader"))
+        .set("group.id", crate::unique_name("reader"))
         .set("isolation.level", isolation)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")

@@ -4,10 +4,12 @@
 pub mod chaos;
 pub mod cluster;
 pub mod eos;
+pub mod eos_service;
 pub mod error;
 pub mod kafka;
 pub mod process;
 pub mod proxy;
+pub mod rebalance;
 
 pub use cluster::{unique_name, TestCluster};
 pub use error::HarnessError;

@@ -59,7 +59,7 @@ pub async fn measure_chain_latency(
     duration: Duration,
 ) -> anyhow::Result<LatencyRun> {
     let config = |service: &str, input: &str, policy: ErrorPolicy| {
-        AppConfig::new(format!("{prefix}.{service}"), bootstrap)
+        AppConfig::new(format!("{prefix}-{service}"), bootstrap)
             .input_topic(input)
             .error_policy(policy)
     };

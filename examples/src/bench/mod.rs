@@ -76,6 +76,8 @@ const CASE_LIMIT: Duration = Duration::from_secs(1800);
 pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow::Result<Results> {
     let o = options;
     let topic = |name: &str| format!("{}.{name}", o.run);
+    // App ids take no '.' (they prefix transactional ids and snapshot topics).
+    let app = |name: &str| format!("{}-{name}", o.run);
     let input = topic("input");
     let outputs = [
         "out-raw",
@@ -148,7 +150,7 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         ),
     ] {
         say(&format!("case 2: {label}"));
-        let app_id = topic(&format!(
+        let app_id = app(&format!(
             "exactly-{}",
             interval.map_or("default".to_owned(), |ms| format!("{ms}ms"))
         ));
@@ -219,7 +221,7 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         &state_input,
         &restore_outputs[0],
         o.state_keys,
-        &topic("restore-snapshot"),
+        &app("restore-snapshot"),
         true,
         CASE_LIMIT,
     )
@@ -236,7 +238,7 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         &state_input,
         &restore_outputs[1],
         o.state_keys,
-        &topic("restore-replay"),
+        &app("restore-replay"),
         false,
         CASE_LIMIT,
     )
@@ -296,7 +298,7 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         let footprint = footprint::measure(&footprint::FootprintCase {
             bench_exe: &o.bench_exe,
             bootstrap: &o.bootstrap,
-            app_id: &topic(&format!("footprint-app-{partitions}")),
+            app_id: &app(&format!("footprint-app-{partitions}")),
             topic: &fp_input,
             output: &fp_output,
             partitions,

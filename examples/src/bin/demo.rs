@@ -168,9 +168,9 @@ impl Names {
     fn new(run: &str) -> Self {
         Names {
             topics: ChainTopics::new(run),
-            validate_app: format!("{run}.validate"),
-            ledger_app: format!("{run}.ledger"),
-            stats_app: format!("{run}.stats"),
+            validate_app: format!("{run}-validate"),
+            ledger_app: format!("{run}-ledger"),
+            stats_app: format!("{run}-stats"),
         }
     }
     fn outputs(&self) -> OutputTopics<'_> {
@@ -250,9 +250,6 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
             .arg(subcommand)
             .args(["--brokers", &bootstrap, "--app-id", app])
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
-            // Fast failover: a killed member leaves the group after 6 s, not librdkafka's 45 s.
-            .env("EXACTLY_CONSUMER_KAFKA_SESSION_TIMEOUT_MS", "6000")
-            .env("EXACTLY_CONSUMER_KAFKA_HEARTBEAT_INTERVAL_MS", "500")
             .env_remove("EXACTLY_APP_ID")
             .env_remove("EXACTLY_BROKERS")
             .env_remove("EXACTLY_BOOTSTRAP_SERVERS")

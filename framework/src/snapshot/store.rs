@@ -409,17 +409,15 @@ pub(crate) fn send_blocking(
     }
 }
 
-/// Writes the chunks of a full snapshot into the open transaction and returns the reference
-/// to them. Flushes the producer to learn the chunk offsets from the delivery reports (the
-/// transaction stays open: the chunks become visible only when it commits).
-pub(crate) fn write_full_snapshot(
+/// Sends snapshot chunks in the open transaction, waits for their delivery, and returns the
+/// first one's offset. A delivery without a usable offset fails (the caller aborts).
+pub(crate) fn write_snapshot_chunks(
     producer: &TxnProducer,
     snapshot_topic: &str,
     partition: i32,
     chunks: Vec<FullSnapshotChunk>,
-    reference: FullSnapshotRef,
     flush_timeout: Duration,
-) -> Result<FullSnapshotRef, KafkaError> {
+) -> Result<i64, KafkaError> {
     let count = chunks.len();
     for (index, chunk) in chunks.into_iter().enumerate() {
         let bytes = encode_record(&chunk_record(chunk));
@@ -451,12 +449,7 @@ pub(crate) fn write_full_snapshot(
         );
         return Err(KafkaError::MessageProduction(RDKafkaErrorCode::Fail));
     }
-    let first_chunk_offset = offsets[0];
-    Ok(FullSnapshotRef {
-        first_chunk_offset,
-        chunk_count: count as u32,
-        ..reference
-    })
+    Ok(offsets[0])
 }
 
 /// Queues the incremental snapshot record of a transaction.

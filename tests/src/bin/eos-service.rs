@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use exactly::{
-    App, AppConfig, ErrorPolicy, Output, OutputRecord, ProcessError, Processor, Record, Utf8,
+    App, AppConfig, ErrorPolicy, GroupProtocol, Output, OutputRecord, ProcessError, Processor,
+    Record, Utf8,
 };
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +57,16 @@ struct Args {
     per_record_delay_ms: u64,
     #[arg(long, default_value_t = 10_000)]
     transaction_timeout_ms: u64,
+    /// consumer (KIP-848, the framework's default) or cooperative-sticky.
+    #[arg(long, default_value = "consumer")]
+    group_protocol: String,
+    /// Override the classic protocol's assignor (e.g. `range`, an eager one).
+    #[arg(long)]
+    assignment_strategy: Option<String>,
+    /// Sleep this long the first time this process processes record `ID` (`ID:MS`): a
+    /// transaction that outlives the transaction timeout once, deterministic in its outputs.
+    #[arg(long, value_name = "ID:MS")]
+    slow_once: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -69,6 +80,18 @@ struct EosCounter {
     poison: Option<String>,
     salt: Option<u64>,
     delay: Duration,
+    /// (record id, delay, already slept): timing only, never state or outputs.
+    slow_once: Option<(String, Duration, std::sync::atomic::AtomicBool)>,
+}
+
+fn parse_slow_once(spec: &str) -> Result<(String, Duration), String> {
+    let (id, ms) = spec
+        .rsplit_once(':')
+        .ok_or_else(|| format!("--slow-once expects ID:MS, got {spec:?}"))?;
+    let ms: u64 = ms
+        .parse()
+        .map_err(|_| format!("--slow-once: {ms:?} is not a number of milliseconds"))?;
+    Ok((id.to_owned(), Duration::from_millis(ms)))
 }
 
 impl Processor for EosCounter {
@@ -88,6 +111,12 @@ impl Processor for EosCounter {
         }
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
+        }
+        if let Some((slow_id, delay, slept)) = &self.slow_once {
+            if slow_id == id && !slept.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!(id = %id, delay_ms = delay.as_millis() as u64, "processing a record slowly, once");
+                std::thread::sleep(*delay);
+            }
         }
         let count = state.counts.entry(record.key().clone()).or_default();
         *count += 1;
@@ -142,15 +171,37 @@ async fn main() {
         .full_snapshot_interval(Duration::from_millis(args.full_snapshot_interval_ms))
         .full_snapshots(args.full_snapshots)
         .error_policy(policy)
-        .transaction_timeout(Duration::from_millis(args.transaction_timeout_ms))
+        .transaction_timeout(Duration::from_millis(args.transaction_timeout_ms));
+    let config = match args.group_protocol.as_str() {
         // Fast group membership changes for the rebalance / zombie tests.
-        .consumer_kafka("session.timeout.ms", "6000")
-        .consumer_kafka("heartbeat.interval.ms", "500");
+        "cooperative-sticky" => config
+            .consumer_kafka("session.timeout.ms", "6000")
+            .consumer_kafka("heartbeat.interval.ms", "500"),
+        // The broker owns session timeouts under KIP-848.
+        "consumer" => config.group_protocol(GroupProtocol::Consumer),
+        other => {
+            eprintln!("eos-service: unknown --group-protocol {other:?}");
+            std::process::exit(2);
+        }
+    };
+    let config = match &args.assignment_strategy {
+        Some(strategy) => config.consumer_kafka("partition.assignment.strategy", strategy),
+        None => config,
+    };
+    let slow_once = match args.slow_once.as_deref().map(parse_slow_once).transpose() {
+        Ok(slow) => slow,
+        Err(e) => {
+            eprintln!("eos-service: {e}");
+            std::process::exit(2);
+        }
+    };
     let processor = EosCounter {
         output: args.output.clone(),
         poison: args.poison.clone(),
         salt: args.nondeterministic.then(|| u64::from(std::process::id())),
         delay: Duration::from_millis(args.per_record_delay_ms),
+        slow_once: slow_once
+            .map(|(id, delay)| (id, delay, std::sync::atomic::AtomicBool::new(false))),
     };
     let app = match App::new(config, processor) {
         Ok(app) => app,

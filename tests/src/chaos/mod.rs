@@ -53,7 +53,9 @@ pub struct ChaosOptions {
     pub accounts: u64,
     /// Partitions of every topic.
     pub partitions: i32,
-    /// The services' consumer `session.timeout.ms`; a zombie is paused 3 s longer.
+    /// The group session timeout of the services (KIP-848: the broker's
+    /// `group.consumer.session.timeout.ms`, 6 s on the local Kafka); a zombie is paused 3 s
+    /// longer.
     pub session_timeout: Duration,
     /// Longest wait for the chain to drain after the last event.
     pub drain_timeout: Duration,
@@ -290,7 +292,7 @@ impl Names {
     }
 
     fn app(&self, service: Service) -> String {
-        format!("{}.{}", self.run, service.name())
+        format!("{}-{}", self.run, service.name())
     }
 
     /// The topic flags of a service.
@@ -479,7 +481,6 @@ impl Run {
     }
     fn service_spec(&self, service: Service, instance: &str) -> ProcessSpec {
         let bootstrap = self.cluster.bootstrap_servers();
-        let session = self.options.session_timeout.as_millis().to_string();
         let mut spec = ProcessSpec::new(self.binaries.path(service.name()))
             .args([
                 "--brokers",
@@ -502,9 +503,6 @@ impl Run {
                 std::env::var("CHAOS_SERVICE_LOG")
                     .unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()),
             )
-            // A killed or frozen member leaves the group after seconds, not librdkafka's 45 s.
-            .env("EXACTLY_CONSUMER_KAFKA_SESSION_TIMEOUT_MS", &session)
-            .env("EXACTLY_CONSUMER_KAFKA_HEARTBEAT_INTERVAL_MS", "500")
             .env_remove("EXACTLY_APP_ID")
             .env_remove("EXACTLY_BROKERS")
             .env_remove("EXACTLY_BOOTSTRAP_SERVERS")

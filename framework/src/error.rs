@@ -205,7 +205,7 @@ pub enum Error {
     },
     /// The input ends before what this app already processed: the topic was deleted and
     /// recreated, or truncated (unclean leader election).
-    #[error("input {topic}/{partition} ends at offset {log_end_offset}, but this app already processed it up to offset {needed_offset}: the topic was deleted and recreated or lost data; refusing to continue from a different log (reset the app deliberately if the topic was recreated on purpose)")]
+    #[error("input {topic}/{partition} ends at offset {log_end_offset}, but this app already processed it up to offset {needed_offset}: the topic was deleted and recreated or lost data (or its leader restarted and nothing was written to it for 30 s since, which leaves its high watermark behind); refusing to continue from a different log (reset the app deliberately if the topic was recreated on purpose)")]
     InputTruncated {
         /// Input topic.
         topic: String,

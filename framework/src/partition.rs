@@ -272,7 +272,26 @@ impl<P: Processor> PartitionWorker<P> {
                 if self.stopping() {
                     return WorkerOutcome::Finished;
                 }
-                let live = match self.recover() {
+                let recovered = match self.advance_snapshot_partition_end(&producer) {
+                    Ok(()) => self.recover(),
+                    Err(e) => match classify(&e) {
+                        TxnErrorClass::Fenced => return WorkerOutcome::Fenced,
+                        TxnErrorClass::Fatal => {
+                            tracing::warn!(error = %e, "fatal producer error before recovery; recreating the producer");
+                            std::thread::sleep(backoff);
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            continue 'producer;
+                        }
+                        _ => Err(Error::kafka(
+                            format!(
+                                "writing an aborted barrier record to {}/{} before recovery",
+                                self.snapshot_topic, self.partition
+                            ),
+                            e,
+                        )),
+                    },
+                };
+                let live = match recovered {
                     Ok(Some(live)) => live,
                     Ok(None) => return WorkerOutcome::Finished,
                     Err(e)
@@ -475,6 +494,29 @@ impl<P: Processor> PartitionWorker<P> {
             committed_offset: &committed_offset,
         };
         recover(&*self.processor, &target, &reader, &self.metrics).map(|r| r.map(Live::from))
+    }
+
+    /// Makes every committed record of the snapshot partition visible before recovery reads
+    /// its end: a partition leader that restarted (a broker crash) keeps its high watermark at
+    /// its last checkpoint until a record is written in its new leader epoch, so readers would
+    /// see an old incremental record as the latest and recover stale state (duplicates
+    /// downstream). One record, written and aborted (never visible to read_committed readers),
+    /// moves the high watermark to the log end. This worker is the partition's only writer.
+    fn advance_snapshot_partition_end(&self, producer: &TxnProducer) -> Result<(), KafkaError> {
+        producer.context().reset();
+        producer.begin_transaction()?;
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "exactly.barrier",
+            value: Some(&b""[..]),
+        });
+        let record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&self.snapshot_topic, 0)
+                .partition(self.partition)
+                .headers(headers);
+        let written = send_blocking(producer, record)
+            .and_then(|()| flush_promptly(producer, self.txn_timeout()));
+        let aborted = abort(producer, self.txn_timeout());
+        written.and(aborted)
     }
 
     /// The offset the app's consumer group has committed for this partition, if any (read

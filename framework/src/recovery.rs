@@ -242,7 +242,15 @@ fn check_input_holds(
     end: i64,
 ) -> Result<(), Error> {
     let (topic, partition) = (&**target.input_topic, target.partition);
-    let (log_start, log_end) = reader.bounds(topic, partition)?;
+    let (log_start, mut log_end) = reader.bounds(topic, partition)?;
+    // A leader that restarted shows its last checkpointed high watermark until something is
+    // written in its new epoch (upstream writes soon while it runs): give it that time before
+    // calling the log truncated.
+    let deadline = Instant::now() + READ_STALL_TIMEOUT;
+    while log_end < end && Instant::now() < deadline && !target.stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(200));
+        log_end = reader.bounds(topic, partition)?.1;
+    }
     if log_start > start {
         return Err(Error::RetentionGap {
             topic: topic.to_owned(),

@@ -211,6 +211,12 @@ impl TestCluster {
             .await
     }
 
+    /// Controlled shutdown (SIGTERM) of node `id` of an owned cluster; data survives.
+    pub async fn stop_broker(&self, id: u32) -> Result<(), HarnessError> {
+        self.with_owned_kafka(move |kafka| kafka.stop_node(id))
+            .await
+    }
+
     /// Starts node `id` of an owned cluster again (same port, same data) and waits until it
     /// serves.
     pub async fn start_broker(&self, id: u32) -> Result<(), HarnessError> {

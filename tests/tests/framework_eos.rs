@@ -296,3 +296,61 @@ async fn fence_producers(bootstrap: &str, app: &str, input: &str, partitions: i3
     .await
     .expect("fencing task");
 }
+
+/// A broker crash must not make recovery read a stale end of the snapshot partition: a new
+/// partition leader (failover, or a restarted node) keeps its previous high watermark until
+/// something is written in its new leader epoch, so a reader right after it sees old snapshot
+/// records as the latest. Recovering from one of those would replay input whose outputs
+/// already committed: duplicates. The worker writes (and aborts) a barrier record first.
+/// Three nodes: a single Kafka node loses acknowledged transactions when SIGKILLed
+/// (`single_node_crash_keeps_acknowledged_commits` in kafka.rs), which nothing on top can fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_after_a_broker_crash_sees_every_committed_snapshot() {
+    let cluster = TestCluster::start_owned(exactly_tests::ClusterOptions::three_nodes())
+        .await
+        .expect("cluster");
+    let bootstrap = cluster.direct_bootstrap_servers();
+    let input = unique_name("crash-in");
+    let output = unique_name("crash-out");
+    let app = unique_name("crash-app");
+    cluster.create_topic(&input, 3).await.expect("input topic");
+    cluster
+        .create_topic(&output, 3)
+        .await
+        .expect("output topic");
+    let all = inputs(0..4500, 3);
+    produce(&bootstrap, &input, &all);
+    // Slow enough that every crash lands while the service commits every 50 ms, and the
+    // workers recover as soon as leadership moved.
+    let spec = service_spec(&bootstrap, &app, &input, &output).args([
+        "--commit-interval-ms",
+        "50",
+        "--full-snapshot-every",
+        "400",
+        "--per-record-delay-ms",
+        "1",
+    ]);
+    let mut service = ChildProcess::spawn(app.clone(), spec).expect("spawn service");
+    let snapshots = format!("{app}.{input}.snapshots");
+    let mut seen = 0;
+    for crash in 1..=2u64 {
+        seen = wait_for_count(&bootstrap, &output, seen + 600, Duration::from_secs(90)).await;
+        let topic = snapshots.clone();
+        let leader = cluster
+            .with_owned_kafka(move |kafka| kafka.leader_of(&topic, 0))
+            .await
+            .expect("metadata")
+            .unwrap_or(1);
+        cluster.kill_broker(leader).await.expect("kill -9 a leader");
+        cluster.start_broker(leader).await.expect("restart it");
+        eprintln!("crash {crash}: node {leader} after {seen} outputs");
+    }
+    let expected = expected_outputs(&all);
+    let report = wait_for_outputs(&bootstrap, &output, &expected, Duration::from_secs(240)).await;
+    assert!(report.is_clean(), "{report}\n{}", service.log_tail(80));
+    assert_eq!(report.records_read, expected.len() as u64, "{report}");
+    service
+        .terminate(Duration::from_secs(30))
+        .await
+        .expect("stop the service");
+}

@@ -244,3 +244,31 @@ async fn fenced_owner_takes_its_partition_back() {
     );
     drop(rogue);
 }
+
+/// Rebalances stop only the partitions that move (the default group protocol): the
+/// `rebalance-check` binary runs 3 instances on 12 partitions under input, adds a 4th and
+/// stops one, and judges from the services' own logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalances_stop_only_the_partitions_that_move() {
+    let spec = exactly_tests::process::ProcessSpec::new(env!("CARGO_BIN_EXE_rebalance-check"))
+        .env("NO_COLOR", "1");
+    let mut check = exactly_tests::process::ChildProcess::spawn("rebalance-check", spec)
+        .expect("start rebalance-check");
+    let status = check
+        .wait_exit(Duration::from_secs(600))
+        .await
+        .expect("rebalance-check finished");
+    let output = check.log_text().expect("output");
+    let line = output
+        .lines()
+        .find(|l| l.starts_with("REBALANCE-CHECK "))
+        .unwrap_or_else(|| {
+            panic!(
+                "no REBALANCE-CHECK line ({status}):\n{}",
+                check.log_tail(60)
+            )
+        });
+    assert!(status.success(), "{line}\n{}", check.log_tail(60));
+    assert!(line.contains("unmoved_stopped=0 "), "{line}");
+    assert!(line.ends_with("verdict=PASS"), "{line}");
+}

@@ -5,67 +5,23 @@ mod framework_support;
 
 use std::time::Duration;
 
-use exactly_tests::cluster::{unique_name, TestCluster};
-use exactly_tests::process::ChildProcess;
+use exactly_tests::cluster::unique_name;
 use framework_support::*;
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-
-struct Setup {
-    cluster: TestCluster,
-    bootstrap: String,
-    input: String,
-    output: String,
-    app: String,
-}
-
-async fn setup(prefix: &str) -> Setup {
-    let cluster = TestCluster::start().await.expect("cluster");
-    let bootstrap = bootstrap_of(&cluster);
-    let input = unique_name(&format!("{prefix}-in"));
-    let output = unique_name(&format!("{prefix}-out"));
-    let app = unique_name(&format!("{prefix}-app"));
-    cluster.create_topic(&input, 1).await.expect("input topic");
-    cluster
-        .create_topic(&output, 1)
-        .await
-        .expect("output topic");
-    Setup {
-        cluster,
-        bootstrap,
-        input,
-        output,
-        app,
-    }
-}
-
-/// Runs the service over `n` records until every output committed.
-async fn process_records(s: &Setup, n: usize, extra: &[&str]) -> ChildProcess {
-    let records = inputs(0..n, 1);
-    produce(&s.bootstrap, &s.input, &records);
-    let spec = service_spec(&s.bootstrap, &s.app, &s.input, &s.output).args(extra);
-    let service = ChildProcess::spawn(s.app.clone(), spec).expect("spawn");
-    let expected = expected_outputs(&records);
-    let report =
-        wait_for_outputs(&s.bootstrap, &s.output, &expected, Duration::from_secs(60)).await;
-    assert!(report.is_clean(), "{report}\n{}", service.log_tail(60));
-    service
-}
+use rdkafka::ClientConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_deterministic_processor_is_detected_on_recovery() {
-    let s = setup("nondet").await;
+    let s = Setup::new("nondet").await;
     // Without full snapshots recovery replays everything since the start; the processor mixes
     // its process id into the state, so the replay in a new process cannot match.
-    let mut service = process_records(
-        &s,
-        100,
-        &["--nondeterministic", "--full-snapshots", "false"],
-    )
-    .await;
+    let mut service = s
+        .process(
+            &inputs(0..100, 1),
+            &["--nondeterministic", "--full-snapshots", "false"],
+        )
+        .await;
     service.kill_hard().await.expect("kill -9");
     service.restart().expect("restart");
     let (code, log) = wait_for_failure(&mut service, Duration::from_secs(60)).await;
@@ -79,30 +35,14 @@ async fn non_deterministic_processor_is_detected_on_recovery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_gap_is_refused_with_partition_and_offsets() {
-    let s = setup("gap").await;
-    let mut service = process_records(&s, 100, &["--full-snapshots", "false"]).await;
-    let status = service
-        .terminate(Duration::from_secs(30))
-        .await
-        .expect("stop");
-    assert!(status.success(), "{}", service.log_tail(40));
+    let s = Setup::new("gap").await;
+    let mut service = s
+        .process(&inputs(0..100, 1), &["--full-snapshots", "false"])
+        .await;
+    stop_cleanly(&mut service).await;
 
     // Retention (here: DeleteRecords, what retention does) removes input the replay needs.
-    let admin: AdminClient<DefaultClientContext> =
-        s.cluster.client_config().create().expect("admin");
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&s.input, 0, Offset::Offset(50))
-        .expect("tpl");
-    let result = admin
-        .delete_records(&tpl, &AdminOptions::new())
-        .await
-        .expect("delete records");
-    let element = result.elements().into_iter().next().expect("one partition");
-    assert!(
-        element.error().is_ok(),
-        "delete records failed: {:?}",
-        element.error()
-    );
+    s.delete_records_before(&s.input, 50).await;
     service.restart().expect("restart");
     let (code, log) = wait_for_failure(&mut service, Duration::from_secs(60)).await;
     assert_eq!(code, 1, "{log}");
@@ -144,18 +84,14 @@ fn snapshot_record(kind_field: u64, body: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_snapshot_chunk_is_detected_and_never_loaded() {
-    let s = setup("corrupt").await;
-    let mut service = process_records(&s, 100, &[]).await;
+    let s = Setup::new("corrupt").await;
+    let mut service = s.process(&inputs(0..100, 1), &[]).await;
     // A graceful stop writes a final full snapshot.
-    let status = service
-        .terminate(Duration::from_secs(30))
-        .await
-        .expect("stop");
-    assert!(status.success(), "{}", service.log_tail(40));
+    stop_cleanly(&mut service).await;
 
     // Append, in a committed transaction, a full snapshot chunk whose data does not match its
     // checksum and an incremental record pointing at it.
-    let snapshot_topic = format!("{}.{}.snapshots", s.app, s.input);
+    let snapshot_topic = s.snapshot_topic();
     let bootstrap = s.bootstrap.clone();
     let input = s.input.clone();
     tokio::task::spawn_blocking(move || {

@@ -324,8 +324,15 @@ impl ProducerContext for TxnProducerContext {
                 tracked.insert(id, outcome);
             }
         } else if let Err(error) = outcome {
-            if let Ok(mut first) = self.first_error.lock() {
-                first.get_or_insert(error);
+            // A purge is the abort cleaning up after the real failure, never the cause.
+            let purged = matches!(
+                error.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+            );
+            if !purged {
+                if let Ok(mut first) = self.first_error.lock() {
+                    first.get_or_insert(error);
+                }
             }
         }
     }

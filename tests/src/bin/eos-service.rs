@@ -8,8 +8,9 @@
 //! (counts per key in offset order) predicts every output value, so both lost/duplicated
 //! outputs and lost/duplicated state show up.
 //!
-//! Records whose id equals `--poison` make the processor return an error; with
-//! `--nondeterministic` the state also depends on the process id (recovery must detect it).
+//! Records whose id equals `--poison` make the processor return an error, and `--panic-on`
+//! makes it panic; with `--nondeterministic` the state also depends on the process id
+//! (recovery must detect it).
 //! Metrics are printed as `EXACTLY_METRICS {json}` lines whenever they change.
 
 use std::collections::BTreeMap;
@@ -67,6 +68,19 @@ struct Args {
     /// transaction that outlives the transaction timeout once, deterministic in its outputs.
     #[arg(long, value_name = "ID:MS")]
     slow_once: Option<String>,
+    /// Record id that makes the processor panic (`panic!("panic on record ID")`).
+    #[arg(long, value_name = "ID")]
+    panic_on: Option<String>,
+    /// AppConfig::max_consecutive_aborts (default: the framework's).
+    #[arg(long)]
+    max_consecutive_aborts: Option<u32>,
+    /// AppConfig::max_chunk_bytes: serialized state per full snapshot record.
+    #[arg(long)]
+    max_chunk_bytes: Option<usize>,
+    /// AppConfig::max_buffered_bytes: fetched bytes held for a busy partition before the
+    /// runtime pauses fetching it (small values keep the fetch position close to the worker).
+    #[arg(long)]
+    max_buffered_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -78,6 +92,7 @@ struct Counts {
 struct EosCounter {
     output: String,
     poison: Option<String>,
+    panic_on: Option<String>,
     salt: Option<u64>,
     delay: Duration,
     /// (record id, delay, already slept): timing only, never state or outputs.
@@ -108,6 +123,9 @@ impl Processor for EosCounter {
         let id = record.value();
         if self.poison.as_deref() == Some(id.as_str()) {
             return Err(format!("poison record {id}").into());
+        }
+        if self.panic_on.as_deref() == Some(id.as_str()) {
+            panic!("panic on record {id}");
         }
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
@@ -188,6 +206,18 @@ async fn main() {
         Some(strategy) => config.consumer_kafka("partition.assignment.strategy", strategy),
         None => config,
     };
+    let config = match args.max_consecutive_aborts {
+        Some(aborts) => config.max_consecutive_aborts(aborts),
+        None => config,
+    };
+    let config = match args.max_chunk_bytes {
+        Some(bytes) => config.max_chunk_bytes(bytes),
+        None => config,
+    };
+    let config = match args.max_buffered_bytes {
+        Some(bytes) => config.max_buffered_bytes(bytes),
+        None => config,
+    };
     let slow_once = match args.slow_once.as_deref().map(parse_slow_once).transpose() {
         Ok(slow) => slow,
         Err(e) => {
@@ -198,6 +228,7 @@ async fn main() {
     let processor = EosCounter {
         output: args.output.clone(),
         poison: args.poison.clone(),
+        panic_on: args.panic_on.clone(),
         salt: args.nondeterministic.then(|| u64::from(std::process::id())),
         delay: Duration::from_millis(args.per_record_delay_ms),
         slow_once: slow_once
@@ -246,6 +277,7 @@ fn metrics_line(m: &exactly::MetricsSnapshot) -> String {
         "transactions_committed": m.transactions_committed,
         "transactions_aborted": m.transactions_aborted,
         "full_snapshots_written": m.full_snapshots_written,
+        "full_snapshot_ms": m.full_snapshot_time_total.as_millis() as u64,
         "recoveries": m.recoveries,
         "recoveries_from_full_snapshot": m.recoveries_from_full_snapshot,
         "last_recovery_replayed_records": m.last_recovery_replayed_records,

@@ -114,8 +114,8 @@ pub enum Fault {
         /// How long the fault lasts.
         duration: Duration,
     },
-    /// SIGKILL of a Kafka node (a crash: its data stays on disk), which stays down for
-    /// `down`, then starts again on the same ports with the same data.
+    /// A Kafka node goes down (SIGKILL on a 3-node cluster, a controlled shutdown on a single
+    /// node), stays down for `down`, then starts again on the same ports with the same data.
     BrokerCrash {
         /// Which node.
         target: BrokerTarget,
@@ -209,7 +209,7 @@ impl fmt::Display for Fault {
                 write!(f, "delay EndTxn responses by {delay:?} for {duration:?}")
             }
             Fault::BrokerCrash { target, down } => {
-                write!(f, "SIGKILL {target}, restart it after {down:?}")
+                write!(f, "take down {target}, restart it after {down:?}")
             }
         }
     }

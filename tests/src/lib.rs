@@ -15,3 +15,15 @@ pub use cluster::{unique_name, TestCluster};
 pub use error::HarnessError;
 pub use kafka::{ClusterOptions, KafkaCluster};
 pub use proxy::{Proxy, ProxyStats};
+
+/// Logging of the harness's command-line tools: to stderr, filtered by `RUST_LOG`, else by
+/// `default_filter`.
+pub fn init_tool_logging(default_filter: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}

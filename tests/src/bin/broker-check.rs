@@ -160,13 +160,7 @@ impl Outcome {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    exactly_tests::init_tool_logging("warn");
     let args = Args::parse();
     let started = Instant::now();
     let timeout = Duration::from_secs(args.timeout_secs.max(1));

@@ -54,15 +54,9 @@ const STEADY: Duration = Duration::from_secs(3);
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // The output check asks for end-of-partition events, which rdkafka also
-                // logs as client errors.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rdkafka::client=off")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The output check asks for end-of-partition events, which rdkafka also logs as client
+    // errors.
+    exactly_tests::init_tool_logging("warn,rdkafka::client=off");
     let cli = Cli::parse();
     match run(&cli).await {
         Ok(true) => ExitCode::SUCCESS,

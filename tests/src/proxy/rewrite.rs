@@ -512,6 +512,20 @@ mod tests {
         );
     }
 
+    /// Asserts the proxy passes `frame` on as it is.
+    fn assert_passed_unchanged(
+        frame: &bytes::Bytes,
+        api_key: ApiKey,
+        version: i16,
+        map: &AddressMap,
+        counters: &Counters,
+    ) {
+        let pending = PendingResponse { api_key, version };
+        assert!(rewrite_response(frame, pending, map, counters)
+            .unwrap()
+            .is_none());
+    }
+
     #[test]
     fn a_response_with_nothing_to_map_passes_unchanged() {
         let (map, counters) = (three_brokers(), Counters::default());
@@ -521,13 +535,7 @@ mod tests {
                 .with_host(str("elsewhere"))
                 .with_port(19092)]);
         let frame = response_frame(ApiKey::Metadata, 12, &original);
-        let pending = PendingResponse {
-            api_key: ApiKey::Metadata,
-            version: 12,
-        };
-        assert!(rewrite_response(&frame, pending, &map, &counters)
-            .unwrap()
-            .is_none());
+        assert_passed_unchanged(&frame, ApiKey::Metadata, 12, &map, &counters);
         assert_eq!(unmapped(&counters), 1);
     }
 
@@ -583,13 +591,7 @@ mod tests {
             .with_node_id(BrokerId(-1))
             .with_port(-1);
         let frame = response_frame(ApiKey::FindCoordinator, 2, &error);
-        let pending = PendingResponse {
-            api_key: ApiKey::FindCoordinator,
-            version: 2,
-        };
-        assert!(rewrite_response(&frame, pending, &map, &counters)
-            .unwrap()
-            .is_none());
+        assert_passed_unchanged(&frame, ApiKey::FindCoordinator, 2, &map, &counters);
         assert_eq!(unmapped(&counters), 0);
     }
 

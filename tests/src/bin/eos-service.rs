@@ -193,6 +193,7 @@ async fn main() {
     let config = match args.group_protocol.as_str() {
         // Fast group membership changes for the rebalance / zombie tests.
         "cooperative-sticky" => config
+            .group_protocol(GroupProtocol::CooperativeSticky)
             .consumer_kafka("session.timeout.ms", "6000")
             .consumer_kafka("heartbeat.interval.ms", "500"),
         // The broker owns session timeouts under KIP-848.

@@ -1,7 +1,7 @@
 //! `rebalance-check`: do rebalances stop only the partitions that move?
 //!
 //! ```text
-//! cargo run --release -p exactly-tests --bin rebalance-check [-- --protocol consumer]
+//! cargo run --release -p exactly-tests --bin rebalance-check [-- --protocol cooperative-sticky|range]
 //! ```
 //!
 //! Runs 3 instances of the stateful `eos-service` on a 12-partition topic under continuous
@@ -33,10 +33,10 @@ use rdkafka::ClientConfig;
 #[derive(Debug, Parser)]
 #[command(about = "Checks that rebalances stop only the partitions that change owner")]
 struct Cli {
-    /// Group protocol of the services: cooperative-sticky (the framework's default), consumer
-    /// (KIP-848), or range (the classic eager assignor, which stops every partition on every
-    /// rebalance: the check must fail with it).
-    #[arg(long, default_value = "cooperative-sticky", value_parser = ["cooperative-sticky", "consumer", "range"])]
+    /// Group protocol of the services: consumer (KIP-848, the framework's default),
+    /// cooperative-sticky, or range (the classic eager assignor, which stops every partition on
+    /// every rebalance: the check must fail with it).
+    #[arg(long, default_value = "consumer", value_parser = ["consumer", "cooperative-sticky", "range"])]
     protocol: String,
     /// Partitions of the input and output topics.
     #[arg(long, default_value_t = 12)]
@@ -89,7 +89,12 @@ impl Setup {
         )
         .args(["--commit-interval-ms", "100"]);
         match self.protocol.as_str() {
-            "range" => spec.args(["--assignment-strategy", "range"]),
+            "range" => spec.args([
+                "--group-protocol",
+                "cooperative-sticky",
+                "--assignment-strategy",
+                "range",
+            ]),
             protocol => spec.args(["--group-protocol", protocol]),
         }
     }

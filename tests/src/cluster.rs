@@ -149,14 +149,23 @@ impl TestCluster {
             topic = topic.set(key, value);
         }
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let results = admin
-            .create_topics([&topic], &options)
-            .await
-            .map_err(|e| HarnessError::kafka(context(), e))?;
-        for result in results {
-            match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((_, code)) => {
+        // A cluster electing a new controller (a node was just killed) times requests out
+        // for a while: retry those until the topic deadline, fail on anything else.
+        let started = Instant::now();
+        loop {
+            let results = admin
+                .create_topics([&topic], &options)
+                .await
+                .map_err(|e| HarnessError::kafka(context(), e))?;
+            let failure = results.into_iter().find_map(|result| match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => None,
+                Err((_, code)) => Some(code),
+            });
+            match failure {
+                None => break,
+                Some(RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::RequestTimedOut)
+                    if started.elapsed() < TOPIC_READY_TIMEOUT => {}
+                Some(code) => {
                     return Err(HarnessError::kafka(
                         context(),
                         rdkafka::error::KafkaError::AdminOp(code),

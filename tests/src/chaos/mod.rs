@@ -477,7 +477,13 @@ impl Run {
             run.started,
             "verifying every output topic against the reference model",
         );
-        run.verify(inputs).await
+        let outcome = run.verify(inputs).await?;
+        if !outcome.is_clean() {
+            // Open transactions (last stable offset below the high watermark) explain missing
+            // records; group offsets say where each stage stopped.
+            run.diagnose().await;
+        }
+        Ok(outcome)
     }
     fn service_spec(&self, service: Service, instance: &str) -> ProcessSpec {
         let bootstrap = self.cluster.bootstrap_servers();

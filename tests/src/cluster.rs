@@ -17,6 +17,11 @@ use crate::proxy::Proxy;
 /// How long [`TestCluster::create_topic`] waits for the topic to show up in metadata.
 const TOPIC_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long [`TestCluster::create_topic`] retries a creation that timed out: a cluster whose
+/// controller was just killed needs a new one elected and the brokers re-registered, which on
+/// a loaded 2-core machine took longer than 30 s.
+const TOPIC_CREATE_RETRY: Duration = Duration::from_secs(120);
+
 /// A local Kafka and a proxy in front of it. Clients use [`TestCluster::bootstrap_servers`]
 /// (the proxy, so a test can inject network faults); [`TestCluster::direct_bootstrap_servers`]
 /// reaches the brokers themselves.
@@ -164,7 +169,7 @@ impl TestCluster {
             match failure {
                 None => break,
                 Some(RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::RequestTimedOut)
-                    if started.elapsed() < TOPIC_READY_TIMEOUT => {}
+                    if started.elapsed() < TOPIC_CREATE_RETRY => {}
                 Some(code) => {
                     return Err(HarnessError::kafka(
                         context(),

@@ -238,80 +238,76 @@ pub(crate) fn rewrite_response(
             cap_api_versions(&mut response)
                 .then(|| encode(&header, header_version, &response, version))
                 .transpose()
-                .map_err(|e| HarnessError::protocol(context(), e))?
         }
-        ApiKey::Metadata => {
-            let mut response = MetadataResponse::decode(&mut body, version)
-                .map_err(|e| HarnessError::protocol(context(), e))?;
-            let mut changed = false;
-            for broker in &mut response.brokers {
-                changed |= rewrite(&mut broker.host, &mut broker.port);
-            }
-            changed
-                .then(|| encode(&header, header_version, &response, version))
-                .transpose()
-                .map_err(|e| HarnessError::protocol(context(), e))?
-        }
+        ApiKey::Metadata => reencode_if(
+            &mut body,
+            &header,
+            header_version,
+            version,
+            |r: &mut MetadataResponse| {
+                r.brokers.iter_mut().fold(false, |changed, b| {
+                    rewrite(&mut b.host, &mut b.port) | changed
+                })
+            },
+        ),
         ApiKey::FindCoordinator => {
-            let mut response = FindCoordinatorResponse::decode(&mut body, version)
-                .map_err(|e| HarnessError::protocol(context(), e))?;
-            let mut changed = false;
-            // An error answer carries no address (an empty host, port -1).
-            if version < 4 {
-                if response.error_code == 0 {
-                    changed |= rewrite(&mut response.host, &mut response.port);
-                }
-            } else {
-                for coordinator in &mut response.coordinators {
-                    if coordinator.error_code == 0 {
-                        changed |= rewrite(&mut coordinator.host, &mut coordinator.port);
+            reencode_if(
+                &mut body,
+                &header,
+                header_version,
+                version,
+                |r: &mut FindCoordinatorResponse| {
+                    // An error answer carries no address (an empty host, port -1).
+                    if version < 4 {
+                        r.error_code == 0 && rewrite(&mut r.host, &mut r.port)
+                    } else {
+                        r.coordinators
+                            .iter_mut()
+                            .filter(|c| c.error_code == 0)
+                            .fold(false, |changed, c| {
+                                rewrite(&mut c.host, &mut c.port) | changed
+                            })
                     }
-                }
-            }
-            changed
-                .then(|| encode(&header, header_version, &response, version))
-                .transpose()
-                .map_err(|e| HarnessError::protocol(context(), e))?
+                },
+            )
         }
-        ApiKey::DescribeCluster => {
-            let mut response = DescribeClusterResponse::decode(&mut body, version)
-                .map_err(|e| HarnessError::protocol(context(), e))?;
-            let mut changed = false;
-            for broker in &mut response.brokers {
-                changed |= rewrite(&mut broker.host, &mut broker.port);
-            }
-            changed
-                .then(|| encode(&header, header_version, &response, version))
-                .transpose()
-                .map_err(|e| HarnessError::protocol(context(), e))?
-        }
-        ApiKey::Fetch => {
-            let mut response = FetchResponse::decode(&mut body, version)
-                .map_err(|e| HarnessError::protocol(context(), e))?;
-            let mut changed = false;
-            for endpoint in &mut response.node_endpoints {
-                changed |= rewrite(&mut endpoint.host, &mut endpoint.port);
-            }
-            changed
-                .then(|| encode(&header, header_version, &response, version))
-                .transpose()
-                .map_err(|e| HarnessError::protocol(context(), e))?
-        }
-        ApiKey::Produce => {
-            let mut response = ProduceResponse::decode(&mut body, version)
-                .map_err(|e| HarnessError::protocol(context(), e))?;
-            let mut changed = false;
-            for endpoint in &mut response.node_endpoints {
-                changed |= rewrite(&mut endpoint.host, &mut endpoint.port);
-            }
-            changed
-                .then(|| encode(&header, header_version, &response, version))
-                .transpose()
-                .map_err(|e| HarnessError::protocol(context(), e))?
-        }
+        ApiKey::DescribeCluster => reencode_if(
+            &mut body,
+            &header,
+            header_version,
+            version,
+            |r: &mut DescribeClusterResponse| {
+                r.brokers.iter_mut().fold(false, |changed, b| {
+                    rewrite(&mut b.host, &mut b.port) | changed
+                })
+            },
+        ),
+        ApiKey::Fetch => reencode_if(
+            &mut body,
+            &header,
+            header_version,
+            version,
+            |r: &mut FetchResponse| {
+                r.node_endpoints.iter_mut().fold(false, |changed, e| {
+                    rewrite(&mut e.host, &mut e.port) | changed
+                })
+            },
+        ),
+        ApiKey::Produce => reencode_if(
+            &mut body,
+            &header,
+            header_version,
+            version,
+            |r: &mut ProduceResponse| {
+                r.node_endpoints.iter_mut().fold(false, |changed, e| {
+                    rewrite(&mut e.host, &mut e.port) | changed
+                })
+            },
+        ),
         // EndTxn is only watched for the delay fault; nothing else is registered.
-        _ => None,
-    };
+        _ => Ok(None),
+    }
+    .map_err(|e| HarnessError::protocol(context(), e))?;
     if encoded.is_some() && matches!(api_key, ApiKey::Fetch | ApiKey::Produce) {
         tracing::debug!(
             ?api_key,
@@ -320,6 +316,21 @@ pub(crate) fn rewrite_response(
         );
     }
     Ok(encoded)
+}
+
+/// Decodes the body as `M`, lets `change` rewrite it, and re-encodes it (with `header`) only
+/// when `change` says something changed.
+fn reencode_if<M: Decodable + Encodable>(
+    body: &mut Bytes,
+    header: &ResponseHeader,
+    header_version: i16,
+    version: i16,
+    change: impl FnOnce(&mut M) -> bool,
+) -> anyhow::Result<Option<BytesMut>> {
+    let mut response = M::decode(body, version)?;
+    change(&mut response)
+        .then(|| encode(header, header_version, &response, version))
+        .transpose()
 }
 
 /// Encodes `header` and `response` into one frame body.

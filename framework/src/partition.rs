@@ -579,7 +579,7 @@ impl<P: Processor> PartitionWorker<P> {
         loop {
             if self.stopping() {
                 if open.is_some() {
-                    if let Err(exit) = self.commit(producer, &mut live, true) {
+                    if let Err(exit) = self.commit(producer, &mut live, true, open) {
                         return exit;
                     }
                 } else if let Err(exit) = self.final_snapshot(producer, &mut live) {
@@ -627,7 +627,7 @@ impl<P: Processor> PartitionWorker<P> {
             }
             if let Some(started) = *open {
                 if batch_records >= max_batch || started.elapsed() >= commit_interval {
-                    if let Err(exit) = self.commit(producer, &mut live, false) {
+                    if let Err(exit) = self.commit(producer, &mut live, false, open) {
                         return exit;
                     }
                     *open = None;
@@ -761,13 +761,19 @@ impl<P: Processor> PartitionWorker<P> {
     /// consumer offsets), then writes a full snapshot if one is due. The full snapshot goes in
     /// transactions of its own, after the batch's: serializing and writing a large state must
     /// never stretch a transaction toward `transaction.timeout.ms`.
+    ///
+    /// `open` (when the batch's transaction started) is cleared as soon as that transaction
+    /// committed: a failure while writing the full snapshot is not the batch's, and must not
+    /// be judged by the batch's age (see [`Self::live_loop`]).
     fn commit(
         &self,
         producer: &TxnProducer,
         live: &mut Live<P::State>,
         final_snapshot: bool,
+        open: &mut Option<Instant>,
     ) -> Result<(), LiveExit> {
         self.commit_open_transaction(producer, live, None)?;
+        *open = None;
         if self.full_snapshot_due(live, final_snapshot) {
             self.write_full_snapshot(producer, live)?;
         }

@@ -169,6 +169,14 @@ enum LiveExit {
         /// How long the transaction had been open.
         age: Duration,
     },
+    /// A librdkafka call did not return within its bound: give this producer up (the call
+    /// keeps its thread) and recover with a new one, which fences it.
+    Hung {
+        /// The librdkafka call.
+        call: &'static str,
+        /// How long the worker waited for it.
+        waited: Duration,
+    },
     /// Stop the partition (after aborting the open transaction).
     Failed(Error),
 }
@@ -362,6 +370,20 @@ impl<P: Processor> PartitionWorker<P> {
                         }
                         continue 'producer;
                     }
+                    LiveExit::Hung { call, waited } => {
+                        let cause = format!(
+                            "librdkafka's {call} did not return within {waited:?}; the producer was given up and a new one fenced it"
+                        );
+                        tracing::error!(call, waited_ms = waited.as_millis() as u64, "a librdkafka call hung; giving up this producer and recovering with a new one");
+                        self.metrics.transaction_aborted();
+                        if self.stopping() {
+                            return WorkerOutcome::Finished;
+                        }
+                        if streak.exhausted(cause, self.config.max_consecutive_aborts) {
+                            return self.abort_budget_exhausted(streak);
+                        }
+                        continue 'producer;
+                    }
                     LiveExit::FatalProducer(error) => {
                         if streak.exhausted(error.to_string(), self.config.max_consecutive_aborts) {
                             return self.abort_budget_exhausted(streak);
@@ -438,7 +460,7 @@ impl<P: Processor> PartitionWorker<P> {
         })
     }
 
-    fn create_producer(&self) -> Result<TxnProducer, ProducerStart> {
+    fn create_producer(&self) -> Result<Arc<TxnProducer>, ProducerStart> {
         let producer: TxnProducer = self
             .config
             .producer_config(&self.transactional_id)
@@ -453,7 +475,7 @@ impl<P: Processor> PartitionWorker<P> {
         loop {
             // Fencing first, then reading state.
             match producer.init_transactions(self.txn_timeout()) {
-                Ok(()) => return Ok(producer),
+                Ok(()) => return Ok(Arc::new(producer)),
                 Err(e) => match classify(&e) {
                     TxnErrorClass::Fenced => return Err(ProducerStart::Fenced),
                     TxnErrorClass::Retriable | TxnErrorClass::Abortable
@@ -552,7 +574,7 @@ impl<P: Processor> PartitionWorker<P> {
     /// "fenced" failure of a transaction older than the transaction timeout is the
     /// coordinator's timeout abort (it bumps the epoch, which librdkafka reports as fenced),
     /// not a zombie: [`LiveExit::TimedOut`].
-    fn live_loop(&mut self, producer: &TxnProducer, live: Live<P::State>) -> LiveExit {
+    fn live_loop(&mut self, producer: &Arc<TxnProducer>, live: Live<P::State>) -> LiveExit {
         // Some(start) while a transaction is open.
         let mut open: Option<Instant> = None;
         let exit = self.run_transactions(producer, live, &mut open);
@@ -568,7 +590,7 @@ impl<P: Processor> PartitionWorker<P> {
 
     fn run_transactions(
         &mut self,
-        producer: &TxnProducer,
+        producer: &Arc<TxnProducer>,
         mut live: Live<P::State>,
         open: &mut Option<Instant>,
     ) -> LiveExit {
@@ -748,7 +770,7 @@ impl<P: Processor> PartitionWorker<P> {
     /// state not covered by one, so the next owner recovers without a long replay.
     fn final_snapshot(
         &self,
-        producer: &TxnProducer,
+        producer: &Arc<TxnProducer>,
         live: &mut Live<P::State>,
     ) -> Result<(), LiveExit> {
         if !self.full_snapshot_due(live, true) {
@@ -767,7 +789,7 @@ impl<P: Processor> PartitionWorker<P> {
     /// be judged by the batch's age (see [`Self::live_loop`]).
     fn commit(
         &self,
-        producer: &TxnProducer,
+        producer: &Arc<TxnProducer>,
         live: &mut Live<P::State>,
         final_snapshot: bool,
         open: &mut Option<Instant>,
@@ -785,7 +807,7 @@ impl<P: Processor> PartitionWorker<P> {
     /// then a transaction with the incremental record that points at them.
     fn write_full_snapshot(
         &self,
-        producer: &TxnProducer,
+        producer: &Arc<TxnProducer>,
         live: &mut Live<P::State>,
     ) -> Result<(), LiveExit> {
         let started = Instant::now();
@@ -876,7 +898,7 @@ impl<P: Processor> PartitionWorker<P> {
     /// a full snapshot was just written) and the consumer offsets, and commits it.
     fn commit_open_transaction(
         &self,
-        producer: &TxnProducer,
+        producer: &Arc<TxnProducer>,
         live: &mut Live<P::State>,
         new_base: Option<FullSnapshotRef>,
     ) -> Result<(), LiveExit> {
@@ -932,7 +954,7 @@ impl<P: Processor> PartitionWorker<P> {
                 .ok_or(LiveExit::Abort(KafkaError::ConsumerCommit(
                     RDKafkaErrorCode::State,
                 )))?;
-        retry(|| producer.send_offsets_to_transaction(&offsets, &group_metadata, txn_timeout))?;
+        send_offsets_bounded(producer, offsets, group_metadata, txn_timeout)?;
         let offsets_sent = commit_started.elapsed();
         retry(|| producer.commit_transaction(txn_timeout))?;
         if let Some(error) = producer.context().take_first_error() {
@@ -991,6 +1013,53 @@ fn exit_for(error: KafkaError) -> LiveExit {
         TxnErrorClass::Retriable | TxnErrorClass::Abortable => LiveExit::Abort(error),
     }
 }
+
+/// Runs `send_offsets_to_transaction` on a thread of its own and waits for it at most a
+/// quarter of the transaction timeout plus [`HUNG_CALL_MARGIN`].
+///
+/// librdkafka 2.12 can block in this call forever: the group-coordinator request behind it
+/// never checks its deadline, so when the coordinator's connection is not up and no broker
+/// changes state, nothing wakes it (seen in the 3-node chaos run after dropped connections;
+/// fixed upstream after librdkafka 2.15.0, "Txn: fix rd_kafka_send_offsets_to_transaction()
+/// ignoring timeout"). A worker stuck there never commits and never stops. Past the bound the
+/// worker gives this producer up ([`LiveExit::Hung`]): the call keeps its thread and the
+/// producer, and the next producer's `init_transactions` fences both.
+fn send_offsets_bounded(
+    producer: &Arc<TxnProducer>,
+    offsets: TopicPartitionList,
+    group_metadata: Arc<ConsumerGroupMetadata>,
+    txn_timeout: Duration,
+) -> Result<(), LiveExit> {
+    let call_timeout = txn_timeout / 4;
+    let bound = call_timeout + HUNG_CALL_MARGIN;
+    let (done, outcome) = std::sync::mpsc::sync_channel(1);
+    let caller = Arc::clone(producer);
+    let spawned = std::thread::Builder::new()
+        .name("exactly-offsets".into())
+        .spawn(move || {
+            let result = retry(|| {
+                caller.send_offsets_to_transaction(&offsets, &group_metadata, call_timeout)
+            });
+            let _ = done.send(result);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start a thread for send_offsets_to_transaction");
+        return Err(LiveExit::Abort(KafkaError::ConsumerCommit(
+            RDKafkaErrorCode::Fail,
+        )));
+    }
+    match outcome.recv_timeout(bound) {
+        Ok(result) => result,
+        Err(_) => Err(LiveExit::Hung {
+            call: "send_offsets_to_transaction",
+            waited: bound,
+        }),
+    }
+}
+
+/// How much longer than its own timeout a librdkafka call may take before the worker gives
+/// its producer up.
+const HUNG_CALL_MARGIN: Duration = Duration::from_secs(5);
 
 /// Runs a transactional call, retrying it while librdkafka says it is retriable.
 fn retry(mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), LiveExit> {

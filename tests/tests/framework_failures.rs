@@ -505,3 +505,45 @@ async fn dropping_run_until_stops_the_app() {
         .expect("second app task")
         .expect("second app stopped cleanly");
 }
+
+/// librdkafka 2.12's `send_offsets_to_transaction` never checks its deadline while it waits
+/// for a group coordinator it cannot reach: a worker stuck there would neither commit nor stop
+/// (seen in the 3-node chaos run). The worker bounds the call (a quarter of the transaction
+/// timeout plus 5 s), gives that producer up and recovers with a new one. The proxy loses a
+/// TxnOffsetCommit request and refuses every connection for 40 s, so its retry has no
+/// coordinator to go to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_offsets_commit_gives_up_its_producer_within_its_bound() {
+    let s = Setup::new("hung-offsets").await;
+    let records = inputs(0..40, 1);
+    produce(&s.bootstrap, &s.input, &records[..20]);
+    // Transaction timeout 8 s: the call's bound is 8 / 4 + 5 = 7 s.
+    let mut service = s.spawn(&["--transaction-timeout-ms", "8000"]);
+    s.assert_outputs(&service, &records[..20], Duration::from_secs(60))
+        .await;
+    let outage = Duration::from_secs(40);
+    s.cluster
+        .proxy
+        .faults()
+        .outage_on_next_request(ApiKey::TxnOffsetCommit, outage);
+    produce(&s.bootstrap, &s.input, &records[20..]);
+    let armed = Instant::now();
+    let hung = service
+        .wait_for_log("a librdkafka call hung", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("the worker never gave the hung call up: {e}"));
+    let waited = armed.elapsed();
+    assert!(hung.contains("send_offsets_to_transaction"), "{hung}");
+    // Given up while the outage still lasted: bounded by the worker, not by the network.
+    assert!(
+        waited < outage - Duration::from_secs(5),
+        "gave up only after {waited:?}, the outage lasted {outage:?}"
+    );
+    eprintln!("gave the hung call up {waited:?} after the outage was armed");
+    let faults = s.cluster.proxy.faults();
+    wait_until("the outage to end", outage, || !faults.refusing()).await;
+    s.assert_outputs(&service, &records, Duration::from_secs(150))
+        .await;
+    assert!(service.is_running(), "{}", service.log_tail(40));
+    stop_cleanly(&mut service).await;
+}

@@ -52,8 +52,9 @@ struct Cli {
     /// Fail the run when a service exits on its own (default: restart it, report the crash).
     #[arg(long)]
     fail_on_crash: bool,
-    /// Nodes of the run's local Apache Kafka: 1, or 3 (replication factor 3; broker crashes
-    /// then hit partition leaders and the active controller).
+    /// Nodes of the run's local Apache Kafka: 1 (no broker crashes: a lone node forgets
+    /// transaction state it acknowledged), or 3 (replication factor 3; broker crashes SIGKILL
+    /// partition leaders and the active controller).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3))]
     kafka_nodes: u32,
 }

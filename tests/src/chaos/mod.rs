@@ -96,7 +96,7 @@ impl ChaosOptions {
     /// A generous bound on the whole run: start-up, the schedule (gaps plus the faults' own
     /// durations), draining and verification.
     pub fn default_deadline(&self) -> Duration {
-        let schedule: Duration = schedule::schedule(self.seed, self.events)
+        let schedule: Duration = schedule::schedule(self.seed, self.events, self.kafka_nodes > 1)
             .iter()
             .map(|e| e.gap + fault_duration(&e.fault, self.zombie_pause()) + Duration::from_secs(3))
             .sum();
@@ -359,7 +359,7 @@ pub async fn run(options: ChaosOptions) -> Result<ChaosOutcome, ChaosError> {
     } else {
         binaries.check()?;
     }
-    let schedule = schedule::schedule(options.seed, options.events);
+    let schedule = schedule::schedule(options.seed, options.events, options.kafka_nodes > 1);
     let counts = Counts::of(&schedule);
     say(
         started,
@@ -626,8 +626,9 @@ impl Run {
             .map(|s| (self.names.app(*s), self.names.input(*s).to_owned()))
             .collect();
         let partitions = self.options.partitions;
+        let kafka = self.cluster.kafka().clone();
         let lines = tokio::task::spawn_blocking(move || {
-            diagnostics(&proxy, &broker, &prefix, &groups, partitions)
+            diagnostics(&proxy, &broker, &prefix, &groups, partitions, &kafka)
         })
         .await
         .unwrap_or_else(|e| vec![format!("diagnostics task failed: {e}")]);
@@ -714,30 +715,23 @@ impl Run {
         Ok(())
     }
 
-    /// Takes down the node `target` resolves to now, keeps it down for `down`, starts it again
-    /// (same ports, same data) and waits until it serves. On three nodes that is a SIGKILL;
-    /// on one it is a controlled shutdown (SIGTERM): a single Kafka node loses transactions it
-    /// acknowledged when it is SIGKILLed (`single_node_crash_keeps_acknowledged_commits` in
-    /// tests/tests/kafka.rs), which nothing built on Kafka can make exactly-once.
+    /// SIGKILLs the node `target` resolves to now, keeps it down for `down`, starts it again
+    /// (same ports, same data) and waits until it serves. Only 3-node runs schedule this: a
+    /// single Kafka node loses transaction state it acknowledged when it goes down, by SIGKILL
+    /// (`single_node_crash_keeps_acknowledged_commits` in tests/tests/kafka.rs) and even by a
+    /// controlled shutdown (commit markers of a completed transaction missing after the
+    /// restart, see the README), which nothing built on Kafka can make exactly-once.
     async fn crash_broker(
         &mut self,
         target: BrokerTarget,
         down: Duration,
     ) -> Result<(), ChaosError> {
         let node = self.resolve(target).await?;
-        if self.options.kafka_nodes > 1 {
-            say(
-                self.started,
-                format_args!("SIGKILL Kafka node {node} ({target})"),
-            );
-            self.cluster.kill_broker(node).await?;
-        } else {
-            say(
-                self.started,
-                format_args!("SIGTERM the Kafka node ({target})"),
-            );
-            self.cluster.stop_broker(node).await?;
-        }
+        say(
+            self.started,
+            format_args!("SIGKILL Kafka node {node} ({target})"),
+        );
+        self.cluster.kill_broker(node).await?;
         let result = self
             .sleep_checking(down, "while a Kafka node was down")
             .await;
@@ -935,6 +929,9 @@ impl Run {
     }
 }
 
+/// How many partitions with an open transaction the diagnostics describe in detail.
+const OPEN_TRANSACTIONS_DESCRIBED: usize = 4;
+
 /// The blocking body of [`Run::diagnose`].
 fn diagnostics(
     proxy: &str,
@@ -942,6 +939,7 @@ fn diagnostics(
     prefix: &str,
     groups: &[(String, String)],
     partitions: i32,
+    kafka: &crate::kafka::SharedCluster,
 ) -> Vec<String> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let client = |bootstrap: &str, isolation: &str| -> Result<BaseConsumer, String> {
@@ -964,7 +962,7 @@ fn diagnostics(
         Ok(m) => m,
         Err(e) => return vec![format!("reading metadata from {broker}: {e}")],
     };
-    let mut open = 0;
+    let mut open = Vec::new();
     for topic in metadata
         .topics()
         .iter()
@@ -975,7 +973,7 @@ fn diagnostics(
             let stable = committed.fetch_watermarks(topic.name(), p.id(), timeout);
             match (high, stable) {
                 (Ok((_, high)), Ok((_, stable))) if stable < high => {
-                    open += 1;
+                    open.push((topic.name().to_owned(), p.id(), stable));
                     lines.push(format!(
                         "{}/{}: last stable offset {stable} < high watermark {high} (open transaction)",
                         topic.name(),
@@ -994,8 +992,19 @@ fn diagnostics(
         }
     }
     lines.push(format!(
-        "{open} partitions of the run's topics have an open transaction"
+        "{} partitions of the run's topics have an open transaction",
+        open.len()
     ));
+    // Who holds each (the first few): the log's producer and the coordinator's records of it.
+    let cluster = kafka
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (topic, partition, stable) in open.iter().take(OPEN_TRANSACTIONS_DESCRIBED) {
+        lines.extend(crate::kafka::inspect::describe_open_transaction(
+            &cluster, topic, *partition, *stable,
+        ));
+    }
+    drop(cluster);
     for (group, topic) in groups {
         let probe = match drain::GroupProbe::new(proxy, group, topic, partitions) {
             Ok(p) => p,

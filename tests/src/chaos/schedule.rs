@@ -114,8 +114,8 @@ pub enum Fault {
         /// How long the fault lasts.
         duration: Duration,
     },
-    /// A Kafka node goes down (SIGKILL on a 3-node cluster, a controlled shutdown on a single
-    /// node), stays down for `down`, then starts again on the same ports with the same data.
+    /// A Kafka node of a 3-node cluster is SIGKILLed, stays down for `down`, then starts
+    /// again on the same ports with the same data.
     BrokerCrash {
         /// Which node.
         target: BrokerTarget,
@@ -124,8 +124,7 @@ pub enum Fault {
     },
 }
 
-/// Which Kafka node a [`Fault::BrokerCrash`] hits, resolved when it is applied (on a single
-/// node every target is that node).
+/// Which Kafka node a [`Fault::BrokerCrash`] hits, resolved when it is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerTarget {
     /// The leader of this partition of this service's input topic.
@@ -292,15 +291,25 @@ const WEIGHTS: [u32; 10] = [
     6,  // broker crash
 ];
 
+/// The index of the broker crash in [`WEIGHTS`].
+const BROKER_CRASH: usize = 9;
+
 fn ms(rng: &mut StdRng, lo: u64, hi: u64) -> Duration {
     Duration::from_millis(rng.random_range(lo..=hi))
 }
 
-/// The schedule of `events` faults for `seed`: each preceded by a gap of 1–3 s.
-pub fn schedule(seed: u64, events: usize) -> Vec<ScheduledFault> {
+/// The schedule of `events` faults for `seed`: each preceded by a gap of 1–3 s. Without
+/// `broker_crashes` (a single Kafka node) the schedule has no [`Fault::BrokerCrash`]: a lone
+/// Kafka node that goes down loses transaction state it acknowledged (see the README's
+/// chaos section), and no client can keep exactly-once over a broker that forgets.
+pub fn schedule(seed: u64, events: usize, broker_crashes: bool) -> Vec<ScheduledFault> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut fleet = Fleet::new();
-    let total: u32 = WEIGHTS.iter().sum();
+    let mut weights = WEIGHTS;
+    if !broker_crashes {
+        weights[BROKER_CRASH] = 0;
+    }
+    let total: u32 = weights.iter().sum();
     let mut out = Vec::with_capacity(events);
     for _ in 0..events {
         let gap = ms(&mut rng, 1_000, 3_000);
@@ -308,8 +317,8 @@ pub fn schedule(seed: u64, events: usize) -> Vec<ScheduledFault> {
         let service = Service::ALL[s];
         let mut roll = rng.random_range(0..total);
         let mut kind = 0;
-        while roll >= WEIGHTS[kind] {
-            roll -= WEIGHTS[kind];
+        while roll >= weights[kind] {
+            roll -= weights[kind];
             kind += 1;
         }
         // Scale out at the maximum becomes scale in, and the other way round.
@@ -377,15 +386,23 @@ mod tests {
 
     #[test]
     fn same_seed_same_schedule_and_different_seeds_differ() {
-        assert_eq!(schedule(7, 200), schedule(7, 200));
-        assert_ne!(schedule(7, 200), schedule(8, 200));
+        assert_eq!(schedule(7, 200, true), schedule(7, 200, true));
+        assert_ne!(schedule(7, 200, true), schedule(8, 200, true));
         // A shorter run is a prefix of a longer one with the same seed.
-        assert_eq!(schedule(7, 30)[..], schedule(7, 200)[..30]);
+        assert_eq!(schedule(7, 30, true)[..], schedule(7, 200, true)[..30]);
+        assert_eq!(schedule(7, 30, false)[..], schedule(7, 200, false)[..30]);
+    }
+
+    #[test]
+    fn a_single_node_schedule_has_no_broker_crash() {
+        let s = schedule(1, 400, false);
+        assert_eq!(Counts::of(&s).broker_crashes, 0);
+        assert_eq!(Counts::of(&s).events, 400);
     }
 
     #[test]
     fn every_kind_appears_and_counts_add_up() {
-        let s = schedule(1, 400);
+        let s = schedule(1, 400, true);
         let c = Counts::of(&s);
         assert_eq!(c.events, 400);
         assert_eq!(
@@ -419,7 +436,7 @@ mod tests {
             .iter()
             .map(|s| (1..=INITIAL_INSTANCES).map(|n| s.instance(n)).collect())
             .collect();
-        for e in schedule(3, 500) {
+        for e in schedule(3, 500, true) {
             let index = |i: &str| {
                 let s = service_of(i).unwrap();
                 Service::ALL.iter().position(|x| *x == s).unwrap()

@@ -26,6 +26,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod inspect;
 pub mod install;
 mod node;
 

@@ -140,6 +140,10 @@ async fn forward_queued_requests(
         if let Some(latency) = shared.faults.latency(api_key) {
             tokio::time::sleep(latency).await;
         }
+        if shared.faults.outage_on_request(api_key) {
+            // Lost with the connection: the broker never sees it.
+            return Ok(());
+        }
         if api_key == ApiKey::EndTxn as i16 {
             let held_under = *hold.borrow_and_update();
             if held_under.holding

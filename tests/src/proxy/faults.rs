@@ -44,6 +44,8 @@ struct Settings {
     latency: HashMap<i16, Duration>,
     end_txn_response_delay: Option<Duration>,
     refuse_until: Option<Instant>,
+    /// An outage to start when a request of this kind arrives.
+    outage_on: Option<(i16, Duration)>,
 }
 
 impl Default for Faults {
@@ -114,8 +116,44 @@ impl Faults {
         self.drop_connections();
     }
 
-    /// Removes every fault (latency, EndTxn delay, an ongoing outage, the EndTxn hold, which
-    /// releases what it holds).
+    /// Arms an outage ([`Faults::refuse_connections_for`] `duration`) that starts when the
+    /// next request of kind `api_key` arrives from a client; that request is lost with its
+    /// connection (the broker never sees it). A fault that lands between two steps of a
+    /// client's protocol, e.g. after AddOffsetsToTxn, at the TxnOffsetCommit that follows it.
+    /// Fires once.
+    pub fn outage_on_next_request(&self, api_key: ApiKey, duration: Duration) {
+        self.lock().outage_on = Some((api_key as i16, duration));
+    }
+
+    /// Called for every request read from a client: starts the armed outage if it waits for
+    /// this kind; true if it did (the caller then drops the request).
+    pub(crate) fn outage_on_request(&self, api_key: i16) -> bool {
+        let armed = {
+            let mut settings = self.lock();
+            match settings.outage_on {
+                Some((key, duration)) if key == api_key => {
+                    settings.outage_on = None;
+                    Some(duration)
+                }
+                _ => None,
+            }
+        };
+        match armed {
+            Some(duration) => {
+                tracing::info!(
+                    api_key,
+                    ?duration,
+                    "proxy starts the outage armed for this request"
+                );
+                self.refuse_connections_for(duration);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes every fault (latency, EndTxn delay, an ongoing or armed outage, the EndTxn
+    /// hold, which releases what it holds).
     pub fn clear(&self) {
         *self.lock() = Settings::default();
         self.hold_end_txn_requests(false);
@@ -137,7 +175,7 @@ impl Faults {
     }
 
     /// True while an outage set by [`Faults::refuse_connections_for`] lasts.
-    pub(crate) fn refusing(&self) -> bool {
+    pub fn refusing(&self) -> bool {
         self.lock()
             .refuse_until
             .is_some_and(|until| Instant::now() < until)
@@ -171,6 +209,19 @@ mod tests {
         assert_eq!(faults.latency(ApiKey::Produce as i16), None);
         faults.set_latency(ApiKey::Fetch, Duration::ZERO);
         assert_eq!(faults.latency(ApiKey::Fetch as i16), None);
+    }
+
+    #[test]
+    fn an_armed_outage_starts_once_at_its_request_kind() {
+        let faults = Faults::default();
+        faults.outage_on_next_request(ApiKey::TxnOffsetCommit, Duration::from_secs(60));
+        assert!(!faults.outage_on_request(ApiKey::Produce as i16));
+        assert!(!faults.refusing());
+        assert!(faults.outage_on_request(ApiKey::TxnOffsetCommit as i16));
+        assert!(faults.refusing());
+        assert!(!faults.outage_on_request(ApiKey::TxnOffsetCommit as i16));
+        faults.clear();
+        assert!(!faults.refusing());
     }
 
     #[test]

@@ -350,3 +350,52 @@ fn read_partition(bootstrap: &str, topic: &str, partition: i32) -> Vec<u32> {
     }
     seen
 }
+
+/// The diagnostics of a stuck chaos run name the producer of a transaction that stays open
+/// and what the transaction coordinator recorded about it, read from the node's files with
+/// Kafka's DumpLogSegments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_transaction_is_described_from_the_logs() {
+    let cluster = TestCluster::start().await.expect("cluster");
+    let topic = unique_name("open-txn");
+    cluster.create_topic(&topic, 1).await.expect("topic");
+    let direct = cluster.direct_bootstrap_servers();
+    // Offsets 0-2 and a commit marker at 3, then a transaction from offset 4 left open.
+    let (d, t) = (direct.clone(), topic.clone());
+    blocking(move || commit_records(&d, &t, 0, 3)).await;
+    let (d, t) = (direct.clone(), topic.clone());
+    let open = blocking(move || {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &d)
+            .set("transactional.id", unique_name("open-txn"))
+            .create()
+            .expect("producer");
+        producer
+            .init_transactions(Duration::from_secs(60))
+            .expect("init_transactions");
+        producer.begin_transaction().expect("begin");
+        producer
+            .send(BaseRecord::<(), _>::to(&t).partition(0).payload("open"))
+            .expect("send");
+        producer.flush(Duration::from_secs(30)).expect("flush");
+        producer
+    })
+    .await;
+    let kafka = cluster.kafka().clone();
+    let t = topic.clone();
+    let lines = blocking(move || {
+        let kafka = kafka
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        exactly_tests::kafka::inspect::describe_open_transaction(&kafka, &t, 0, 4)
+    })
+    .await;
+    let text = lines.join("\n");
+    assert!(
+        text.contains("open transaction from offset 4 by producer id"),
+        "{text}"
+    );
+    assert!(text.contains("data@4-4/e0"), "{text}");
+    assert!(text.contains("\"transactionStatus\":\"Ongoing\""), "{text}");
+    drop(open);
+}

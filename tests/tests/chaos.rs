@@ -1,7 +1,8 @@
 //! A short chaos run (30 fault events, fixed seed) as part of the test command: the payments
-//! chain A → B → C, three instances each, through kills, zombies, rebalances, network faults
-//! and broker crashes (real Apache Kafka, one node) must end with no duplicate, nothing missing and B's and C's state equal to the
-//! reference model. The long run (≥ 200 events) is documented in the README.
+//! chain A → B → C, three instances each, through kills, zombies, rebalances and network
+//! faults (real Apache Kafka, one node: no broker crashes, which need three nodes; see the
+//! README) must end with no duplicate, nothing missing and B's and C's state equal to the
+//! reference model. The long runs (≥ 200 events) are documented in the README.
 //!
 //! It runs the `chaos` binary of this package (built by cargo for this test) as a child, so
 //! the binary's own path — locating and building the `exactly-examples` service binaries,
@@ -13,7 +14,7 @@ use exactly_tests::process::{ChildProcess, ProcessSpec};
 
 /// Seed of the test's schedule: a fixed one, so a failure is reproducible with
 /// `cargo run --release -p exactly-tests --bin chaos -- --events 30 --seed 20261123`. Its 30
-/// events hold every kind of fault, two broker crashes among them.
+/// events: 7 kills, 1 zombie, 6 rebalances, 16 network faults.
 const SEED: u64 = 20_261_123;
 const EVENTS: usize = 30;
 
@@ -87,9 +88,15 @@ async fn thirty_fault_events_keep_the_chain_exactly_once() {
         "{line}"
     );
     assert!(
-        number("kills") > 0 && number("net_faults") > 0 && number("broker_crashes") > 0,
-        "the schedule must crash services and the broker and disturb the network: {line}"
+        number("kills") > 0
+            && number("zombies") > 0
+            && number("rebalances") > 0
+            && number("net_faults") > 0,
+        "the schedule must kill, pause and rescale services and disturb the network: {line}"
     );
+    // One Kafka node: broker crashes belong to 3-node runs (a lone node forgets acknowledged
+    // transaction state when it goes down; see the README's chaos section).
+    assert_eq!(number("broker_crashes"), 0, "{line}");
     assert_eq!(
         (value("duplicates"), value("missing"), value("state")),
         ("0", "0", "match"),

@@ -323,9 +323,12 @@ impl AppConfig {
         self
     }
 
-    /// Bytes of fetched records the runtime holds for one partition whose worker is busy
-    /// before it pauses fetching that partition (default 16 MiB; at most 16 384 records
-    /// either way, plus the worker's own queue of 2 048). Bounds memory per partition.
+    /// Bytes of fetched records the runtime buffers for one partition — queued for its worker
+    /// and held while the worker is busy — before it pauses fetching that partition (default
+    /// 16 MiB; at most 2 048 queued and 16 384 held records either way). Bounds memory per
+    /// partition beyond what librdkafka itself prefetches; a record larger than the bound
+    /// still passes, one at a time. The peak is in
+    /// [`MetricsSnapshot::max_buffered_bytes`](crate::MetricsSnapshot::max_buffered_bytes).
     pub fn max_buffered_bytes(mut self, bytes: usize) -> Self {
         self.max_buffered_bytes = bytes;
         self

@@ -47,6 +47,7 @@ struct Counters {
     partition_assignments_total: AtomicU64,
     partitions_fenced: AtomicU64,
     partitions_failed: AtomicU64,
+    max_buffered_bytes: AtomicU64,
 }
 
 /// A point-in-time copy of [`Metrics`].
@@ -100,6 +101,11 @@ pub struct MetricsSnapshot {
     pub partitions_fenced: u64,
     /// Partitions stopped by an error (e.g. [`ErrorPolicy::Fail`](crate::ErrorPolicy::Fail)).
     pub partitions_failed: u64,
+    /// Most bytes of input one partition had buffered between the consumer and its worker
+    /// (polled, not yet processed); bounded by
+    /// [`AppConfig::max_buffered_bytes`](crate::AppConfig::max_buffered_bytes) plus the
+    /// records the consumer had fetched before the partition paused.
+    pub max_buffered_bytes: u64,
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -140,7 +146,15 @@ impl Metrics {
             partition_assignments_total: get(&c.partition_assignments_total),
             partitions_fenced: get(&c.partitions_fenced),
             partitions_failed: get(&c.partitions_failed),
+            max_buffered_bytes: get(&c.max_buffered_bytes),
         }
+    }
+
+    /// A partition has `bytes` of input buffered for its worker now.
+    pub(crate) fn buffered_bytes(&self, bytes: usize) {
+        self.inner
+            .max_buffered_bytes
+            .fetch_max(u64::try_from(bytes).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// `n` input records were processed live.

@@ -15,7 +15,7 @@
 //! goes back to step 2 (never continues from it); after a fatal producer error back to step 1;
 //! when fenced it drops everything and exits quietly.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +46,20 @@ use crate::snapshot::{
 pub(crate) struct Forwarded {
     pub(crate) epoch: u64,
     pub(crate) record: RawRecord,
+}
+
+impl Forwarded {
+    /// The memory the record takes while buffered: key, value, headers and the struct.
+    pub(crate) fn size(&self) -> usize {
+        let record = &self.record;
+        let field = |bytes: &Option<Vec<u8>>| bytes.as_ref().map_or(0, Vec::len);
+        let headers: usize = record
+            .headers
+            .iter()
+            .map(|(name, value)| name.len() + field(value))
+            .sum();
+        field(&record.key) + field(&record.value) + headers + std::mem::size_of::<Forwarded>()
+    }
 }
 
 /// Requests from workers to the consumer thread (which alone may touch the group consumer).
@@ -104,6 +118,9 @@ pub(crate) struct PartitionWorker<P: Processor> {
     pub(crate) transactional_id: String,
     pub(crate) group_metadata: Arc<GroupMetadataCell>,
     pub(crate) records: Receiver<Forwarded>,
+    /// Bytes of the records in `records` not received yet (the consumer adds, the worker
+    /// subtracts): they count against [`AppConfig::max_buffered_bytes`].
+    pub(crate) records_bytes: Arc<AtomicUsize>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) requests: Sender<ConsumerRequest>,
     pub(crate) epoch: u64,
@@ -617,6 +634,8 @@ impl<P: Processor> PartitionWorker<P> {
             };
             match self.records.recv_timeout(wait) {
                 Ok(forwarded) => {
+                    self.records_bytes
+                        .fetch_sub(forwarded.size(), Ordering::AcqRel);
                     if forwarded.epoch != self.epoch || forwarded.record.offset < live.next_offset {
                         continue;
                     }

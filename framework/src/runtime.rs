@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,7 +45,8 @@ use crate::recovery::raw_record;
 /// Records buffered per partition between the consumer thread and its worker.
 const WORKER_CHANNEL_CAPACITY: usize = 2048;
 /// Records the consumer thread holds for a partition whose worker's channel is full before
-/// it pauses the partition (or fewer: [`AppConfig::max_buffered_bytes`] bounds their bytes). A worker's channel fills on every commit (the worker does not
+/// it pauses the partition (or fewer: [`AppConfig::max_buffered_bytes`] bounds their bytes
+/// together with the bytes in the worker's channel). A worker's channel fills on every commit (the worker does not
 /// read while it commits); pausing at once made librdkafka drop the partition's prefetched
 /// records and fetch them again on resume, over and over. Held records cost memory only:
 /// at most this many per partition (plus what librdkafka has prefetched).
@@ -185,6 +186,53 @@ struct Slot {
     /// Records polled while the worker's channel was full; the partition is paused meanwhile.
     held: Held,
     paused_for_backpressure: bool,
+    /// Bytes in `records` the worker has not received yet.
+    records_bytes: Arc<AtomicUsize>,
+}
+
+impl Slot {
+    /// Hands `forwarded` to the worker if its channel has room in records and in bytes (an
+    /// empty channel takes any one record, however large); gives it back otherwise.
+    fn offer(&self, forwarded: Forwarded, max_bytes: usize) -> Offered {
+        let size = forwarded.size();
+        // Counted before the send: the worker may receive it (and subtract) at once.
+        let before = self.records_bytes.fetch_add(size, Ordering::AcqRel);
+        if before > 0 && before + size > max_bytes {
+            self.records_bytes.fetch_sub(size, Ordering::AcqRel);
+            return Offered::Full(forwarded);
+        }
+        match self.records.try_send(forwarded) {
+            Ok(()) => Offered::Sent,
+            Err(TrySendError::Full(f)) => {
+                self.records_bytes.fetch_sub(size, Ordering::AcqRel);
+                Offered::Full(f)
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.records_bytes.fetch_sub(size, Ordering::AcqRel);
+                Offered::Gone
+            }
+        }
+    }
+
+    /// Bytes buffered for the worker: held here and in its channel.
+    fn buffered_bytes(&self) -> usize {
+        self.held.bytes + self.records_bytes.load(Ordering::Acquire)
+    }
+
+    fn must_pause(&self, max_bytes: usize) -> bool {
+        self.held
+            .full(self.records_bytes.load(Ordering::Acquire), max_bytes)
+    }
+}
+
+/// What [`Slot::offer`] did with a record.
+enum Offered {
+    /// The worker has it.
+    Sent,
+    /// The channel is full (records or bytes): hold the record.
+    Full(Forwarded),
+    /// The worker is gone.
+    Gone,
 }
 
 /// Records held for a worker whose channel is full, and their size.
@@ -195,30 +243,19 @@ struct Held {
 }
 
 impl Held {
-    fn size_of(forwarded: &Forwarded) -> usize {
-        let record = &forwarded.record;
-        let field = |bytes: &Option<Vec<u8>>| bytes.as_ref().map_or(0, Vec::len);
-        let headers: usize = record
-            .headers
-            .iter()
-            .map(|(name, value)| name.len() + field(value))
-            .sum();
-        field(&record.key) + field(&record.value) + headers + std::mem::size_of::<Forwarded>()
-    }
-
     fn push_back(&mut self, forwarded: Forwarded) {
-        self.bytes += Held::size_of(&forwarded);
+        self.bytes += forwarded.size();
         self.records.push_back(forwarded);
     }
 
     fn push_front(&mut self, forwarded: Forwarded) {
-        self.bytes += Held::size_of(&forwarded);
+        self.bytes += forwarded.size();
         self.records.push_front(forwarded);
     }
 
     fn pop_front(&mut self) -> Option<Forwarded> {
         let forwarded = self.records.pop_front()?;
-        self.bytes = self.bytes.saturating_sub(Held::size_of(&forwarded));
+        self.bytes = self.bytes.saturating_sub(forwarded.size());
         Some(forwarded)
     }
 
@@ -231,9 +268,10 @@ impl Held {
         self.records.is_empty()
     }
 
-    /// Whether the partition must pause: too many records, or too many bytes.
-    fn full(&self, max_bytes: usize) -> bool {
-        self.records.len() >= HELD_BEFORE_PAUSE || self.bytes >= max_bytes
+    /// Whether the partition must pause: too many records held, or too many bytes held and
+    /// in the worker's channel together.
+    fn full(&self, in_channel: usize, max_bytes: usize) -> bool {
+        self.records.len() >= HELD_BEFORE_PAUSE || self.bytes + in_channel >= max_bytes
     }
 }
 
@@ -394,6 +432,7 @@ impl<P: Processor> Shared<P> {
     fn start_worker(&self, topic: Arc<str>, partition: i32) {
         self.lock().dormant.remove(&(Arc::clone(&topic), partition));
         let (records_tx, records_rx) = mpsc::sync_channel(WORKER_CHANNEL_CAPACITY);
+        let records_bytes = Arc::new(AtomicUsize::new(0));
         let (outcome_tx, outcome_rx) = mpsc::sync_channel(1);
         let stop = Arc::new(AtomicBool::new(false));
         let worker = PartitionWorker {
@@ -406,6 +445,7 @@ impl<P: Processor> Shared<P> {
             partition,
             group_metadata: Arc::clone(&self.group_metadata),
             records: records_rx,
+            records_bytes: Arc::clone(&records_bytes),
             stop: Arc::clone(&stop),
             requests: self.requests.clone(),
             epoch: 0,
@@ -424,6 +464,7 @@ impl<P: Processor> Shared<P> {
                         live_epoch: None,
                         held: Held::default(),
                         paused_for_backpressure: false,
+                        records_bytes,
                     },
                 );
             }
@@ -670,15 +711,13 @@ fn service_slots<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, sha
     let mut ended: Vec<(PartitionKey, WorkerOutcome)> = Vec::new();
     for (key, slot) in registry.slots.iter_mut() {
         while let Some(front) = slot.held.pop_front() {
-            match slot.records.try_send(front) {
-                Ok(()) => {}
-                Err(TrySendError::Full(f)) => {
+            match slot.offer(front, shared.config.max_buffered_bytes) {
+                Offered::Sent => {}
+                Offered::Full(f) => {
                     slot.held.push_front(f);
                     break;
                 }
-                Err(TrySendError::Disconnected(_)) => {
-                    slot.held.clear();
-                }
+                Offered::Gone => slot.held.clear(),
             }
         }
         if slot.held.is_empty() && slot.paused_for_backpressure {
@@ -838,15 +877,17 @@ fn forward<P: Processor>(
         epoch,
         record: raw_record(&key.0, message),
     };
+    let max_bytes = shared.config.max_buffered_bytes;
     if slot.held.is_empty() {
-        match slot.records.try_send(forwarded) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => return,
-            Err(TrySendError::Full(f)) => slot.held.push_back(f),
+        match slot.offer(forwarded, max_bytes) {
+            Offered::Sent | Offered::Gone => {}
+            Offered::Full(f) => slot.held.push_back(f),
         }
     } else {
         slot.held.push_back(forwarded);
     }
-    if slot.held.full(shared.config.max_buffered_bytes) && !slot.paused_for_backpressure {
+    shared.metrics.buffered_bytes(slot.buffered_bytes());
+    if slot.must_pause(max_bytes) && !slot.paused_for_backpressure {
         slot.paused_for_backpressure = true;
         if let Err(error) = consumer.pause(&single(&key.0, key.1)) {
             tracing::warn!(error = %error, "pausing a partition for backpressure failed");

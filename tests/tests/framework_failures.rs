@@ -547,3 +547,65 @@ async fn a_hung_offsets_commit_gives_up_its_producer_within_its_bound() {
     assert!(service.is_running(), "{}", service.log_tail(40));
     stop_cleanly(&mut service).await;
 }
+
+/// What a partition buffers between the consumer and its worker is bounded in bytes, not only
+/// in records: 300 records with a 64 KiB header each behind a slow processor, with
+/// `max_buffered_bytes` 1 MiB, never have much more than 1 MiB buffered (the worker's
+/// 2048-record channel alone would take all 19 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_input_is_bounded_in_bytes() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    const PAD: usize = 64 * 1024;
+    const MAX_BUFFERED: usize = 1024 * 1024;
+    let s = Setup::new("buffered-bytes").await;
+    let records = inputs(0..300, 1);
+    let (bootstrap, input, padded) = (s.bootstrap.clone(), s.input.clone(), records.clone());
+    tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("enable.idempotence", "true")
+            .create()
+            .expect("producer");
+        let pad = vec![b'x'; PAD];
+        for r in &padded {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "pad",
+                value: Some(&pad[..]),
+            });
+            let record = BaseRecord::to(&input)
+                .key(r.key.as_str())
+                .payload(r.id.as_str())
+                .partition(r.partition)
+                .headers(headers);
+            producer.send(record).map_err(|(e, _)| e).expect("send");
+            producer.poll(Duration::ZERO);
+        }
+        producer.flush(Duration::from_secs(60)).expect("flush");
+    })
+    .await
+    .expect("producer task");
+
+    let mut service = s.spawn(&[
+        "--per-record-delay-ms",
+        "10",
+        "--max-buffered-bytes",
+        &MAX_BUFFERED.to_string(),
+    ]);
+    s.assert_outputs(&service, &records, Duration::from_secs(120))
+        .await;
+    let metrics = last_metrics(&service).expect("metrics line");
+    let buffered = metrics["max_buffered_bytes"]
+        .as_u64()
+        .expect("max_buffered_bytes") as usize;
+    eprintln!("at most {buffered} bytes buffered (limit {MAX_BUFFERED})");
+    // The bound plus the one record that may always go to an empty channel and the one the
+    // consumer polled as the partition paused.
+    assert!(
+        buffered <= MAX_BUFFERED + 2 * (PAD + 1024),
+        "{buffered} bytes buffered, limit {MAX_BUFFERED}"
+    );
+    assert!(buffered >= PAD, "nothing was buffered: {metrics}");
+    stop_cleanly(&mut service).await;
+}

@@ -285,6 +285,7 @@ fn metrics_line(m: &exactly::MetricsSnapshot) -> String {
         "max_recovery_replayed_records": m.max_recovery_replayed_records,
         "partitions_assigned": m.partitions_assigned,
         "partitions_fenced": m.partitions_fenced,
+        "max_buffered_bytes": m.max_buffered_bytes,
     })
     .to_string()
 }

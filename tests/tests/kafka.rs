@@ -11,8 +11,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-/// Commits `n` records to `topic`/0 in one transaction through `bootstrap`.
-fn commit_records(bootstrap: &str, topic: &str, first: u32, n: u32) {
+/// A transactional producer of a new transactional id, initialised, in a transaction.
+fn producer_in_transaction(bootstrap: &str) -> BaseProducer {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("transactional.id", unique_name("launcher-txn"))
@@ -22,6 +22,12 @@ fn commit_records(bootstrap: &str, topic: &str, first: u32, n: u32) {
         .init_transactions(Duration::from_secs(60))
         .expect("init_transactions");
     producer.begin_transaction().expect("begin");
+    producer
+}
+
+/// Commits `n` records to `topic`/0 in one transaction through `bootstrap`.
+fn commit_records(bootstrap: &str, topic: &str, first: u32, n: u32) {
+    let producer = producer_in_transaction(bootstrap);
     for i in first..first + n {
         let payload = i.to_string();
         producer
@@ -365,15 +371,7 @@ async fn an_open_transaction_is_described_from_the_logs() {
     blocking(move || commit_records(&d, &t, 0, 3)).await;
     let (d, t) = (direct.clone(), topic.clone());
     let open = blocking(move || {
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &d)
-            .set("transactional.id", unique_name("open-txn"))
-            .create()
-            .expect("producer");
-        producer
-            .init_transactions(Duration::from_secs(60))
-            .expect("init_transactions");
-        producer.begin_transaction().expect("begin");
+        let producer = producer_in_transaction(&d);
         producer
             .send(BaseRecord::<(), _>::to(&t).partition(0).payload("open"))
             .expect("send");

@@ -720,7 +720,12 @@ fn service_slots<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, sha
                 Offered::Gone => slot.held.clear(),
             }
         }
-        if slot.held.is_empty() && slot.paused_for_backpressure {
+        // Resumed only once the worker has taken half of what is buffered: resuming at the
+        // byte bound would pause again at the next record and refetch, over and over.
+        if slot.held.is_empty()
+            && slot.paused_for_backpressure
+            && slot.buffered_bytes() <= shared.config.max_buffered_bytes / 2
+        {
             slot.paused_for_backpressure = false;
             if let Err(error) = consumer.resume(&single(&key.0, key.1)) {
                 tracing::warn!(error = %error, "resuming a partition failed");

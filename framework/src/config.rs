@@ -734,8 +734,15 @@ impl AppConfig {
     /// assignment.
     pub(crate) fn consumer_config(&self, group: bool) -> ClientConfig {
         let mut c = ClientConfig::new();
+        // Distinct client ids tell the group consumer from snapshot readers in broker logs
+        // and quotas.
+        let client_id = if group {
+            format!("exactly-{}", self.app_id)
+        } else {
+            format!("exactly-{}-reader", self.app_id)
+        };
         c.set("bootstrap.servers", &self.bootstrap_servers)
-            .set("client.id", format!("exactly-{}", self.app_id))
+            .set("client.id", client_id)
             .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false");

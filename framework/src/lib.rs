@@ -76,6 +76,7 @@ pub(crate) mod proto {
 mod admin;
 mod codec;
 mod config;
+mod continuity;
 mod error;
 mod metrics;
 mod partition;

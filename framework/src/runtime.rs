@@ -34,6 +34,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::admin;
 use crate::config::AppConfig;
+use crate::continuity::{cached_log_start, Continuity, FetchPosition};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::partition::{
@@ -54,6 +55,8 @@ const HELD_BEFORE_PAUSE: usize = 16_384;
 /// Records the consumer thread forwards between two rounds of its housekeeping (worker
 /// requests, backpressure, ended workers).
 const FORWARD_BURST: usize = 256;
+/// How long the consumer thread waits for librdkafka to start a seek.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the consumer thread refreshes the group metadata the workers send with their
 /// offsets (besides after every rebalance): KIP-848 bumps a member's epoch without a rebalance
 /// callback when its own assignment does not change.
@@ -183,6 +186,8 @@ struct Slot {
     thread: Option<std::thread::JoinHandle<()>>,
     /// Seek epoch of the live phase; None while the worker recovers (records are dropped).
     live_epoch: Option<u64>,
+    /// Where the next polled record must be in the live phase.
+    fetch_position: Option<FetchPosition>,
     /// Records polled while the worker's channel was full; the partition is paused meanwhile.
     held: Held,
     paused_for_backpressure: bool,
@@ -462,6 +467,7 @@ impl<P: Processor> Shared<P> {
                         outcome: outcome_rx,
                         thread: Some(thread),
                         live_epoch: None,
+                        fetch_position: None,
                         held: Held::default(),
                         paused_for_backpressure: false,
                         records_bytes,
@@ -635,16 +641,12 @@ fn serve_request<P: Processor>(
     let Some(slot) = registry.slots.get_mut(&(Arc::clone(topic), *partition)) else {
         return true; // revoked meanwhile
     };
-    if let Err(error) = consumer.seek(
-        topic,
-        *partition,
-        Offset::Offset(*offset),
-        Duration::from_secs(5),
-    ) {
+    if let Err(error) = consumer.seek(topic, *partition, Offset::Offset(*offset), SEEK_TIMEOUT) {
         tracing::debug!(topic = %topic, partition, offset, error = %error, "seek not possible yet; retrying");
         return false;
     }
     slot.live_epoch = Some(*epoch);
+    slot.fetch_position = Some(FetchPosition::new(*offset));
     slot.held.clear();
     slot.paused_for_backpressure = false;
     if let Err(error) = consumer.resume(&single(topic, *partition)) {
@@ -878,6 +880,37 @@ fn forward<P: Processor>(
     let Some(epoch) = slot.live_epoch else {
         return; // still recovering: the worker will seek
     };
+    let offset = message.offset();
+    let continuity = match slot.fetch_position.as_mut() {
+        Some(position) => position.check(offset, || cached_log_start(consumer, &key.0, key.1)),
+        None => Continuity::InOrder,
+    };
+    match continuity {
+        Continuity::InOrder => {}
+        Continuity::Rewound { expected } => {
+            tracing::warn!(topic = %key.0, partition = key.1, offset, expected, "the consumer's fetch position went back on its own (a librdkafka offset lookup raced with a seek); seeking again");
+            if let Err(error) = consumer.seek(&key.0, key.1, Offset::Offset(expected), SEEK_TIMEOUT)
+            {
+                tracing::warn!(topic = %key.0, partition = key.1, error = %error, "seeking a rewound partition failed; retrying on its next record");
+            }
+            return;
+        }
+        Continuity::Deleted {
+            expected,
+            log_start,
+        } => {
+            tracing::error!(topic = %key.0, partition = key.1, offset, position = expected, log_start_offset = log_start, "the consumer jumped over input deleted before it was read");
+            slot.live_epoch = None;
+            let _ = consumer.pause(&single(&key.0, key.1));
+            registry.failure.get_or_insert(Error::InputDeleted {
+                topic: key.0.to_string(),
+                partition: key.1,
+                position: expected,
+                log_start_offset: log_start,
+            });
+            return;
+        }
+    }
     let forwarded = Forwarded {
         epoch,
         record: raw_record(&key.0, message),

@@ -286,6 +286,81 @@ async fn deleted_unprocessed_input_is_a_retention_gap_not_a_skip() {
     eprintln!("failed at position {position}; {committed} outputs committed");
 }
 
+/// The same deletion, met by librdkafka's own jump rather than by a fetch: partitions are
+/// assigned at the logical offset BEGINNING, and a seek that lands while that lookup is in
+/// flight makes librdkafka look it up again later and move the fetcher to the log start. The
+/// group consumer's ListOffsets requests are delayed 5 s so that the worker's seek always lands
+/// in that window; the records below 3 000 are deleted while the service processes, before the
+/// second lookup answers. Without the consumer thread's continuity check the fetcher jumps
+/// from ~100 to 3 000 and the service goes on without any error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetcher_jump_over_deleted_input_is_a_retention_gap() {
+    const DELETED_BEFORE: i64 = 3_000;
+    const LOOKUP_DELAY: Duration = Duration::from_secs(5);
+    let s = Setup::new("jump").await;
+    let records = inputs(0..4_000, 1);
+    drop(s.process_and_stop(100).await);
+    produce(&s.bootstrap, &s.input, &records[100..]);
+    s.cluster.proxy.faults().set_client_latency(
+        ApiKey::ListOffsets,
+        &format!("exactly-{}", s.app),
+        LOOKUP_DELAY,
+    );
+    let mut service = s.spawn(&["--per-record-delay-ms", "5", "--max-buffered-bytes", "1"]);
+    wait_for_metrics(
+        &service,
+        "processing after the restart",
+        Duration::from_secs(60),
+        |m| metric(m, "records_processed") >= 1,
+    )
+    .await;
+    s.delete_records_before(&s.input, DELETED_BEFORE).await;
+    let log = expect_failure(
+        &mut service,
+        &[
+            &format!("unprocessed input of {}/0 was deleted", s.input),
+            &format!("but the log now starts at {DELETED_BEFORE}"),
+        ],
+    )
+    .await;
+    let position = number_after(&log, "this app's next record is at offset ");
+    assert!((100..DELETED_BEFORE).contains(&position), "{log}");
+    s.assert_outputs_are_a_prefix(&records, position as usize)
+        .await;
+    let jumped = log.contains("the consumer jumped over input deleted before it was read");
+    eprintln!("failed at position {position}; caught at the jump: {jumped}");
+}
+
+/// The same librdkafka jump without a deletion goes backwards, to the log start: the consumer
+/// thread seeks the fetcher back to where it was instead of re-reading the whole log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetcher_jump_back_to_the_log_start_is_sought_forward() {
+    let s = Setup::new("rewind").await;
+    let records = inputs(0..400, 1);
+    drop(s.process_and_stop(100).await);
+    produce(&s.bootstrap, &s.input, &records[100..]);
+    s.cluster.proxy.faults().set_client_latency(
+        ApiKey::ListOffsets,
+        &format!("exactly-{}", s.app),
+        Duration::from_secs(5),
+    );
+    let mut service = s.spawn(&[]);
+    let rewound = service
+        .wait_for_log("went back on its own", Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("no rewind seen: {e}"));
+    assert!(rewound.contains("offset=0"), "{rewound}");
+    s.assert_outputs(&service, &records, Duration::from_secs(60))
+        .await;
+    let rewinds = service
+        .run_log_text()
+        .expect("log")
+        .matches("went back on its own")
+        .count();
+    assert_eq!(rewinds, 1, "{}", service.log_tail(40));
+    stop_cleanly(&mut service).await;
+}
+
 /// The input topic was deleted and created again: it ends before what the app already
 /// processed, and continuing would mix two different logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::faults::EndTxnHold;
 use super::framing::{
-    read_frame, request_key_version_correlation, response_correlation_id, write_frame,
+    read_frame, request_client_id, request_key_version_correlation, response_correlation_id,
+    write_frame,
 };
 use super::rewrite::{classify_request, rewrite_response, PendingResponse};
 use super::{Counters, Shared};
@@ -137,7 +138,7 @@ async fn forward_queued_requests(
                 frame.len()
             ));
         };
-        if let Some(latency) = shared.faults.latency(api_key) {
+        if let Some(latency) = shared.faults.latency(api_key, request_client_id(&frame)) {
             tokio::time::sleep(latency).await;
         }
         if shared.faults.outage_on_request(api_key) {

@@ -42,6 +42,8 @@ impl EndTxnHold {
 #[derive(Debug, Default, Clone)]
 struct Settings {
     latency: HashMap<i16, Duration>,
+    /// Latency for one client id only, ahead of `latency`.
+    client_latency: HashMap<(i16, String), Duration>,
     end_txn_response_delay: Option<Duration>,
     refuse_until: Option<Instant>,
     /// An outage to start when a request of this kind arrives.
@@ -68,6 +70,18 @@ impl Faults {
             settings.latency.remove(&(api_key as i16));
         } else {
             settings.latency.insert(api_key as i16, latency);
+        }
+    }
+
+    /// Like [`Faults::set_latency`], for the requests of the client whose `client.id` is
+    /// `client_id` only.
+    pub fn set_client_latency(&self, api_key: ApiKey, client_id: &str, latency: Duration) {
+        let key = (api_key as i16, client_id.to_owned());
+        let mut settings = self.lock();
+        if latency.is_zero() {
+            settings.client_latency.remove(&key);
+        } else {
+            settings.client_latency.insert(key, latency);
         }
     }
 
@@ -164,9 +178,13 @@ impl Faults {
         self.end_txn_hold.subscribe()
     }
 
-    /// The latency to add before forwarding a request with this api key.
-    pub(crate) fn latency(&self, api_key: i16) -> Option<Duration> {
-        self.lock().latency.get(&api_key).copied()
+    /// The latency to add before forwarding a request with this api key from this client.
+    pub(crate) fn latency(&self, api_key: i16, client_id: Option<&str>) -> Option<Duration> {
+        let settings = self.lock();
+        client_id
+            .and_then(|id| settings.client_latency.get(&(api_key, id.to_owned())))
+            .or_else(|| settings.latency.get(&api_key))
+            .copied()
     }
 
     /// The delay to add before passing on an EndTxn response.
@@ -203,12 +221,27 @@ mod tests {
         let faults = Faults::default();
         faults.set_latency(ApiKey::Fetch, Duration::from_millis(5));
         assert_eq!(
-            faults.latency(ApiKey::Fetch as i16),
+            faults.latency(ApiKey::Fetch as i16, None),
             Some(Duration::from_millis(5))
         );
-        assert_eq!(faults.latency(ApiKey::Produce as i16), None);
+        assert_eq!(faults.latency(ApiKey::Produce as i16, None), None);
         faults.set_latency(ApiKey::Fetch, Duration::ZERO);
-        assert_eq!(faults.latency(ApiKey::Fetch as i16), None);
+        assert_eq!(faults.latency(ApiKey::Fetch as i16, None), None);
+    }
+
+    #[test]
+    fn client_latency_applies_to_that_client_only() {
+        let faults = Faults::default();
+        faults.set_client_latency(ApiKey::ListOffsets, "group", Duration::from_secs(2));
+        let list_offsets = ApiKey::ListOffsets as i16;
+        assert_eq!(
+            faults.latency(list_offsets, Some("group")),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(faults.latency(list_offsets, Some("reader")), None);
+        assert_eq!(faults.latency(list_offsets, None), None);
+        faults.set_client_latency(ApiKey::ListOffsets, "group", Duration::ZERO);
+        assert_eq!(faults.latency(list_offsets, Some("group")), None);
     }
 
     #[test]

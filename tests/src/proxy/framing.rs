@@ -63,6 +63,14 @@ pub fn request_key_version_correlation(frame: &[u8]) -> Option<(i16, i16, i32)> 
     ))
 }
 
+/// The `client.id` in a request header (v1 and later: after the correlation id, a nullable
+/// int16-length string). None when absent, null or not UTF-8.
+pub fn request_client_id(frame: &[u8]) -> Option<&str> {
+    let len = i16::from_be_bytes([*frame.get(8)?, *frame.get(9)?]);
+    let len = usize::try_from(len).ok()?;
+    std::str::from_utf8(frame.get(10..10 + len)?).ok()
+}
+
 /// Converts a frame into immutable bytes for decoding.
 pub fn freeze(frame: BytesMut) -> Bytes {
     frame.freeze()
@@ -98,5 +106,15 @@ mod tests {
         let frame = [0, 1, 0, 12, 0, 0, 0, 7, 0xff];
         assert_eq!(request_key_version_correlation(&frame), Some((1, 12, 7)));
         assert_eq!(response_correlation_id(&frame[4..]), Some(7));
+    }
+
+    #[test]
+    fn request_client_id_is_parsed() {
+        let mut frame = vec![0, 2, 0, 7, 0, 0, 0, 9, 0, 5];
+        frame.extend_from_slice(b"group tagged-fields");
+        assert_eq!(request_client_id(&frame), Some("group"));
+        let null = [0, 2, 0, 7, 0, 0, 0, 9, 0xff, 0xff];
+        assert_eq!(request_client_id(&null), None);
+        assert_eq!(request_client_id(&frame[..12]), None);
     }
 }

@@ -784,15 +784,15 @@ fn handle_consumer_error<P: Processor>(
             check_positions_in_range(consumer, shared);
             return;
         }
+        Some(RDKafkaErrorCode::FencedInstanceId | RDKafkaErrorCode::UnreleasedInstanceId) => {
+            "another instance uses the same group.instance.id: give every instance its own"
+        }
         _ if fatal => "librdkafka reported it as fatal: the consumer cannot be used any more",
         Some(RDKafkaErrorCode::TopicAuthorizationFailed) => {
             "the app's principal lacks READ (and DESCRIBE) on an input topic: grant the ACL"
         }
         Some(RDKafkaErrorCode::GroupAuthorizationFailed) => {
             "the app's principal lacks READ on its consumer group (the app id): grant the ACL"
-        }
-        Some(RDKafkaErrorCode::FencedInstanceId) => {
-            "another instance uses the same group.instance.id: give every instance its own"
         }
         _ => {
             tracing::warn!(error = %error, "consumer error");

@@ -623,6 +623,35 @@ async fn a_hung_offsets_commit_gives_up_its_producer_within_its_bound() {
     stop_cleanly(&mut service).await;
 }
 
+/// A fatal consumer error stops the app with an error naming the setting, instead of being
+/// warned about forever: a second instance with the same `group.instance.id` is refused by
+/// the group coordinator (UNRELEASED_INSTANCE_ID, fatal for librdkafka). The first instance
+/// keeps processing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_group_instance_id_stops_the_newcomer() {
+    let s = Setup::new("instance-id").await;
+    let records = inputs(0..40, 1);
+    produce(&s.bootstrap, &s.input, &records[..20]);
+    let instance = format!("{}-static", s.app);
+    let mut first = s.spawn(&["--group-instance-id", &instance]);
+    s.assert_outputs(&first, &records[..20], Duration::from_secs(60))
+        .await;
+    let mut second = s.spawn(&["--group-instance-id", &instance]);
+    expect_failure(
+        &mut second,
+        &[
+            &format!("the group consumer of {} cannot go on", s.app),
+            "another instance uses the same group.instance.id: give every instance its own",
+        ],
+    )
+    .await;
+    produce(&s.bootstrap, &s.input, &records[20..]);
+    s.assert_outputs(&first, &records, Duration::from_secs(60))
+        .await;
+    assert!(first.is_running(), "{}", first.log_tail(40));
+    stop_cleanly(&mut first).await;
+}
+
 /// What a partition buffers between the consumer and its worker is bounded in bytes, not only
 /// in records: 300 records with a 64 KiB header each behind a slow processor, with
 /// `max_buffered_bytes` 1 MiB, never have much more than 1 MiB buffered (the worker's

@@ -36,6 +36,9 @@ struct Args {
     output: String,
     #[arg(long, default_value_t = 100)]
     commit_interval_ms: u64,
+    /// The group consumer's `group.instance.id` (static membership).
+    #[arg(long)]
+    group_instance_id: Option<String>,
     #[arg(long, default_value_t = 10_000)]
     max_batch_records: usize,
     #[arg(long, default_value_t = 100_000)]
@@ -202,6 +205,10 @@ async fn main() {
             eprintln!("eos-service: unknown --group-protocol {other:?}");
             std::process::exit(2);
         }
+    };
+    let config = match &args.group_instance_id {
+        Some(id) => config.consumer_kafka("group.instance.id", id),
+        None => config,
     };
     let config = match &args.assignment_strategy {
         Some(strategy) => config.consumer_kafka("partition.assignment.strategy", strategy),

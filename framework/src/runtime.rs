@@ -26,6 +26,7 @@ use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError, TrySendE
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -33,7 +34,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::admin;
-use crate::config::AppConfig;
+use crate::config::{AppConfig, GroupProtocol};
 use crate::continuity::{cached_log_start, Continuity, FetchPosition};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -55,6 +56,8 @@ const HELD_BEFORE_PAUSE: usize = 16_384;
 /// Records the consumer thread forwards between two rounds of its housekeeping (worker
 /// requests, backpressure, ended workers).
 const FORWARD_BURST: usize = 256;
+/// The least time between two rejoins after group coordinator timeouts.
+const REJOIN_COOLDOWN: Duration = Duration::from_secs(30);
 /// How long the consumer thread waits for librdkafka to start a seek.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the consumer thread refreshes the group metadata the workers send with their
@@ -316,9 +319,36 @@ struct Shared<P: Processor> {
 
 struct RebalanceContext<P: Processor> {
     shared: Arc<Shared<P>>,
+    /// Set when a request to the group coordinator timed out (see [`rejoin_if_needed`]).
+    coordinator_timed_out: AtomicBool,
 }
 
-impl<P: Processor> ClientContext for RebalanceContext<P> {}
+impl<P: Processor> ClientContext for RebalanceContext<P> {
+    /// Logs like rdkafka's default, and notes group coordinator request timeouts, which
+    /// librdkafka reports only in its log.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if fac == "REQTMOUT" && log_message.contains("GroupCoordinator") {
+            self.coordinator_timed_out.store(true, Ordering::Release);
+        }
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+            }
+        }
+    }
+}
 
 impl<P: Processor> ConsumerContext for RebalanceContext<P> {
     /// rdkafka's default rebalance, except that assigned partitions start at their beginning
@@ -558,6 +588,7 @@ impl<P: Processor> ConsumerLoop<P> {
             .consumer_config(true)
             .create_with_context(RebalanceContext {
                 shared: Arc::clone(&shared),
+                coordinator_timed_out: AtomicBool::new(false),
             })
             .map_err(|source| Error::kafka("creating the group consumer", source))?;
         let topic_names: Vec<&str> = self
@@ -573,10 +604,12 @@ impl<P: Processor> ConsumerLoop<P> {
 
         let mut pending_seeks: Vec<ConsumerRequest> = Vec::new();
         let mut metadata_refreshed = Instant::now();
+        let mut rejoined: Option<Instant> = None;
         while !self.stop.load(Ordering::Acquire) {
             if shared.lock().failure.is_some() {
                 break;
             }
+            rejoin_if_needed(&consumer, &shared, &topic_names, &mut rejoined);
             if metadata_refreshed.elapsed() >= GROUP_METADATA_REFRESH {
                 shared.group_metadata.refresh(&consumer);
                 metadata_refreshed = Instant::now();
@@ -622,6 +655,47 @@ impl<P: Processor> ConsumerLoop<P> {
             None => Ok(()),
         }
     }
+}
+
+/// Rejoins the group after a request to its coordinator timed out, at most once per
+/// [`REJOIN_COOLDOWN`].
+///
+/// librdkafka 2.12 (up to its master branch) retries a timed-out ConsumerGroupHeartbeat as it
+/// was, while Kafka resends a member's assignment only in answer to a full heartbeat (which the
+/// Java client sends after any error). When the lost answer carried a change — a partition to
+/// give up — the member never learns it: the coordinator waits the rebalance timeout
+/// (`max.poll.interval.ms`, 5 minutes by default) before fencing it, and the partition, and the
+/// member waiting for it, stand still. A rejoin is a full heartbeat; it moves this instance's
+/// partitions, but only after a coordinator failure.
+fn rejoin_if_needed<P: Processor>(
+    consumer: &BaseConsumer<RebalanceContext<P>>,
+    shared: &Shared<P>,
+    topics: &[&str],
+    rejoined: &mut Option<Instant>,
+) {
+    // The classic protocol's heartbeat answers carry no assignment: nothing is lost there.
+    if shared.config.group_protocol != GroupProtocol::Consumer
+        || rejoined.is_some_and(|at| at.elapsed() < REJOIN_COOLDOWN)
+        || !consumer
+            .context()
+            .coordinator_timed_out
+            .swap(false, Ordering::AcqRel)
+    {
+        return;
+    }
+    tracing::warn!(
+        "a request to the group coordinator timed out; rejoining the group (librdkafka does not \
+         resend a full heartbeat after a timeout, so a partition change in the lost answer would \
+         wait for max.poll.interval.ms)"
+    );
+    consumer.unsubscribe();
+    if let Err(source) = consumer.subscribe(topics) {
+        shared.lock().failure.get_or_insert(Error::kafka(
+            "subscribing again after a coordinator timeout",
+            source,
+        ));
+    }
+    *rejoined = Some(Instant::now());
 }
 
 /// Serves a worker's request; false when it must be retried later (e.g. the partition's

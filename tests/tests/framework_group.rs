@@ -272,3 +272,78 @@ async fn rebalances_stop_only_the_partitions_that_move() {
     assert!(line.contains("unmoved_stopped=0 "), "{line}");
     assert!(line.ends_with("verdict=PASS"), "{line}");
 }
+
+/// A group coordinator's answer that moves partitions can be lost (the coordinator fails, the
+/// request times out). librdkafka 2.12 retries such a heartbeat as it was, without the fields
+/// that make Kafka send the assignment again, so the member never learns that it must give a
+/// partition up, and the coordinator waits the rebalance timeout (`max.poll.interval.ms`, 5
+/// minutes) before it fences the member: the newcomer that waits for the partition gets
+/// nothing meanwhile. The app rejoins its group after a coordinator request timed out, so the
+/// newcomer gets its partition within seconds of the timeout. (The member's request timeout is
+/// 10 s here, below the group's 45 s session timeout, as when a coordinator fails over.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_assignment_does_not_strand_partitions() {
+    let cluster = TestCluster::start().await.expect("cluster");
+    let bootstrap = bootstrap_of(&cluster);
+    let input = unique_name("lost-in");
+    let output = unique_name("lost-out");
+    let app = unique_name("lost-app");
+    let a_client = unique_name("lost-a");
+    cluster.create_topic(&input, 2).await.expect("input topic");
+    cluster
+        .create_topic(&output, 2)
+        .await
+        .expect("output topic");
+    let mut procs = Supervisor::new();
+    let first = inputs(0..200, 2);
+    produce(&bootstrap, &input, &first);
+    let a_args = [
+        "--consumer-kafka".to_owned(),
+        format!("client.id={a_client}"),
+        "--consumer-kafka".to_owned(),
+        "socket.timeout.ms=10000".to_owned(),
+    ];
+    procs
+        .spawn(
+            "a",
+            service_spec(&bootstrap, &app, &input, &output).args(&a_args),
+        )
+        .expect("spawn a");
+    let report = wait_for_outputs(
+        &bootstrap,
+        &output,
+        &expected_outputs(&first),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(report.is_clean(), "{report}");
+
+    cluster.proxy.faults().lose_next_assignment(&a_client);
+    procs
+        .spawn("b", service_spec(&bootstrap, &app, &input, &output))
+        .expect("spawn b");
+    wait_for_metrics(
+        procs.get("b").expect("b"),
+        "b owns a partition",
+        Duration::from_secs(90),
+        |m| metric(m, "partitions_assigned") >= 1 && metric(m, "recoveries") >= 1,
+    )
+    .await;
+    let a = procs.get("a").expect("a");
+    let a_log = a.run_log_text().expect("a's log");
+    assert!(
+        a_log.contains("rejoining the group"),
+        "the assignment was not lost on its way to a:\n{}",
+        a.log_tail(40)
+    );
+    let all = inputs(0..400, 2);
+    produce(&bootstrap, &input, &all[200..]);
+    let report = wait_for_outputs(
+        &bootstrap,
+        &output,
+        &expected_outputs(&all),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(report.is_clean(), "{report}");
+}

@@ -39,6 +39,9 @@ struct Args {
     /// The group consumer's `group.instance.id` (static membership).
     #[arg(long)]
     group_instance_id: Option<String>,
+    /// A librdkafka property of the consumers, `NAME=VALUE` (repeatable).
+    #[arg(long = "consumer-kafka", value_name = "NAME=VALUE", value_parser = parse_property)]
+    consumer_kafka: Vec<(String, String)>,
     #[arg(long, default_value_t = 10_000)]
     max_batch_records: usize,
     #[arg(long, default_value_t = 100_000)]
@@ -210,6 +213,12 @@ async fn main() {
         Some(id) => config.consumer_kafka("group.instance.id", id),
         None => config,
     };
+    let config = args
+        .consumer_kafka
+        .iter()
+        .fold(config, |config, (name, value)| {
+            config.consumer_kafka(name, value)
+        });
     let config = match &args.assignment_strategy {
         Some(strategy) => config.consumer_kafka("partition.assignment.strategy", strategy),
         None => config,
@@ -295,4 +304,10 @@ fn metrics_line(m: &exactly::MetricsSnapshot) -> String {
         "max_buffered_bytes": m.max_buffered_bytes,
     })
     .to_string()
+}
+
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .ok_or_else(|| format!("expected NAME=VALUE, got {text:?}"))
 }

@@ -12,8 +12,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use kafka_protocol::messages::ApiKey;
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, ConsumerGroupHeartbeatResponse, ResponseHeader};
+use kafka_protocol::protocol::Decodable;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -162,7 +163,22 @@ async fn forward_queued_requests(
                 return Ok(());
             }
         }
-        if let Some((correlation_id, expected)) = classify_request(&frame) {
+        let classified = classify_request(&frame).or_else(|| {
+            let (_, version, correlation_id) = request_key_version_correlation(&frame)?;
+            (api_key == ApiKey::ConsumerGroupHeartbeat as i16
+                && shared
+                    .faults
+                    .assignment_loss_armed_for(request_client_id(&frame)))
+            .then_some((
+                correlation_id,
+                PendingResponse {
+                    api_key: ApiKey::ConsumerGroupHeartbeat,
+                    version,
+                    lose_assignment: true,
+                },
+            ))
+        });
+        if let Some((correlation_id, expected)) = classified {
             // Registered before forwarding, so the response cannot overtake it.
             lock(&pending).insert(correlation_id, expected);
         }
@@ -257,6 +273,13 @@ async fn forward_responses(
                 tokio::time::sleep(delay).await;
             }
         }
+        if expected.lose_assignment
+            && carries_assignment(&frame, expected.version)
+            && shared.faults.take_assignment_loss()
+        {
+            tracing::info!("proxy loses a ConsumerGroupHeartbeat response with an assignment");
+            continue;
+        }
         let api_key = expected.api_key;
         match rewrite_response(&frame, expected, &shared.addresses, &shared.counters) {
             Ok(Some(rewritten)) => write_frame(&mut client, &rewritten).await,
@@ -272,6 +295,17 @@ async fn forward_responses(
         .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// True for a successful ConsumerGroupHeartbeat response that carries an assignment.
+fn carries_assignment(frame: &Bytes, version: i16) -> bool {
+    let mut body = frame.clone();
+    let header_version = ApiKey::ConsumerGroupHeartbeat.response_header_version(version);
+    if ResponseHeader::decode(&mut body, header_version).is_err() {
+        return false;
+    }
+    ConsumerGroupHeartbeatResponse::decode(&mut body, version)
+        .is_ok_and(|r| r.error_code == 0 && r.assignment.is_some())
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

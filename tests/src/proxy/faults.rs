@@ -48,6 +48,8 @@ struct Settings {
     refuse_until: Option<Instant>,
     /// An outage to start when a request of this kind arrives.
     outage_on: Option<(i16, Duration)>,
+    /// The client whose next ConsumerGroupHeartbeat response with an assignment is lost.
+    assignment_loss: Option<String>,
 }
 
 impl Default for Faults {
@@ -83,6 +85,24 @@ impl Faults {
         } else {
             settings.client_latency.insert(key, latency);
         }
+    }
+
+    /// Loses the next ConsumerGroupHeartbeat response that carries an assignment to the client
+    /// whose `client.id` is `client_id`: the group coordinator has applied the heartbeat (and
+    /// moved the member towards its new assignment), the client only sees its request time
+    /// out, as when a response is lost with a failing coordinator.
+    pub fn lose_next_assignment(&self, client_id: &str) {
+        self.lock().assignment_loss = Some(client_id.to_owned());
+    }
+
+    /// True while the next assignment to `client_id` is to be lost.
+    pub(crate) fn assignment_loss_armed_for(&self, client_id: Option<&str>) -> bool {
+        client_id.is_some() && self.lock().assignment_loss.as_deref() == client_id
+    }
+
+    /// Disarms the assignment loss; true if it was still armed (this response is the one).
+    pub(crate) fn take_assignment_loss(&self) -> bool {
+        self.lock().assignment_loss.take().is_some()
     }
 
     /// Holds every EndTxn response (commit or abort) for `delay` before passing it on: the
@@ -227,6 +247,19 @@ mod tests {
         assert_eq!(faults.latency(ApiKey::Produce as i16, None), None);
         faults.set_latency(ApiKey::Fetch, Duration::ZERO);
         assert_eq!(faults.latency(ApiKey::Fetch as i16, None), None);
+    }
+
+    #[test]
+    fn an_assignment_loss_is_for_one_client_and_once() {
+        let faults = Faults::default();
+        assert!(!faults.assignment_loss_armed_for(Some("a")));
+        faults.lose_next_assignment("a");
+        assert!(faults.assignment_loss_armed_for(Some("a")));
+        assert!(!faults.assignment_loss_armed_for(Some("b")));
+        assert!(!faults.assignment_loss_armed_for(None));
+        assert!(faults.take_assignment_loss());
+        assert!(!faults.take_assignment_loss());
+        assert!(!faults.assignment_loss_armed_for(Some("a")));
     }
 
     #[test]

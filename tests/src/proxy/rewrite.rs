@@ -150,6 +150,19 @@ fn canonical(ip: IpAddr) -> IpAddr {
 pub(crate) struct PendingResponse {
     pub api_key: ApiKey,
     pub version: i16,
+    /// A ConsumerGroupHeartbeat response to lose if it carries an assignment (a fault).
+    pub lose_assignment: bool,
+}
+
+impl PendingResponse {
+    /// A response to rewrite (or delay), with no fault of its own.
+    pub(crate) fn new(api_key: ApiKey, version: i16) -> Self {
+        PendingResponse {
+            api_key,
+            version,
+            lose_assignment: false,
+        }
+    }
 }
 
 /// Decides from a client request whether its response may need rewriting (or, for EndTxn, may
@@ -169,7 +182,7 @@ pub(crate) fn classify_request(frame: &[u8]) -> Option<(i32, PendingResponse)> {
         }
         _ => false,
     };
-    watched.then_some((correlation_id, PendingResponse { api_key, version }))
+    watched.then_some((correlation_id, PendingResponse::new(api_key, version)))
 }
 
 /// False for a Produce request with `acks=0`, which Kafka does not answer (so a pending
@@ -219,7 +232,9 @@ pub(crate) fn rewrite_response(
     addresses: &AddressMap,
     counters: &Counters,
 ) -> Result<Option<BytesMut>, HarnessError> {
-    let PendingResponse { api_key, version } = pending;
+    let PendingResponse {
+        api_key, version, ..
+    } = pending;
     let context = || format!("rewriting the addresses in a {api_key:?} v{version} response");
     let mut body = frame.clone();
     let header_version = api_key.response_header_version(version);
@@ -413,7 +428,7 @@ mod tests {
         addresses: &AddressMap,
         counters: &Counters,
     ) -> (M, bool) {
-        let pending = PendingResponse { api_key, version };
+        let pending = PendingResponse::new(api_key, version);
         let out = rewrite_response(frame, pending, addresses, counters).unwrap();
         let changed = out.is_some();
         let mut body = out.map_or_else(|| frame.clone(), BytesMut::freeze);
@@ -531,7 +546,7 @@ mod tests {
         map: &AddressMap,
         counters: &Counters,
     ) {
-        let pending = PendingResponse { api_key, version };
+        let pending = PendingResponse::new(api_key, version);
         assert!(rewrite_response(frame, pending, map, counters)
             .unwrap()
             .is_none());
@@ -671,10 +686,7 @@ mod tests {
         // Without endpoints (the usual case) the frame passes as Kafka sent it.
         let plain = FetchResponse::default().with_responses(topics);
         let frame = response_frame(ApiKey::Fetch, version, &plain);
-        let pending = PendingResponse {
-            api_key: ApiKey::Fetch,
-            version,
-        };
+        let pending = PendingResponse::new(ApiKey::Fetch, version);
         assert!(rewrite_response(&frame, pending, &map, &counters)
             .unwrap()
             .is_none());
@@ -701,10 +713,7 @@ mod tests {
     fn undecodable_responses_are_errors() {
         let (map, counters) = (three_brokers(), Counters::default());
         let frame = Bytes::from_static(&[0, 0, 0, 42, 0xff]);
-        let pending = PendingResponse {
-            api_key: ApiKey::Metadata,
-            version: 12,
-        };
+        let pending = PendingResponse::new(ApiKey::Metadata, 12);
         assert!(rewrite_response(&frame, pending, &map, &counters).is_err());
     }
 
@@ -759,13 +768,7 @@ mod tests {
         assert!(classify_request(&fetch(15)).is_none());
         assert_eq!(
             classify_request(&fetch(16)),
-            Some((
-                7,
-                PendingResponse {
-                    api_key: ApiKey::Fetch,
-                    version: 16
-                }
-            ))
+            Some((7, PendingResponse::new(ApiKey::Fetch, 16)))
         );
         let metadata = request_frame(
             ApiKey::Metadata,

@@ -113,7 +113,7 @@ pub enum Error {
     },
     /// Replaying committed input produced a different state or different outputs than the
     /// first time: the processor is not deterministic.
-    #[error("non-deterministic processor on {topic}/{partition}: replaying offsets [{from_offset}, {to_offset}) gave {what} {actual:#018x}, the committed snapshot recorded {expected:#018x}; process() must depend only on the state and the record (no wall clock, randomness or HashMap iteration order)")]
+    #[error("replaying {topic}/{partition} offsets [{from_offset}, {to_offset}) gave {what} {actual:#018x}, but the same code (processor version {version}) recorded {expected:#018x}: either a non-deterministic processor (process() must depend only on the state and the record: no wall clock, randomness or HashMap iteration order), or new code deployed without a new Processor::version; if the change is intended, return a new number from Processor::version and restart")]
     NonDeterministic {
         /// Input topic.
         topic: String,
@@ -129,6 +129,8 @@ pub enum Error {
         expected: u64,
         /// Value after the replay.
         actual: u64,
+        /// `Processor::version` recorded, and running.
+        version: u32,
     },
     /// Replaying committed input met a different number of records than were processed the
     /// first time: the input changed underneath (compaction, deleted records, a broker that

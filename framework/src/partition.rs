@@ -949,6 +949,7 @@ impl<P: Processor> PartitionWorker<P> {
             output_digest: digest.value(),
             records_since_base,
             transaction_seq: seq,
+            processor_version: self.processor.version(),
         };
         write_incremental(producer, &self.snapshot_topic, self.partition, incremental)
             .map_err(exit_for)?;

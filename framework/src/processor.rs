@@ -90,6 +90,41 @@ pub trait Processor: Send + Sync + 'static {
         record: &Record<'_, KeyOf<Self>, ValueOf<Self>>,
         out: &mut Output,
     ) -> Result<(), ProcessError>;
+
+    /// The version of this processor's code, recorded with every committed transaction.
+    ///
+    /// Recovery after a crash replays the input since the last full snapshot and checks that
+    /// the replay rebuilds the recorded state fingerprint and output digest. New code that
+    /// changes what `process` does (other outputs, another state type) cannot pass those
+    /// checks, and with the same version a failed check is fatal: it cannot be told from a
+    /// non-deterministic processor. Return a new number with every deploy that changes
+    /// `process` or the state type: when the recorded version differs, the replay runs with
+    /// the new code, differing checks are logged (`processor version changed`), and the new
+    /// version is recorded from then on. Restarts after a graceful shutdown replay nothing
+    /// and need no bump for a compatible state change (a field added with
+    /// `#[serde(default)]`, a field removed, an alias). Default: 0.
+    ///
+    /// ```
+    /// # use exactly::{Output, ProcessError, Processor, Record, Utf8};
+    /// struct Alerts;
+    /// impl Processor for Alerts {
+    ///     type State = u64;
+    ///     type Key = Utf8;
+    ///     type Value = Utf8;
+    ///     fn process(&self, seen: &mut u64, _: &Record<'_, String, String>,
+    ///                _: &mut Output) -> Result<(), ProcessError> {
+    ///         *seen += 1;
+    ///         Ok(())
+    ///     }
+    ///     /// 2: alert texts reworded.
+    ///     fn version(&self) -> u32 {
+    ///         2
+    ///     }
+    /// }
+    /// ```
+    fn version(&self) -> u32 {
+        0
+    }
 }
 
 /// One input record, with its key and value decoded by the processor's formats.

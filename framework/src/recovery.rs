@@ -109,7 +109,7 @@ pub(crate) fn recover<P: Processor>(
         );
         return Ok(None);
     };
-    verify_replay(target, &inc, &state, &replayed, start)?;
+    verify_replay(processor, target, &inc, &state, &replayed, start)?;
     let elapsed = started.elapsed();
     metrics.recovery_finished(elapsed, replayed.records, inc.base.is_some());
     tracing::info!(
@@ -325,12 +325,17 @@ fn replay<P: Processor>(
 }
 
 /// The replay must have met as many records as were processed the first time (else the input
-/// changed) and produced the recorded state fingerprint and output digest (else the processor
-/// is not deterministic).
-fn verify_replay<S: serde::Serialize>(
+/// changed) and, run by the same code ([`Processor::version`]), produced the recorded state
+/// fingerprint and output digest (else the processor is not deterministic, or new code was
+/// deployed without a new version). Run by code of another version, differing checks are
+/// reported, not fatal. With nothing replayed the state is the snapshot's as the running type
+/// reads it, so its fingerprint says nothing about processing and is not compared: a
+/// compatible change of the state type restarts cleanly after a graceful shutdown.
+fn verify_replay<P: Processor>(
+    processor: &P,
     target: &RecoveryTarget<'_>,
     inc: &IncrementalSnapshot,
-    state: &S,
+    state: &P::State,
     replayed: &Replayed,
     start: i64,
 ) -> Result<(), Error> {
@@ -347,6 +352,31 @@ fn verify_replay<S: serde::Serialize>(
             recorded: inc.records_since_base,
         });
     }
+    let fingerprint_checked =
+        target.fingerprint_enabled && inc.state_fingerprint_enabled && replayed.records > 0;
+    let state_fingerprint = fingerprint_checked.then(|| fingerprint(state));
+    let output_digest = replayed.digest.value();
+    let version = processor.version();
+    if inc.processor_version != version {
+        let verdict = |matches: Option<bool>| match matches {
+            Some(true) => "matches",
+            Some(false) => "differs",
+            None => "not checked",
+        };
+        tracing::warn!(
+            topic = %topic,
+            partition,
+            from_version = inc.processor_version,
+            to_version = version,
+            replayed = replayed.records,
+            from_offset = start,
+            to_offset = end,
+            state_fingerprint = %verdict(state_fingerprint.map(|f| f == inc.state_fingerprint)),
+            output_digest = %verdict(Some(output_digest == inc.output_digest)),
+            "processor version changed: the input since the last full snapshot was replayed with the new code; its checks are reported, not enforced"
+        );
+        return Ok(());
+    }
     let mismatch = |what, expected, actual| Error::NonDeterministic {
         topic: topic.clone(),
         partition,
@@ -355,19 +385,13 @@ fn verify_replay<S: serde::Serialize>(
         what,
         expected,
         actual,
+        version,
     };
-    if target.fingerprint_enabled && inc.state_fingerprint_enabled {
-        let actual = fingerprint(state);
-        if actual != inc.state_fingerprint {
-            return Err(mismatch("state fingerprint", inc.state_fingerprint, actual));
-        }
+    if let Some(actual) = state_fingerprint.filter(|&f| f != inc.state_fingerprint) {
+        return Err(mismatch("state fingerprint", inc.state_fingerprint, actual));
     }
-    if replayed.digest.value() != inc.output_digest {
-        return Err(mismatch(
-            "output digest",
-            inc.output_digest,
-            replayed.digest.value(),
-        ));
+    if output_digest != inc.output_digest {
+        return Err(mismatch("output digest", inc.output_digest, output_digest));
     }
     Ok(())
 }

@@ -517,6 +517,7 @@ mod tests {
             output_digest: 17,
             records_since_base: 49,
             transaction_seq: 5,
+            processor_version: 2,
         };
         let rec = incremental_record(inc.clone());
         let back = decode_record(&encode_record(&rec)).unwrap();

@@ -11,6 +11,8 @@
 //! Records whose id equals `--poison` make the processor return an error, and `--panic-on`
 //! makes it panic; with `--nondeterministic` the state also depends on the process id
 //! (recovery must detect it).
+//! Upgrades: `--state-v2` adds a defaulted field to the state type, `--output-v2` appends
+//! ` v2` to every output value, and `--processor-version` is what `Processor::version` returns.
 //! Metrics are printed as `EXACTLY_METRICS {json}` lines whenever they change.
 
 use std::collections::BTreeMap;
@@ -87,6 +89,15 @@ struct Args {
     /// runtime pauses fetching it (small values keep the fetch position close to the worker).
     #[arg(long)]
     max_buffered_bytes: Option<usize>,
+    /// Version 2 of the state type: one more field, `#[serde(default)]`.
+    #[arg(long)]
+    state_v2: bool,
+    /// Version 2 of the outputs: ` v2` appended to every value.
+    #[arg(long)]
+    output_v2: bool,
+    /// What `Processor::version` returns.
+    #[arg(long, default_value_t = 0)]
+    processor_version: u32,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -95,7 +106,48 @@ struct Counts {
     salt: u64,
 }
 
-struct EosCounter {
+/// `Counts` after a compatible change: a field added with a default.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CountsV2 {
+    counts: BTreeMap<String, u64>,
+    salt: u64,
+    #[serde(default)]
+    records: u64,
+}
+
+/// What the processor needs of its state, in either version.
+trait CountState: Serialize + serde::de::DeserializeOwned + Default + Send + 'static {
+    fn counts(&mut self) -> &mut BTreeMap<String, u64>;
+    fn salt(&mut self) -> &mut u64;
+    /// One more record seen (version 2 counts them).
+    fn seen(&mut self) {}
+}
+
+impl CountState for Counts {
+    fn counts(&mut self) -> &mut BTreeMap<String, u64> {
+        &mut self.counts
+    }
+    fn salt(&mut self) -> &mut u64 {
+        &mut self.salt
+    }
+}
+
+impl CountState for CountsV2 {
+    fn counts(&mut self) -> &mut BTreeMap<String, u64> {
+        &mut self.counts
+    }
+    fn salt(&mut self) -> &mut u64 {
+        &mut self.salt
+    }
+    fn seen(&mut self) {
+        self.records += 1;
+    }
+}
+
+struct EosCounter<S> {
+    state: std::marker::PhantomData<fn() -> S>,
+    version: u32,
+    output_suffix: &'static str,
     output: String,
     poison: Option<String>,
     panic_on: Option<String>,
@@ -115,14 +167,18 @@ fn parse_slow_once(spec: &str) -> Result<(String, Duration), String> {
     Ok((id.to_owned(), Duration::from_millis(ms)))
 }
 
-impl Processor for EosCounter {
-    type State = Counts;
+impl<S: CountState> Processor for EosCounter<S> {
+    type State = S;
     type Key = Utf8;
     type Value = Utf8;
 
+    fn version(&self) -> u32 {
+        self.version
+    }
+
     fn process(
         &self,
-        state: &mut Counts,
+        state: &mut S,
         record: &Record<'_, String, String>,
         out: &mut Output,
     ) -> Result<(), ProcessError> {
@@ -142,16 +198,21 @@ impl Processor for EosCounter {
                 std::thread::sleep(*delay);
             }
         }
-        let count = state.counts.entry(record.key().clone()).or_default();
+        let count = state.counts().entry(record.key().clone()).or_default();
         *count += 1;
         let count = *count;
         if let Some(salt) = self.salt {
-            state.salt = state.salt.wrapping_add(salt);
+            *state.salt() = state.salt().wrapping_add(salt);
         }
+        state.seen();
         out.send(
             OutputRecord::new(&self.output)
                 .key(record.key().as_bytes())
-                .value(format!("{id} {} {count}", record.key())),
+                .value(format!(
+                    "{id} {} {count}{}",
+                    record.key(),
+                    self.output_suffix
+                )),
         );
         Ok(())
     }
@@ -242,7 +303,18 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let processor = EosCounter {
+    if args.state_v2 {
+        run(config, counter::<CountsV2>(&args, slow_once)).await
+    } else {
+        run(config, counter::<Counts>(&args, slow_once)).await
+    }
+}
+
+fn counter<S>(args: &Args, slow_once: Option<(String, Duration)>) -> EosCounter<S> {
+    EosCounter {
+        state: std::marker::PhantomData,
+        version: args.processor_version,
+        output_suffix: if args.output_v2 { " v2" } else { "" },
         output: args.output.clone(),
         poison: args.poison.clone(),
         panic_on: args.panic_on.clone(),
@@ -250,7 +322,11 @@ async fn main() {
         delay: Duration::from_millis(args.per_record_delay_ms),
         slow_once: slow_once
             .map(|(id, delay)| (id, delay, std::sync::atomic::AtomicBool::new(false))),
-    };
+    }
+}
+
+/// Runs the app until SIGTERM, printing metrics; exits 1 on failure, 2 on a bad setup.
+async fn run<S: CountState>(config: AppConfig, processor: EosCounter<S>) {
     let app = match App::new(config, processor) {
         Ok(app) => app,
         Err(e) => {

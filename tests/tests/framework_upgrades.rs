@@ -1,0 +1,101 @@
+//! Deploying a new version of a service over the old one: a compatible change of the state
+//! type restarts after a graceful shutdown; after a crash, new code replays the input since
+//! the last full snapshot and is accepted when it declares a new `Processor::version`, and
+//! refused with an error naming both possible causes when it does not.
+//!
+//! Version 1 is `eos-service` as it is; version 2 adds a defaulted field to its state
+//! (`--state-v2`) and/or appends ` v2` to its outputs (`--output-v2`).
+
+mod framework_support;
+
+use std::time::Duration;
+
+use exactly_tests::process::ChildProcess;
+use framework_support::*;
+
+/// Full snapshots only at a graceful stop: a crash leaves every processed record to replay.
+const NO_PERIODIC_SNAPSHOTS: [&str; 4] = [
+    "--full-snapshot-every",
+    "100000000",
+    "--full-snapshot-interval-ms",
+    "3600000",
+];
+
+/// Outputs of version 2 (`--output-v2`) for `records`, counting on from `before` (the
+/// records version 1 processed).
+fn expected_v2_outputs(before: &[Input], records: &[Input]) -> Vec<String> {
+    let all: Vec<Input> = before.iter().chain(records).cloned().collect();
+    expected_outputs(&all)[before.len()..]
+        .iter()
+        .map(|value| format!("{value} v2"))
+        .collect()
+}
+
+/// Version 1 processes `records` with `extra` arguments, then dies by SIGKILL: its state is
+/// in no full snapshot, so recovery replays every record.
+async fn process_and_crash(s: &Setup, records: &[Input], extra: &[&str]) -> ChildProcess {
+    let mut service = s.process(records, extra).await;
+    service.kill_hard().await.expect("kill -9");
+    service
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compatible_state_change_restarts_after_a_graceful_shutdown() {
+    let s = Setup::new("upgrade-graceful").await;
+    let records = inputs(0..200, 1);
+    let mut v1 = s.process(&records[..100], &[]).await;
+    stop_cleanly(&mut v1).await;
+    produce(&s.bootstrap, &s.input, &records[100..]);
+    let mut v2 = s.spawn(&["--state-v2"]);
+    s.assert_outputs(&v2, &records, Duration::from_secs(60))
+        .await;
+    stop_cleanly(&mut v2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_replays_with_its_own_code_after_a_crash() {
+    let s = Setup::new("upgrade-bumped").await;
+    let records = inputs(0..200, 1);
+    drop(process_and_crash(&s, &records[..100], &NO_PERIODIC_SNAPSHOTS).await);
+    produce(&s.bootstrap, &s.input, &records[100..]);
+    let mut v2 = s.spawn(&["--state-v2", "--output-v2", "--processor-version", "2"]);
+    let changed = v2
+        .wait_for_log("processor version changed", Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("no version change reported: {e}"));
+    for needle in [
+        "from_version=0",
+        "to_version=2",
+        "replayed=100",
+        "state_fingerprint=differs",
+        "output_digest=differs",
+    ] {
+        assert!(changed.contains(needle), "{needle:?} not in {changed}");
+    }
+    // Version 1's outputs for the first 100 records stay (they are committed); version 2
+    // produces the rest, counting on from the replayed state.
+    let mut expected = expected_outputs(&records[..100]);
+    expected.extend(expected_v2_outputs(&records[..100], &records[100..]));
+    let report =
+        wait_for_outputs(&s.bootstrap, &s.output, &expected, Duration::from_secs(60)).await;
+    assert!(report.is_clean(), "{report}\n{}", v2.log_tail(40));
+    stop_cleanly(&mut v2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_outputs_without_a_version_bump_are_refused_after_a_crash() {
+    let s = Setup::new("upgrade-unbumped").await;
+    let records = inputs(0..100, 1);
+    drop(process_and_crash(&s, &records, &NO_PERIODIC_SNAPSHOTS).await);
+    let mut v2 = s.spawn(&["--output-v2"]);
+    let (code, log) = wait_for_failure(&mut v2, Duration::from_secs(60)).await;
+    assert_eq!(code, 1, "{log}");
+    for needle in [
+        "offsets [0, 100) gave output digest",
+        "processor version 0",
+        "a non-deterministic processor",
+        "new code deployed without a new Processor::version",
+    ] {
+        assert!(log.contains(needle), "{needle:?} not in:\n{log}");
+    }
+}

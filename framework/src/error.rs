@@ -132,6 +132,22 @@ pub enum Error {
         /// `Processor::version` recorded, and running.
         version: u32,
     },
+    /// [`Processor::migrate_state`](crate::Processor::migrate_state) failed to convert the
+    /// state of an older full snapshot.
+    #[error("migrating the state of {topic}/{partition} from processor version {from_version} to {to_version} failed: {source}")]
+    StateMigration {
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+        /// Version that wrote the snapshot.
+        from_version: u32,
+        /// Running version.
+        to_version: u32,
+        /// What `migrate_state` returned.
+        #[source]
+        source: crate::BoxError,
+    },
     /// Replaying committed input met a different number of records than were processed the
     /// first time: the input changed underneath (compaction, deleted records, a broker that
     /// lost data). Continuing would silently diverge from the committed outputs.

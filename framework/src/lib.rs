@@ -93,8 +93,8 @@ pub use config::{
 pub use error::Error;
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use processor::{
-    dead_letter_headers, KeyOf, Output, OutputRecord, ProcessError, Processor, Record, RecordError,
-    RecordPart, ValueOf,
+    dead_letter_headers, KeyOf, OldState, Output, OutputRecord, ProcessError, Processor, Record,
+    RecordError, RecordPart, ValueOf,
 };
 pub use runtime::App;
 pub use snapshot::SnapshotError;

@@ -860,6 +860,7 @@ impl<P: Processor> PartitionWorker<P> {
             &data,
             chunk_count,
             first_chunk_offset,
+            self.processor.version(),
         );
         tracing::debug!(
             input_offset = live.next_offset,

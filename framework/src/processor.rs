@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::codec::{to_json, DecodeError, EncodeError, Format};
+use crate::codec::{to_json, BoxError, DecodeError, EncodeError, Format};
 
 /// The error a [`Processor`] returns for a record it cannot handle.
 ///
@@ -124,6 +124,77 @@ pub trait Processor: Send + Sync + 'static {
     /// ```
     fn version(&self) -> u32 {
         0
+    }
+
+    /// Builds the state from a full snapshot that `State`'s own `Deserialize` cannot read: one
+    /// written by an older version of this processor (`from_version`, its
+    /// [`Processor::version`]) before the state type changed incompatibly (a field added
+    /// without `#[serde(default)]`, a field whose type changed). Read it as the old type with
+    /// [`OldState::decode`] and convert it. `Ok(None)`, the default, migrates nothing:
+    /// recovery fails with an error naming the state type and the field it could not read.
+    ///
+    /// ```
+    /// # use exactly::{BoxError, OldState, Output, ProcessError, Processor, Record, Utf8};
+    /// # use serde::{Deserialize, Serialize};
+    /// /// Version 1's state.
+    /// #[derive(Deserialize)]
+    /// struct Totals { cents: u64 }
+    /// /// Version 2's: amounts in a currency.
+    /// #[derive(Default, Serialize, Deserialize)]
+    /// struct Amounts { cents: u64, currency: String }
+    ///
+    /// struct Payments;
+    /// impl Processor for Payments {
+    ///     type State = Amounts;
+    ///     type Key = Utf8;
+    ///     type Value = Utf8;
+    ///     fn process(&self, _: &mut Amounts, _: &Record<'_, String, String>,
+    ///                _: &mut Output) -> Result<(), ProcessError> {
+    ///         Ok(())
+    ///     }
+    ///     fn version(&self) -> u32 {
+    ///         2
+    ///     }
+    ///     fn migrate_state(&self, from_version: u32, old: &OldState<'_>)
+    ///                      -> Result<Option<Amounts>, BoxError> {
+    ///         if from_version >= 2 {
+    ///             return Ok(None);
+    ///         }
+    ///         let Totals { cents } = old.decode()?;
+    ///         Ok(Some(Amounts { cents, currency: "EUR".into() }))
+    ///     }
+    /// }
+    /// ```
+    fn migrate_state(
+        &self,
+        from_version: u32,
+        old: &OldState<'_>,
+    ) -> Result<Option<Self::State>, BoxError> {
+        let _ = (from_version, old);
+        Ok(None)
+    }
+}
+
+/// A state from a full snapshot, as written by an older version of the processor; see
+/// [`Processor::migrate_state`].
+pub struct OldState<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> OldState<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        OldState { bytes }
+    }
+
+    /// Reads the state as `T`, the old state type (or any type that reads it, e.g.
+    /// `serde_json::Value`).
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, BoxError> {
+        Ok(crate::snapshot::decode_state(self.bytes)?)
+    }
+
+    /// The encoded state (MessagePack, structs as maps with field names).
+    pub fn bytes(&self) -> &[u8] {
+        self.bytes
     }
 }
 

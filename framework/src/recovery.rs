@@ -23,7 +23,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use crate::config::{ErrorPolicy, StartFrom};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::processor::{process_raw, Output, Processor, RawRecord};
+use crate::processor::{process_raw, OldState, Output, Processor, RawRecord};
 use crate::proto::{FullSnapshotRef, IncrementalSnapshot};
 use crate::snapshot::store::{find_latest_incremental, load_full_snapshot, Flow, PartitionReader};
 use crate::snapshot::{decode_state, fingerprint, OutputDigest};
@@ -97,7 +97,7 @@ pub(crate) fn recover<P: Processor>(
     let found_latest = started.elapsed();
     let inc = latest.record;
     check_record_names_partition(target, latest.offset, &inc)?;
-    let (mut state, start, timing) = load_base::<P>(target, reader, &inc, started)?;
+    let (mut state, start, timing) = load_base(processor, target, reader, &inc, started)?;
     let end = inc.next_input_offset;
     check_input_holds(target, reader, start, end)?;
     let replay_started = started.elapsed();
@@ -205,6 +205,7 @@ struct BaseTiming {
 /// The state the record derives from and the input offset it is at: the full snapshot it
 /// points to, or the default state at its base offset.
 fn load_base<P: Processor>(
+    processor: &P,
     target: &RecoveryTarget<'_>,
     reader: &PartitionReader,
     inc: &IncrementalSnapshot,
@@ -220,16 +221,52 @@ fn load_base<P: Processor>(
     };
     let bytes = load_full_snapshot(reader, target.snapshot_topic, target.partition, reference)?;
     let fetched = started.elapsed();
-    let state = decode_state(&bytes).map_err(|source| Error::PartitionSnapshot {
-        topic: target.snapshot_topic.to_owned(),
-        partition: target.partition,
-        source,
-    })?;
+    let state = decode_or_migrate(processor, target, reference, &bytes)?;
     let timing = BaseTiming {
         fetched,
         decoded: started.elapsed(),
     };
     Ok((state, reference.input_offset, timing))
+}
+
+/// Reads the snapshot's state as the running `State` type, or, when that fails, as the
+/// processor's [`Processor::migrate_state`] converts it.
+fn decode_or_migrate<P: Processor>(
+    processor: &P,
+    target: &RecoveryTarget<'_>,
+    reference: &FullSnapshotRef,
+    bytes: &[u8],
+) -> Result<P::State, Error> {
+    let decode_error = match decode_state(bytes) {
+        Ok(state) => return Ok(state),
+        Err(error) => error,
+    };
+    let from_version = reference.processor_version;
+    match processor.migrate_state(from_version, &OldState::new(bytes)) {
+        Ok(Some(state)) => {
+            tracing::warn!(
+                topic = %target.input_topic,
+                partition = target.partition,
+                from_version,
+                to_version = processor.version(),
+                snapshot = %reference.snapshot_id,
+                "state migrated: the full snapshot's state did not read as the new State type; Processor::migrate_state converted it"
+            );
+            Ok(state)
+        }
+        Ok(None) => Err(Error::PartitionSnapshot {
+            topic: target.snapshot_topic.to_owned(),
+            partition: target.partition,
+            source: decode_error,
+        }),
+        Err(source) => Err(Error::StateMigration {
+            topic: target.input_topic.to_string(),
+            partition: target.partition,
+            from_version,
+            to_version: processor.version(),
+            source,
+        }),
+    }
 }
 
 /// The input must still hold `[start, end)`: retention may have deleted its beginning (also

@@ -486,6 +486,7 @@ impl<P: Processor> TestDriver<P> {
     /// Takes a full snapshot of every partition now, as the runtime does periodically: later
     /// [`verify_determinism`](Self::verify_determinism) calls replay from here.
     pub fn full_snapshot(&mut self) -> Result<(), TestError> {
+        let version = self.processor.version();
         for ((topic, partition), p) in &mut self.partitions {
             let snapshot_error = |source| TestError::Snapshot {
                 topic: topic.to_string(),
@@ -497,7 +498,7 @@ impl<P: Processor> TestDriver<P> {
             let id = format!("test.{topic}.{partition}#{}", p.snapshots);
             let chunks = split_into_chunks(&id, p.next_offset, &data, self.max_chunk_bytes);
             let count = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
-            let reference = full_snapshot_ref(&id, p.next_offset, &data, count, 0);
+            let reference = full_snapshot_ref(&id, p.next_offset, &data, count, 0, version);
             p.base = Base::Full { reference, chunks };
             p.since_base.clear();
             p.digest = OutputDigest::new(0);
@@ -508,6 +509,7 @@ impl<P: Processor> TestDriver<P> {
     /// Writes every partition's state to a full snapshot (the runtime's encoding, chunking and
     /// checksums), reads it back and checks the restored state fingerprints the same.
     pub fn check_snapshot_roundtrip(&self) -> Result<(), TestError> {
+        let version = self.processor.version();
         for ((topic, partition), p) in &self.partitions {
             let snapshot_error = |source| TestError::Snapshot {
                 topic: topic.to_string(),
@@ -518,7 +520,7 @@ impl<P: Processor> TestDriver<P> {
             let id = format!("roundtrip.{topic}.{partition}");
             let chunks = split_into_chunks(&id, p.next_offset, &data, self.max_chunk_bytes);
             let count = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
-            let reference = full_snapshot_ref(&id, p.next_offset, &data, count, 0);
+            let reference = full_snapshot_ref(&id, p.next_offset, &data, count, 0, version);
             let assembled = assemble_chunks(&reference, chunks).map_err(snapshot_error)?;
             let restored: P::State = decode_state(&assembled).map_err(snapshot_error)?;
             let (written, restored) = (fingerprint(&p.state), fingerprint(&restored));

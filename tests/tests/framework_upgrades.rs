@@ -99,3 +99,37 @@ async fn new_outputs_without_a_version_bump_are_refused_after_a_crash() {
         assert!(log.contains(needle), "{needle:?} not in:\n{log}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incompatible_state_change_is_refused_unless_migrated() {
+    let s = Setup::new("upgrade-migrate").await;
+    let records = inputs(0..200, 1);
+    let mut v1 = s.process(&records[..100], &[]).await;
+    stop_cleanly(&mut v1).await;
+    produce(&s.bootstrap, &s.input, &records[100..]);
+
+    let mut unmigrated = s.spawn(&["--state-v3", "--processor-version", "3"]);
+    let (code, log) = wait_for_failure(&mut unmigrated, Duration::from_secs(60)).await;
+    assert_eq!(code, 1, "{log}");
+    for needle in [
+        &format!("snapshot partition {}/0", s.snapshot_topic()),
+        "does not read as eos_service::CountsV3",
+        "missing field `generation`",
+        "Processor::migrate_state",
+    ] {
+        assert!(log.contains(needle), "{needle:?} not in:\n{log}");
+    }
+
+    let mut migrated = s.spawn(&["--state-v3", "--processor-version", "3", "--migrate"]);
+    s.assert_outputs(&migrated, &records, Duration::from_secs(60))
+        .await;
+    let log = migrated.run_log_text().expect("log");
+    assert!(
+        log.contains("state migrated")
+            && log.contains("from_version=0")
+            && log.contains("to_version=3"),
+        "{}",
+        migrated.log_tail(40)
+    );
+    stop_cleanly(&mut migrated).await;
+}

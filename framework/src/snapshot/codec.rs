@@ -24,10 +24,17 @@ pub(crate) fn encode_state<S: Serialize + ?Sized>(state: &S) -> Result<Vec<u8>, 
 }
 
 /// Deserializes a state written by [`encode_state`].
+/// A failure names the Rust type and the path inside it (`cards.ada.limit`) where reading
+/// stopped.
 pub(crate) fn decode_state<S: DeserializeOwned>(bytes: &[u8]) -> Result<S, SnapshotError> {
-    rmp_serde::from_slice(bytes).map_err(|source| SnapshotError::DecodeState {
-        bytes: bytes.len(),
-        source,
+    let mut deserializer = rmp_serde::Deserializer::from_read_ref(bytes);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        SnapshotError::DecodeState {
+            state_type: std::any::type_name::<S>(),
+            path: error.path().to_string(),
+            bytes: bytes.len(),
+            source: error.into_inner(),
+        }
     })
 }
 
@@ -69,8 +76,10 @@ pub(crate) fn full_snapshot_ref(
     data: &[u8],
     chunk_count: u32,
     first_chunk_offset: i64,
+    processor_version: u32,
 ) -> FullSnapshotRef {
     FullSnapshotRef {
+        processor_version,
         first_chunk_offset,
         chunk_count,
         input_offset,
@@ -367,18 +376,33 @@ mod tests {
     }
 
     #[test]
-    fn decode_state_error_suggests_a_cause() {
+    fn decode_state_error_names_the_type_the_field_and_a_way_out() {
         let bytes = encode_state(&"text").unwrap();
-        let err = decode_state::<u64>(&bytes).unwrap_err();
-        assert!(
-            err.to_string().contains("did the State type change"),
-            "{err}"
-        );
+        let err = decode_state::<u64>(&bytes).unwrap_err().to_string();
+        assert!(err.contains("does not read as u64: at `.`"), "{err}");
+        assert!(err.contains("Processor::migrate_state"), "{err}");
+
+        #[derive(serde::Serialize)]
+        struct Card {
+            limit: &'static str,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        struct NewCard {
+            #[allow(dead_code)]
+            limit: u64,
+        }
+        let old = std::collections::BTreeMap::from([("ada", Card { limit: "high" })]);
+        let bytes = encode_state(&old).unwrap();
+        let err = decode_state::<std::collections::BTreeMap<String, NewCard>>(&bytes)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at `ada.limit`"), "{err}");
+        assert!(err.contains("NewCard"), "{err}");
     }
 
     fn prepared(data: &[u8], max: usize) -> (FullSnapshotRef, Vec<FullSnapshotChunk>) {
         let chunks = split_into_chunks("app.t.0#9", 42, data, max);
-        let r = full_snapshot_ref("app.t.0#9", 42, data, chunks.len() as u32, 1234);
+        let r = full_snapshot_ref("app.t.0#9", 42, data, chunks.len() as u32, 1234, 0);
         (r, chunks)
     }
 
@@ -510,7 +534,7 @@ mod tests {
             input_topic: "t".into(),
             input_partition: 3,
             next_input_offset: 100,
-            base: Some(full_snapshot_ref("s", 50, b"xyz", 1, 7)),
+            base: Some(full_snapshot_ref("s", 50, b"xyz", 1, 7, 1)),
             base_input_offset: 50,
             state_fingerprint: 0xdead_beef,
             state_fingerprint_enabled: true,

@@ -52,8 +52,12 @@ pub enum SnapshotError {
     #[error("cannot serialize the state into a snapshot: {0}")]
     EncodeState(#[source] rmp_serde::encode::Error),
     /// Snapshot bytes (checksums fine) do not deserialize into the processor's state type.
-    #[error("cannot deserialize the state from a snapshot ({bytes} bytes): {source}; did the State type change incompatibly since the snapshot was written?")]
+    #[error("the state in the snapshot ({bytes} bytes) does not read as {state_type}: at `{path}`: {source}; the State type changed incompatibly since the snapshot was written (a field added without #[serde(default)], a changed type): give the new field a default, or convert the old state in Processor::migrate_state")]
     DecodeState {
+        /// Rust type the state was read as.
+        state_type: &'static str,
+        /// Where in the state reading failed (`.` for the top level).
+        path: String,
         /// Length of the encoded state.
         bytes: usize,
         /// What rmp-serde reported.

@@ -11,7 +11,8 @@
 //! Records whose id equals `--poison` make the processor return an error, and `--panic-on`
 //! makes it panic; with `--nondeterministic` the state also depends on the process id
 //! (recovery must detect it).
-//! Upgrades: `--state-v2` adds a defaulted field to the state type, `--output-v2` appends
+//! Upgrades: `--state-v2` adds a defaulted field to the state type, `--state-v3` one without
+//! a default (migrated from version 1's state with `--migrate`), `--output-v2` appends
 //! ` v2` to every output value, and `--processor-version` is what `Processor::version` returns.
 //! Metrics are printed as `EXACTLY_METRICS {json}` lines whenever they change.
 
@@ -20,8 +21,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use exactly::{
-    App, AppConfig, ErrorPolicy, GroupProtocol, Output, OutputRecord, ProcessError, Processor,
-    Record, Utf8,
+    App, AppConfig, BoxError, ErrorPolicy, GroupProtocol, OldState, Output, OutputRecord,
+    ProcessError, Processor, Record, Utf8,
 };
 use serde::{Deserialize, Serialize};
 
@@ -92,6 +93,12 @@ struct Args {
     /// Version 2 of the state type: one more field, `#[serde(default)]`.
     #[arg(long)]
     state_v2: bool,
+    /// Version 3 of the state type: a field added without a default (an incompatible change).
+    #[arg(long, conflicts_with = "state_v2")]
+    state_v3: bool,
+    /// Convert older states in `Processor::migrate_state` (for `--state-v3`).
+    #[arg(long)]
+    migrate: bool,
     /// Version 2 of the outputs: ` v2` appended to every value.
     #[arg(long)]
     output_v2: bool,
@@ -115,12 +122,41 @@ struct CountsV2 {
     records: u64,
 }
 
-/// What the processor needs of its state, in either version.
+/// `Counts` after an incompatible change: a field added without a default.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CountsV3 {
+    counts: BTreeMap<String, u64>,
+    salt: u64,
+    generation: u64,
+}
+
+/// What the processor needs of its state, in any version.
 trait CountState: Serialize + serde::de::DeserializeOwned + Default + Send + 'static {
     fn counts(&mut self) -> &mut BTreeMap<String, u64>;
     fn salt(&mut self) -> &mut u64;
     /// One more record seen (version 2 counts them).
     fn seen(&mut self) {}
+    /// Converts a state of an older version (`Processor::migrate_state`).
+    fn migrate(_old: &OldState<'_>) -> Result<Option<Self>, BoxError> {
+        Ok(None)
+    }
+}
+
+impl CountState for CountsV3 {
+    fn counts(&mut self) -> &mut BTreeMap<String, u64> {
+        &mut self.counts
+    }
+    fn salt(&mut self) -> &mut u64 {
+        &mut self.salt
+    }
+    fn migrate(old: &OldState<'_>) -> Result<Option<Self>, BoxError> {
+        let Counts { counts, salt } = old.decode()?;
+        Ok(Some(CountsV3 {
+            counts,
+            salt,
+            generation: 1,
+        }))
+    }
 }
 
 impl CountState for Counts {
@@ -147,6 +183,7 @@ impl CountState for CountsV2 {
 struct EosCounter<S> {
     state: std::marker::PhantomData<fn() -> S>,
     version: u32,
+    migrate: bool,
     output_suffix: &'static str,
     output: String,
     poison: Option<String>,
@@ -174,6 +211,14 @@ impl<S: CountState> Processor for EosCounter<S> {
 
     fn version(&self) -> u32 {
         self.version
+    }
+
+    fn migrate_state(&self, _from_version: u32, old: &OldState<'_>) -> Result<Option<S>, BoxError> {
+        if self.migrate {
+            S::migrate(old)
+        } else {
+            Ok(None)
+        }
     }
 
     fn process(
@@ -305,6 +350,8 @@ async fn main() {
     };
     if args.state_v2 {
         run(config, counter::<CountsV2>(&args, slow_once)).await
+    } else if args.state_v3 {
+        run(config, counter::<CountsV3>(&args, slow_once)).await
     } else {
         run(config, counter::<Counts>(&args, slow_once)).await
     }
@@ -314,6 +361,7 @@ fn counter<S>(args: &Args, slow_once: Option<(String, Duration)>) -> EosCounter<
     EosCounter {
         state: std::marker::PhantomData,
         version: args.processor_version,
+        migrate: args.migrate,
         output_suffix: if args.output_v2 { " v2" } else { "" },
         output: args.output.clone(),
         poison: args.poison.clone(),

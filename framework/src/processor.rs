@@ -175,17 +175,47 @@ pub trait Processor: Send + Sync + 'static {
     }
 }
 
+/// A state read from a full snapshot by the running processor.
+pub(crate) enum StateRead<S> {
+    /// Read as `State` directly.
+    Read(S),
+    /// Converted by [`Processor::migrate_state`].
+    Migrated(S),
+}
+
+/// Why a full snapshot's state could not become the running processor's state.
+pub(crate) enum StateReadError {
+    /// It does not read as `State`, and `migrate_state` did not convert it.
+    Unreadable(crate::snapshot::SnapshotError),
+    /// `migrate_state` failed.
+    Migration(BoxError),
+}
+
+/// Reads the encoded state `bytes` (written by processor version `from_version`) as
+/// `P::State`, or, when that fails, as `processor.migrate_state` converts it.
+pub(crate) fn read_state<P: Processor>(
+    processor: &P,
+    from_version: u32,
+    bytes: &[u8],
+) -> Result<StateRead<P::State>, StateReadError> {
+    let unreadable = match crate::snapshot::decode_state(bytes) {
+        Ok(state) => return Ok(StateRead::Read(state)),
+        Err(error) => error,
+    };
+    match processor.migrate_state(from_version, &OldState { bytes }) {
+        Ok(Some(state)) => Ok(StateRead::Migrated(state)),
+        Ok(None) => Err(StateReadError::Unreadable(unreadable)),
+        Err(error) => Err(StateReadError::Migration(error)),
+    }
+}
+
 /// A state from a full snapshot, as written by an older version of the processor; see
 /// [`Processor::migrate_state`].
 pub struct OldState<'a> {
     bytes: &'a [u8],
 }
 
-impl<'a> OldState<'a> {
-    pub(crate) fn new(bytes: &'a [u8]) -> Self {
-        OldState { bytes }
-    }
-
+impl OldState<'_> {
     /// Reads the state as `T`, the old state type (or any type that reads it, e.g.
     /// `serde_json::Value`).
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, BoxError> {

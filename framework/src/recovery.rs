@@ -23,10 +23,12 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use crate::config::{ErrorPolicy, StartFrom};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::processor::{process_raw, OldState, Output, Processor, RawRecord};
+use crate::processor::{
+    process_raw, read_state, Output, Processor, RawRecord, StateRead, StateReadError,
+};
 use crate::proto::{FullSnapshotRef, IncrementalSnapshot};
 use crate::snapshot::store::{find_latest_incremental, load_full_snapshot, Flow, PartitionReader};
-use crate::snapshot::{decode_state, fingerprint, OutputDigest};
+use crate::snapshot::{fingerprint, OutputDigest};
 
 /// Which partition to recover and how.
 pub(crate) struct RecoveryTarget<'a> {
@@ -237,13 +239,10 @@ fn decode_or_migrate<P: Processor>(
     reference: &FullSnapshotRef,
     bytes: &[u8],
 ) -> Result<P::State, Error> {
-    let decode_error = match decode_state(bytes) {
-        Ok(state) => return Ok(state),
-        Err(error) => error,
-    };
     let from_version = reference.processor_version;
-    match processor.migrate_state(from_version, &OldState::new(bytes)) {
-        Ok(Some(state)) => {
+    match read_state(processor, from_version, bytes) {
+        Ok(StateRead::Read(state)) => Ok(state),
+        Ok(StateRead::Migrated(state)) => {
             tracing::warn!(
                 topic = %target.input_topic,
                 partition = target.partition,
@@ -254,12 +253,12 @@ fn decode_or_migrate<P: Processor>(
             );
             Ok(state)
         }
-        Ok(None) => Err(Error::PartitionSnapshot {
+        Err(StateReadError::Unreadable(source)) => Err(Error::PartitionSnapshot {
             topic: target.snapshot_topic.to_owned(),
             partition: target.partition,
-            source: decode_error,
+            source,
         }),
-        Err(source) => Err(Error::StateMigration {
+        Err(StateReadError::Migration(source)) => Err(Error::StateMigration {
             topic: target.input_topic.to_string(),
             partition: target.partition,
             from_version,

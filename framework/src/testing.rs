@@ -54,8 +54,8 @@ use serde::Serialize;
 use crate::codec::{to_json, DecodeError, EncodeError, Format, Json};
 use crate::config::ErrorPolicy;
 use crate::processor::{
-    dead_letter_record, process_raw, KeyOf, Output, OutputRecord, Processor, RawRecord,
-    RecordError, ValueOf,
+    dead_letter_record, process_raw, read_state, KeyOf, Output, OutputRecord, Processor, RawRecord,
+    RecordError, StateRead, StateReadError, ValueOf,
 };
 use crate::proto::{FullSnapshotChunk, FullSnapshotRef};
 use crate::snapshot::{
@@ -191,6 +191,21 @@ pub enum TestError {
         #[source]
         source: SnapshotError,
     },
+    /// [`Processor::migrate_state`] failed in [`TestDriver::upgrade`].
+    #[error("migrating the state of {topic}/{partition} from processor version {from_version} to {to_version} failed: {source}")]
+    Migration {
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+        /// Version of the driver's processor.
+        from_version: u32,
+        /// Version of the new processor.
+        to_version: u32,
+        /// What `migrate_state` returned.
+        #[source]
+        source: crate::BoxError,
+    },
     /// The state read back from a full snapshot differs from the state that was written.
     #[error("the state of {topic}/{partition} changes when written to a full snapshot and read back (fingerprint {written:#018x} -> {restored:#018x}): fields skipped by serde (#[serde(skip)]) or lossy Serialize/Deserialize impls; after a crash recovery would restore a different state")]
     SnapshotNotFaithful {
@@ -254,6 +269,32 @@ pub struct TestDriver<P: Processor> {
     /// Wall-clock ms of the last processed record: the replay must run at a later wall-clock
     /// time so that a processor reading the clock is caught.
     last_wall_ms: u128,
+}
+
+/// The encoded state `data` (written by processor version `from_version`) as `processor`'s
+/// state, read or migrated the way recovery does.
+fn state_as_recovery_reads<P: Processor>(
+    processor: &P,
+    topic: &str,
+    partition: i32,
+    from_version: u32,
+    data: &[u8],
+) -> Result<P::State, TestError> {
+    match read_state(processor, from_version, data) {
+        Ok(StateRead::Read(state) | StateRead::Migrated(state)) => Ok(state),
+        Err(StateReadError::Unreadable(source)) => Err(TestError::Snapshot {
+            topic: topic.to_owned(),
+            partition,
+            source,
+        }),
+        Err(StateReadError::Migration(source)) => Err(TestError::Migration {
+            topic: topic.to_owned(),
+            partition,
+            from_version,
+            to_version: processor.version(),
+            source,
+        }),
+    }
 }
 
 fn wall_ms() -> u128 {
@@ -506,6 +547,78 @@ impl<P: Processor> TestDriver<P> {
         Ok(())
     }
 
+    /// Deploys `processor` — a new version, possibly with another `State` type — over this
+    /// driver's partitions, as a restart after a graceful shutdown does: each partition's
+    /// state is written to a full snapshot and read back as the new `State`, or converted by
+    /// its [`Processor::migrate_state`], exactly as recovery does. The new driver goes on at
+    /// the same offsets with the same clock and settings; its outputs start empty. An error
+    /// is what the restart would fail with.
+    ///
+    /// ```
+    /// # use exactly::testing::TestDriver;
+    /// # use exactly::{Output, ProcessError, Processor, Record, Utf8};
+    /// # use serde::{Deserialize, Serialize};
+    /// #[derive(Default, Serialize, Deserialize)]
+    /// struct V1 { seen: u64 }
+    /// #[derive(Default, Serialize, Deserialize)]
+    /// struct V2 { seen: u64, #[serde(default)] bytes: u64 }
+    /// # struct Old; struct New;
+    /// # impl Processor for Old {
+    /// #     type State = V1; type Key = Utf8; type Value = Utf8;
+    /// #     fn process(&self, s: &mut V1, _: &Record<'_, String, String>, _: &mut Output)
+    /// #         -> Result<(), ProcessError> { s.seen += 1; Ok(()) }
+    /// # }
+    /// # impl Processor for New {
+    /// #     type State = V2; type Key = Utf8; type Value = Utf8;
+    /// #     fn process(&self, s: &mut V2, r: &Record<'_, String, String>, _: &mut Output)
+    /// #         -> Result<(), ProcessError> { s.seen += 1; s.bytes += r.value().len() as u64; Ok(()) }
+    /// # }
+    /// let mut v1 = TestDriver::new(Old);
+    /// v1.pipe("in", &"k".to_string(), &"abc".to_string()).unwrap();
+    /// let mut v2 = v1.upgrade(New).unwrap();
+    /// v2.pipe("in", &"k".to_string(), &"de".to_string()).unwrap();
+    /// let state = v2.state("in", 0).unwrap();
+    /// assert_eq!((state.seen, state.bytes), (2, 2));
+    /// ```
+    pub fn upgrade<Q: Processor>(&self, processor: Q) -> Result<TestDriver<Q>, TestError> {
+        let from_version = self.processor.version();
+        let mut partitions = BTreeMap::new();
+        for ((topic, partition), p) in &self.partitions {
+            let snapshot_error = |source| TestError::Snapshot {
+                topic: topic.to_string(),
+                partition: *partition,
+                source,
+            };
+            let data = encode_state(&p.state).map_err(snapshot_error)?;
+            let state =
+                state_as_recovery_reads(&processor, topic, *partition, from_version, &data)?;
+            let id = format!("upgrade.{topic}.{partition}");
+            let chunks = split_into_chunks(&id, p.next_offset, &data, self.max_chunk_bytes);
+            let count = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+            let reference = full_snapshot_ref(&id, p.next_offset, &data, count, 0, from_version);
+            let upgraded = PartitionState {
+                state,
+                next_offset: p.next_offset,
+                failed_at: p.failed_at,
+                base: Base::Full { reference, chunks },
+                since_base: Vec::new(),
+                digest: OutputDigest::new(0),
+                snapshots: p.snapshots,
+            };
+            partitions.insert((Arc::clone(topic), *partition), upgraded);
+        }
+        Ok(TestDriver {
+            processor,
+            error_policy: self.error_policy.clone(),
+            max_chunk_bytes: self.max_chunk_bytes,
+            time_ms: self.time_ms,
+            partitions,
+            outputs: Vec::new(),
+            errors: Vec::new(),
+            last_wall_ms: self.last_wall_ms,
+        })
+    }
+
     /// Writes every partition's state to a full snapshot (the runtime's encoding, chunking and
     /// checksums), reads it back and checks the restored state fingerprints the same.
     pub fn check_snapshot_roundtrip(&self) -> Result<(), TestError> {
@@ -583,7 +696,14 @@ impl<P: Processor> TestDriver<P> {
                     };
                     let data =
                         assemble_chunks(reference, chunks.clone()).map_err(snapshot_error)?;
-                    decode_state(&data).map_err(snapshot_error)?
+                    // An upgraded driver's base may hold an older version's state.
+                    state_as_recovery_reads(
+                        &self.processor,
+                        topic,
+                        *partition,
+                        reference.processor_version,
+                        &data,
+                    )?
                 }
             };
             let mut digest = OutputDigest::new(0);
@@ -642,6 +762,101 @@ mod tests {
     #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
     struct Payment {
         cents: i64,
+    }
+
+    /// Version 1 counts records; version 2's state adds a field without a default and can
+    /// migrate version 1's (or refuse to, or fail).
+    mod upgrade {
+        use super::*;
+        use crate::codec::BoxError;
+        use crate::processor::OldState;
+
+        #[derive(Default, Serialize, Deserialize)]
+        pub struct V1 {
+            pub seen: u64,
+        }
+        #[derive(Default, Serialize, Deserialize)]
+        pub struct V2 {
+            pub seen: u64,
+            pub generation: u64,
+        }
+        pub struct Old;
+        impl Processor for Old {
+            type State = V1;
+            type Key = Utf8;
+            type Value = Utf8;
+            fn process(
+                &self,
+                s: &mut V1,
+                _: &Record<'_, String, String>,
+                _: &mut Output,
+            ) -> Result<(), ProcessError> {
+                s.seen += 1;
+                Ok(())
+            }
+        }
+        pub enum Migration {
+            None,
+            Convert,
+            Fail,
+        }
+        pub struct New(pub Migration);
+        impl Processor for New {
+            type State = V2;
+            type Key = Utf8;
+            type Value = Utf8;
+            fn process(
+                &self,
+                s: &mut V2,
+                _: &Record<'_, String, String>,
+                _: &mut Output,
+            ) -> Result<(), ProcessError> {
+                s.seen += 1;
+                Ok(())
+            }
+            fn version(&self) -> u32 {
+                2
+            }
+            fn migrate_state(
+                &self,
+                _from_version: u32,
+                old: &OldState<'_>,
+            ) -> Result<Option<V2>, BoxError> {
+                match self.0 {
+                    Migration::None => Ok(None),
+                    Migration::Convert => {
+                        let V1 { seen } = old.decode()?;
+                        Ok(Some(V2 {
+                            seen,
+                            generation: 2,
+                        }))
+                    }
+                    Migration::Fail => Err("no way back".into()),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn upgrade_reads_migrates_or_refuses_the_old_state() {
+        use upgrade::{Migration, New, Old};
+        let mut v1 = TestDriver::new(Old);
+        for _ in 0..3 {
+            v1.pipe("in", &"k".to_string(), &"x".to_string()).unwrap();
+        }
+        let err = v1.upgrade(New(Migration::None)).err().unwrap().to_string();
+        assert!(err.contains("missing field `generation`"), "{err}");
+        assert!(err.contains("upgrade::V2"), "{err}");
+        let err = v1.upgrade(New(Migration::Fail)).err().unwrap().to_string();
+        assert!(
+            err.contains("from processor version 0 to 2 failed: no way back"),
+            "{err}"
+        );
+        let mut v2 = v1.upgrade(New(Migration::Convert)).unwrap();
+        v2.pipe("in", &"k".to_string(), &"x".to_string()).unwrap();
+        let state = v2.state("in", 0).unwrap();
+        assert_eq!((state.seen, state.generation), (4, 2));
+        v2.verify_determinism().unwrap();
     }
 
     /// Per-account balance; rejects negative payments, panics on a magic amount.

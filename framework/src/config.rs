@@ -488,9 +488,10 @@ impl AppConfig {
                     }
                 }
                 _ => {
-                    // Other EXACTLY_* variables may belong to the application or its tests:
-                    // mention them (a typo is the likely cause) without failing.
-                    tracing::debug!(variable = %name, "ignoring unknown EXACTLY_* environment variable");
+                    // Not fatal: other EXACTLY_* variables may belong to the application or
+                    // its tests; but a typo would silently leave a setting at its default.
+                    let closest = format!("EXACTLY_{}", closest_setting(setting));
+                    tracing::warn!(variable = %name, closest = %closest, "ignoring an unknown EXACTLY_* environment variable; did you mean the closest one?");
                 }
             }
         }
@@ -828,6 +829,39 @@ impl AppConfig {
 }
 
 /// `SASL_MECHANISMS` → `sasl.mechanisms`.
+/// The settings [`AppConfig::from_env`] reads, after `EXACTLY_` (besides the `KAFKA_`,
+/// `CONSUMER_KAFKA_` and `PRODUCER_KAFKA_` prefixes).
+const ENV_SETTINGS: &[&str] = &[
+    "APP_ID",
+    "BROKERS",
+    "BOOTSTRAP_SERVERS",
+    "INPUT_TOPICS",
+    "COMMIT_INTERVAL_MS",
+    "MAX_BATCH_RECORDS",
+    "FULL_SNAPSHOT_EVERY_RECORDS",
+    "FULL_SNAPSHOT_INTERVAL_MS",
+    "FULL_SNAPSHOTS",
+    "STATE_FINGERPRINT",
+    "SNAPSHOT_TOPIC_PATTERN",
+    "MAX_CHUNK_BYTES",
+    "ERROR_POLICY",
+    "AUTO_OFFSET_RESET",
+    "TRANSACTION_TIMEOUT_MS",
+    "MAX_BUFFERED_BYTES",
+    "MAX_CONSECUTIVE_ABORTS",
+    "GROUP_PROTOCOL",
+    "KAFKA_<PROPERTY>",
+];
+
+/// The known setting whose name is closest to `setting` (edit distance).
+fn closest_setting(setting: &str) -> &'static str {
+    ENV_SETTINGS
+        .iter()
+        .copied()
+        .min_by_key(|known| strsim::levenshtein(setting, known))
+        .unwrap_or("APP_ID")
+}
+
 fn env_property(name: &str) -> String {
     name.to_ascii_lowercase().replace('_', ".")
 }
@@ -864,6 +898,34 @@ mod tests {
 
     fn base() -> AppConfig {
         AppConfig::new("app", "localhost:9092").input_topic("in")
+    }
+
+    #[test]
+    fn a_misspelt_setting_names_the_closest_known_one() {
+        assert_eq!(closest_setting("ERROR_POLCY"), "ERROR_POLICY");
+        assert_eq!(closest_setting("COMMIT_INTERVAL"), "COMMIT_INTERVAL_MS");
+        assert_eq!(
+            closest_setting("TRANSACTION_TIMEOUT"),
+            "TRANSACTION_TIMEOUT_MS"
+        );
+        // Ignored, not fatal: the variable may be the application's own.
+        assert!(base()
+            .apply_env(vars(&[("EXACTLY_ERROR_POLCY", "skip")]))
+            .is_ok());
+    }
+
+    #[test]
+    fn every_listed_setting_is_read() {
+        // A value no setting accepts: a listed setting fails to parse it instead of being
+        // ignored as unknown.
+        for setting in ENV_SETTINGS.iter().filter(|s| !s.contains('<')) {
+            let name = format!("EXACTLY_{setting}");
+            let ignored = base().apply_env(vars(&[(&name, "\u{1}not a value")]));
+            let read = ignored
+                .as_ref()
+                .map_or(true, |c| format!("{c:?}").contains("not a value"));
+            assert!(read, "{name} is listed but not read");
+        }
     }
 
     fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -41,6 +41,7 @@
 //!
 //! #[tokio::main]
 //! async fn main() -> Result<(), exactly::Error> {
+//!     tracing_subscriber::fmt::init(); // to stdout: errors, or what RUST_LOG=info asks for
 //!     let config = AppConfig::new("click-counter", "localhost:9092")
 //!         .input_topic("clicks")
 //!         .from_env()?; // EXACTLY_* overrides, e.g. EXACTLY_KAFKA_SASL_USERNAME

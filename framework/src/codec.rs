@@ -86,18 +86,35 @@ impl EncodeError {
     }
 }
 
-/// How the bytes of a record key or value map to a Rust value.
+/// How a Rust value becomes the bytes of a record key or value: the half of a [`Format`]
+/// that [`Output::send_as`](crate::Output::send_as) needs. [`Json<T>`] encodes any
+/// `T: Serialize` (borrowed values too: `Json<&String>`), while decoding needs
+/// `T: DeserializeOwned`.
+pub trait Encode {
+    /// The value to encode.
+    type Item;
+    /// Encodes a key or value; `Ok(None)` = absent (null).
+    fn encode(item: &Self::Item) -> Result<Option<Vec<u8>>, EncodeError>;
+}
+
+/// How the bytes of a record key or value map to a Rust value, and back ([`Encode`]).
 ///
 /// `None` bytes stand for an absent (null) key or value, e.g. a tombstone.
 ///
 /// ```
-/// use exactly::{DecodeError, EncodeError, Format};
+/// use exactly::{DecodeError, Encode, EncodeError, Format};
 ///
 /// /// Big-endian u64 keys.
 /// struct U64Be;
 ///
-/// impl Format for U64Be {
+/// impl Encode for U64Be {
 ///     type Item = u64;
+///     fn encode(item: &u64) -> Result<Option<Vec<u8>>, EncodeError> {
+///         Ok(Some(item.to_be_bytes().to_vec()))
+///     }
+/// }
+///
+/// impl Format for U64Be {
 ///     fn decode(bytes: Option<&[u8]>) -> Result<u64, DecodeError> {
 ///         let bytes = bytes.ok_or(DecodeError::Null { expected: "an 8-byte key" })?;
 ///         let array: [u8; 8] = bytes.try_into().map_err(|_| {
@@ -105,34 +122,30 @@ impl EncodeError {
 ///         })?;
 ///         Ok(u64::from_be_bytes(array))
 ///     }
-///     fn encode(item: &u64) -> Result<Option<Vec<u8>>, EncodeError> {
-///         Ok(Some(item.to_be_bytes().to_vec()))
-///     }
 /// }
 ///
 /// assert_eq!(U64Be::decode(Some(&[0, 0, 0, 0, 0, 0, 1, 2])).unwrap(), 258);
 /// assert!(U64Be::decode(None).is_err());
 /// ```
-pub trait Format {
-    /// The decoded value.
-    type Item;
+pub trait Format: Encode {
     /// Decodes a key or value; `None` = absent (null).
     fn decode(bytes: Option<&[u8]>) -> Result<Self::Item, DecodeError>;
-    /// Encodes a key or value; `Ok(None)` = absent (null).
-    fn encode(item: &Self::Item) -> Result<Option<Vec<u8>>, EncodeError>;
 }
 
 /// The bytes as they are: `Item = Option<Vec<u8>>` (`None` = absent/null).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Raw;
 
-impl Format for Raw {
+impl Encode for Raw {
     type Item = Option<Vec<u8>>;
-    fn decode(bytes: Option<&[u8]>) -> Result<Self::Item, DecodeError> {
-        Ok(bytes.map(<[u8]>::to_vec))
-    }
     fn encode(item: &Self::Item) -> Result<Option<Vec<u8>>, EncodeError> {
         Ok(item.clone())
+    }
+}
+
+impl Format for Raw {
+    fn decode(bytes: Option<&[u8]>) -> Result<Self::Item, DecodeError> {
+        Ok(bytes.map(<[u8]>::to_vec))
     }
 }
 
@@ -140,16 +153,19 @@ impl Format for Raw {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Utf8;
 
-impl Format for Utf8 {
+impl Encode for Utf8 {
     type Item = String;
+    fn encode(item: &String) -> Result<Option<Vec<u8>>, EncodeError> {
+        Ok(Some(item.as_bytes().to_vec()))
+    }
+}
+
+impl Format for Utf8 {
     fn decode(bytes: Option<&[u8]>) -> Result<String, DecodeError> {
         let bytes = bytes.ok_or(DecodeError::Null {
             expected: "UTF-8 text",
         })?;
         Ok(std::str::from_utf8(bytes)?.to_owned())
-    }
-    fn encode(item: &String) -> Result<Option<Vec<u8>>, EncodeError> {
-        Ok(Some(item.as_bytes().to_vec()))
     }
 }
 
@@ -179,8 +195,15 @@ impl<T> fmt::Debug for Json<T> {
     }
 }
 
-impl<T: Serialize + DeserializeOwned> Format for Json<T> {
+impl<T: Serialize> Encode for Json<T> {
     type Item = T;
+    fn encode(item: &T) -> Result<Option<Vec<u8>>, EncodeError> {
+        let bytes = to_json(item)?;
+        Ok(if bytes == b"null" { None } else { Some(bytes) })
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> Format for Json<T> {
     fn decode(bytes: Option<&[u8]>) -> Result<T, DecodeError> {
         match bytes {
             Some(bytes) => serde_json::from_slice(bytes).map_err(|source| DecodeError::Json {
@@ -192,10 +215,6 @@ impl<T: Serialize + DeserializeOwned> Format for Json<T> {
             }),
         }
     }
-    fn encode(item: &T) -> Result<Option<Vec<u8>>, EncodeError> {
-        let bytes = to_json(item)?;
-        Ok(if bytes == b"null" { None } else { Some(bytes) })
-    }
 }
 
 /// JSON-encodes any serializable value, naming the type on failure.
@@ -206,10 +225,55 @@ pub(crate) fn to_json<T: Serialize + ?Sized>(item: &T) -> Result<Vec<u8>, Encode
     })
 }
 
+/// A key for [`Output::send_json`](crate::Output::send_json): text keys as their UTF-8 bytes
+/// (`ada`, not `"ada"`: what other clients write and expect), any other key as JSON.
+pub(crate) fn json_key<K: Serialize + ?Sized>(key: &K) -> Result<Vec<u8>, EncodeError> {
+    let json = to_json(key)?;
+    if json.first() == Some(&b'"') {
+        if let Ok(text) = serde_json::from_slice::<String>(&json) {
+            return Ok(text.into_bytes());
+        }
+    }
+    Ok(json)
+}
+
+/// Reads a key written by [`json_key`]: JSON, or else text as a JSON string.
+pub(crate) fn decode_json_key<K: Serialize + DeserializeOwned>(
+    bytes: Option<&[u8]>,
+) -> Result<K, DecodeError> {
+    let json_error = match Json::<K>::decode(bytes) {
+        Ok(key) => return Ok(key),
+        Err(error) => error,
+    };
+    let text = std::str::from_utf8(bytes.unwrap_or_default()).map_err(|_| json_error)?;
+    serde_json::from_value(serde_json::Value::String(text.to_owned())).map_err(|source| {
+        DecodeError::Json {
+            type_name: std::any::type_name::<K>(),
+            source,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn json_keys_are_text_when_they_are_text() {
+        assert_eq!(json_key("ada").unwrap(), b"ada");
+        assert_eq!(json_key(&"a \"b\"".to_string()).unwrap(), b"a \"b\"");
+        assert_eq!(json_key(&42u32).unwrap(), b"42");
+        assert_eq!(json_key(&("a", 1)).unwrap(), br#"["a",1]"#);
+        assert_eq!(decode_json_key::<String>(Some(b"ada")).unwrap(), "ada");
+        assert_eq!(decode_json_key::<String>(Some(b"42")).unwrap(), "42");
+        assert_eq!(decode_json_key::<u32>(Some(b"42")).unwrap(), 42);
+        assert_eq!(
+            decode_json_key::<(String, u8)>(Some(br#"["a",1]"#)).unwrap(),
+            ("a".to_string(), 1)
+        );
+        assert!(decode_json_key::<u32>(Some(b"ada")).is_err());
+    }
 
     #[test]
     fn raw_round_trips_including_null() {

@@ -87,7 +87,7 @@ mod runtime;
 pub(crate) mod snapshot;
 pub mod testing;
 
-pub use codec::{BoxError, DecodeError, EncodeError, Format, Json, Raw, Utf8};
+pub use codec::{BoxError, DecodeError, Encode, EncodeError, Format, Json, Raw, Utf8};
 pub use config::{
     AppConfig, ConfigError, ErrorPolicy, GroupProtocol, StartFrom, DEFAULT_SNAPSHOT_TOPIC_PATTERN,
 };

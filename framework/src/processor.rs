@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::codec::{to_json, BoxError, DecodeError, EncodeError, Format};
+use crate::codec::{json_key, to_json, BoxError, DecodeError, Encode, EncodeError, Format};
 
 /// The error a [`Processor`] returns for a record it cannot handle.
 ///
@@ -18,9 +18,9 @@ use crate::codec::{to_json, BoxError, DecodeError, EncodeError, Format};
 pub type ProcessError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The decoded key type of a processor.
-pub type KeyOf<P> = <<P as Processor>::Key as Format>::Item;
+pub type KeyOf<P> = <<P as Processor>::Key as Encode>::Item;
 /// The decoded value type of a processor.
-pub type ValueOf<P> = <<P as Processor>::Value as Format>::Item;
+pub type ValueOf<P> = <<P as Processor>::Value as Encode>::Item;
 
 /// A stream processor: a function from (state, input record) to (new state, output records).
 ///
@@ -378,7 +378,7 @@ impl OutputRecord {
         self
     }
     /// A record whose key and value are encoded with the formats `KF` and `VF`.
-    pub fn encoded<KF: Format, VF: Format>(
+    pub fn encoded<KF: Encode, VF: Encode>(
         topic: impl Into<String>,
         key: &KF::Item,
         value: &VF::Item,
@@ -410,13 +410,18 @@ impl Output {
         self.records.push(record);
     }
 
-    /// Emits a record whose key and value are JSON-encoded.
+    /// Emits a record whose value is JSON-encoded, and whose key is too unless it is text: a
+    /// text key is written as its UTF-8 bytes (`acct-1`, not `"acct-1"`), as other Kafka
+    /// clients write keys and as the default partitioner should hash them.
     ///
     /// ```
     /// # use exactly::Output;
     /// let mut out = Output::new();
     /// out.send_json("totals", "acct-1", &42u64).unwrap();
+    /// assert_eq!(out.records()[0].key.as_deref(), Some(&b"acct-1"[..]));
     /// assert_eq!(out.records()[0].value.as_deref(), Some(&b"42"[..]));
+    /// out.send_json("totals", &(7, "eu"), &1u64).unwrap();
+    /// assert_eq!(out.records()[1].key.as_deref(), Some(&br#"[7,"eu"]"#[..]));
     /// ```
     pub fn send_json<K, V>(
         &mut self,
@@ -429,21 +434,25 @@ impl Output {
         V: Serialize + ?Sized,
     {
         let mut r = OutputRecord::new(topic);
-        r.key = Some(to_json(key)?);
+        r.key = Some(json_key(key)?);
         r.value = Some(to_json(value)?);
         self.records.push(r);
         Ok(())
     }
 
-    /// Emits a record whose key and value are encoded with the formats `KF` and `VF`.
+    /// Emits a record whose key and value are encoded with the formats `KF` and `VF` (only
+    /// their [`Encode`] half: `Json<&T>` encodes a borrowed value).
     ///
     /// ```
     /// # use exactly::{Json, Output, Utf8};
     /// let mut out = Output::new();
     /// out.send_as::<Utf8, Json<Vec<u8>>>("t", &"k".to_string(), &vec![1, 2]).unwrap();
+    /// let name = "ada".to_string();
+    /// out.send_as::<Utf8, Json<&String>>("t", &"k".to_string(), &&name).unwrap();
+    /// assert_eq!(out.records()[1].value.as_deref(), Some(&br#""ada""#[..]));
     /// assert_eq!(out.records()[0].value.as_deref(), Some(&b"[1,2]"[..]));
     /// ```
-    pub fn send_as<KF: Format, VF: Format>(
+    pub fn send_as<KF: Encode, VF: Encode>(
         &mut self,
         topic: impl Into<String>,
         key: &KF::Item,

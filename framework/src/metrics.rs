@@ -37,6 +37,7 @@ struct Counters {
     full_snapshot_nanos_total: AtomicU64,
     recoveries: AtomicU64,
     recoveries_from_full_snapshot: AtomicU64,
+    fresh_starts: AtomicU64,
     replayed_records_total: AtomicU64,
     last_recovery_replayed_records: AtomicU64,
     max_recovery_replayed_records: AtomicU64,
@@ -81,6 +82,9 @@ pub struct MetricsSnapshot {
     pub recoveries: u64,
     /// Recoveries that started from a full snapshot (the rest started from the empty state).
     pub recoveries_from_full_snapshot: u64,
+    /// Partitions started with nothing to recover (no snapshot yet): not counted in
+    /// `recoveries`.
+    pub fresh_starts: u64,
     /// Input records replayed by recoveries, in total.
     pub replayed_records_total: u64,
     /// Records replayed by the latest recovery.
@@ -136,6 +140,7 @@ impl Metrics {
             full_snapshot_time_total: Duration::from_nanos(get(&c.full_snapshot_nanos_total)),
             recoveries: get(&c.recoveries),
             recoveries_from_full_snapshot: get(&c.recoveries_from_full_snapshot),
+            fresh_starts: get(&c.fresh_starts),
             replayed_records_total: get(&c.replayed_records_total),
             last_recovery_replayed_records: get(&c.last_recovery_replayed_records),
             max_recovery_replayed_records: get(&c.max_recovery_replayed_records),
@@ -203,6 +208,11 @@ impl Metrics {
     }
     /// A partition recovery finished after `took`, replaying `replayed_records` input
     /// records, starting from a full snapshot or not.
+    /// A partition started with no snapshot to recover from.
+    pub(crate) fn fresh_start(&self) {
+        self.inner.fresh_starts.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn recovery_finished(
         &self,
         took: Duration,
@@ -292,7 +302,9 @@ mod tests {
         m.full_snapshot_written(40, Duration::from_millis(1));
         m.recovery_finished(Duration::from_millis(50), 10, true);
         m.recovery_finished(Duration::from_millis(20), 30, false);
+        m.fresh_start();
         let s = m.snapshot();
+        assert_eq!(s.fresh_starts, 1);
         assert_eq!(s.full_snapshots_written, 2);
         assert_eq!(s.full_snapshot_bytes_total, 140);
         assert_eq!(s.last_full_snapshot_bytes, 40);

@@ -93,7 +93,7 @@ pub(crate) fn recover<P: Processor>(
     let Some(latest) = find_latest_incremental(reader, target.snapshot_topic, target.partition)?
     else {
         let recovered = fresh_start(target, reader)?;
-        metrics.recovery_finished(started.elapsed(), 0, false);
+        metrics.fresh_start();
         return Ok(Some(recovered));
     };
     let found_latest = started.elapsed();

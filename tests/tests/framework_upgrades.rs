@@ -44,11 +44,24 @@ async fn a_compatible_state_change_restarts_after_a_graceful_shutdown() {
     let s = Setup::new("upgrade-graceful").await;
     let records = inputs(0..200, 1);
     let mut v1 = s.process(&records[..100], &[]).await;
+    // A first start has nothing to recover and is not counted as a recovery.
+    let m = last_metrics(&v1).expect("metrics");
+    assert_eq!(
+        (metric(&m, "fresh_starts"), metric(&m, "recoveries")),
+        (1, 0),
+        "{m}"
+    );
     stop_cleanly(&mut v1).await;
     produce(&s.bootstrap, &s.input, &records[100..]);
     let mut v2 = s.spawn(&["--state-v2"]);
     s.assert_outputs(&v2, &records, Duration::from_secs(60))
         .await;
+    let m = last_metrics(&v2).expect("metrics");
+    assert_eq!(
+        (metric(&m, "fresh_starts"), metric(&m, "recoveries")),
+        (0, 1),
+        "{m}"
+    );
     stop_cleanly(&mut v2).await;
 }
 

@@ -94,7 +94,8 @@ pub async fn measure_chain_latency(
     for app in [&validate, &ledger, &stats] {
         blocking_with(app, |app| {
             app.wait_for_metrics("every partition live", limit, |m| {
-                m.recoveries >= partitions as u64 && m.partitions_assigned == partitions as u64
+                m.recoveries + m.fresh_starts >= partitions as u64
+                    && m.partitions_assigned == partitions as u64
             })
         })
         .await?;

@@ -420,6 +420,7 @@ fn metrics_line(m: &exactly::MetricsSnapshot) -> String {
         "full_snapshots_written": m.full_snapshots_written,
         "full_snapshot_ms": m.full_snapshot_time_total.as_millis() as u64,
         "recoveries": m.recoveries,
+        "fresh_starts": m.fresh_starts,
         "recoveries_from_full_snapshot": m.recoveries_from_full_snapshot,
         "last_recovery_replayed_records": m.last_recovery_replayed_records,
         "max_recovery_replayed_records": m.max_recovery_replayed_records,

@@ -146,3 +146,26 @@ async fn an_incompatible_state_change_is_refused_unless_migrated() {
     );
     stop_cleanly(&mut migrated).await;
 }
+
+/// The `upgrade-check` binary runs every scenario above (and a compatible state change after
+/// a crash) on a Kafka of its own and prints its verdict line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_check_passes() {
+    let spec = exactly_tests::process::ProcessSpec::new(env!("CARGO_BIN_EXE_upgrade-check"))
+        .env("NO_COLOR", "1");
+    let mut check = ChildProcess::spawn("upgrade-check", spec).expect("start upgrade-check");
+    let status = check
+        .wait_exit(Duration::from_secs(600))
+        .await
+        .expect("upgrade-check finished");
+    let output = check.log_text().expect("output");
+    let line = output
+        .lines()
+        .find(|l| l.starts_with("UPGRADE-CHECK "))
+        .unwrap_or_else(|| panic!("no UPGRADE-CHECK line ({status}):\n{}", check.log_tail(60)));
+    assert!(status.success(), "{line}\n{}", check.log_tail(60));
+    assert_eq!(
+        line,
+        "UPGRADE-CHECK compatible_after_shutdown=ok compatible_after_crash=ok output_change_bumped=ok output_change_unbumped=refused incompatible_unmigrated=refused incompatible_migrated=ok duplicates=0 missing=0 verdict=PASS"
+    );
+}

@@ -81,6 +81,7 @@ mod continuity;
 mod error;
 mod metrics;
 mod partition;
+mod partitioner;
 mod processor;
 mod recovery;
 mod runtime;

@@ -53,6 +53,7 @@ use serde::Serialize;
 
 use crate::codec::{decode_json_key, to_json, DecodeError, Encode, EncodeError, Format, Json};
 use crate::config::ErrorPolicy;
+pub use crate::partitioner::default_partition;
 use crate::processor::{
     dead_letter_record, process_raw, read_state, KeyOf, Output, OutputRecord, Processor, RawRecord,
     RecordError, StateRead, StateReadError, ValueOf,
@@ -376,6 +377,36 @@ impl<P: Processor> TestDriver<P> {
         input.key = P::Key::encode(key)?;
         input.value = P::Value::encode(value)?;
         self.pipe_raw(input)
+    }
+
+    /// Like [`pipe`](Self::pipe), to the partition of `topic` (of `partitions`) that Kafka's
+    /// default partitioner (the Java client's murmur2) picks for the encoded key; keyless
+    /// records go to partition 0. See [`default_partition`].
+    ///
+    /// ```
+    /// # use exactly::testing::{default_partition, TestDriver};
+    /// # use exactly::{Output, ProcessError, Processor, Record, Utf8};
+    /// # struct Count;
+    /// # impl Processor for Count {
+    /// #     type State = u64; type Key = Utf8; type Value = Utf8;
+    /// #     fn process(&self, n: &mut u64, _: &Record<'_, String, String>, _: &mut Output)
+    /// #         -> Result<(), ProcessError> { *n += 1; Ok(()) }
+    /// # }
+    /// let mut driver = TestDriver::new(Count);
+    /// driver.pipe_by_key("cards", 8, &"ada".to_string(), &"tx".to_string()).unwrap();
+    /// assert_eq!(default_partition(b"ada", 8), 5);
+    /// assert_eq!(driver.state("cards", 5), Some(&1));
+    /// ```
+    pub fn pipe_by_key(
+        &mut self,
+        topic: &str,
+        partitions: i32,
+        key: &KeyOf<P>,
+        value: &ValueOf<P>,
+    ) -> Result<(), TestError> {
+        let partition =
+            P::Key::encode(key)?.map_or(0, |bytes| default_partition(&bytes, partitions));
+        self.pipe_to(topic, partition, key, value)
     }
 
     /// Pipes a record with a JSON-encoded key and value to partition 0 of `topic`.

@@ -9,7 +9,8 @@
 //! of every topic, [`generator`] the demo's seeded input (produced with [`producer`]),
 //! [`model`] the reference model the demo checks the chain's final state against, and
 //! [`verify`] the end-to-end check of the chain's output topics against it (used by the demo
-//! and the chaos suite's workload).
+//! and the chaos suite's workload). [`upgrade`] shows a new version of a service taking over
+//! its predecessor's state (a version bump and a state migration, tested before deploying).
 
 pub mod bench;
 pub mod generator;
@@ -20,5 +21,6 @@ pub mod producer;
 pub mod service;
 pub mod stats;
 pub mod topics;
+pub mod upgrade;
 pub mod validate;
 pub mod verify;

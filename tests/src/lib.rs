@@ -27,3 +27,18 @@ pub fn init_tool_logging(default_filter: &str) {
         .with_writer(std::io::stderr)
         .init();
 }
+
+/// The path of binary `name` of this crate, built beside the running executable (the check
+/// binaries start `eos-service` this way). The error says how to build it.
+pub fn sibling_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let path = exe.with_file_name(name);
+    if !path.is_file() {
+        anyhow::bail!(
+            "{} not found: build it with `cargo build -p exactly-tests --bins` (same profile)",
+            path.display()
+        );
+    }
+    Ok(path)
+}

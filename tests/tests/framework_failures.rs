@@ -64,6 +64,33 @@ impl Setup {
         .expect("metadata task");
     }
 
+    /// Deletes the input below `deleted_before` while `service` lags behind it, and expects the
+    /// retention-gap error, with the committed outputs a gapless prefix of `records` up to the
+    /// position it names. Returns that position and the log.
+    async fn delete_and_expect_a_retention_gap(
+        &self,
+        service: &mut ChildProcess,
+        records: &[Input],
+        deleted_before: i64,
+    ) -> (i64, String) {
+        self.delete_records_before(&self.input, deleted_before)
+            .await;
+        let log = expect_failure(
+            service,
+            &[
+                &format!("unprocessed input of {}/0 was deleted", self.input),
+                &format!("but the log now starts at {deleted_before}"),
+            ],
+        )
+        .await;
+        let position = number_after(&log, "this app's next record is at offset ");
+        let committed = self
+            .assert_outputs_are_a_prefix(records, position as usize)
+            .await;
+        eprintln!("failed at position {position}; {committed} outputs committed");
+        (position, log)
+    }
+
     /// The committed outputs are exactly those of a gapless prefix of `records`, of at most
     /// `limit` records: nothing was skipped, nothing past the failure point committed.
     async fn assert_outputs_are_a_prefix(&self, records: &[Input], limit: usize) -> usize {
@@ -269,21 +296,10 @@ async fn deleted_unprocessed_input_is_a_retention_gap_not_a_skip() {
         |m| metric(m, "records_processed") >= 1,
     )
     .await;
-    s.delete_records_before(&s.input, DELETED_BEFORE).await;
-    let log = expect_failure(
-        &mut service,
-        &[
-            &format!("unprocessed input of {}/0 was deleted", s.input),
-            &format!("but the log now starts at {DELETED_BEFORE}"),
-        ],
-    )
-    .await;
-    let position = number_after(&log, "this app's next record is at offset ");
-    assert!(position < DELETED_BEFORE, "{log}");
-    let committed = s
-        .assert_outputs_are_a_prefix(&records, position as usize)
+    let (position, log) = s
+        .delete_and_expect_a_retention_gap(&mut service, &records, DELETED_BEFORE)
         .await;
-    eprintln!("failed at position {position}; {committed} outputs committed");
+    assert!(position < DELETED_BEFORE, "{log}");
 }
 
 /// The same deletion, met by librdkafka's own jump rather than by a fetch: partitions are
@@ -314,19 +330,10 @@ async fn a_fetcher_jump_over_deleted_input_is_a_retention_gap() {
         |m| metric(m, "records_processed") >= 1,
     )
     .await;
-    s.delete_records_before(&s.input, DELETED_BEFORE).await;
-    let log = expect_failure(
-        &mut service,
-        &[
-            &format!("unprocessed input of {}/0 was deleted", s.input),
-            &format!("but the log now starts at {DELETED_BEFORE}"),
-        ],
-    )
-    .await;
-    let position = number_after(&log, "this app's next record is at offset ");
-    assert!((100..DELETED_BEFORE).contains(&position), "{log}");
-    s.assert_outputs_are_a_prefix(&records, position as usize)
+    let (position, log) = s
+        .delete_and_expect_a_retention_gap(&mut service, &records, DELETED_BEFORE)
         .await;
+    assert!((100..DELETED_BEFORE).contains(&position), "{log}");
     let jumped = log.contains("the consumer jumped over input deleted before it was read");
     eprintln!("failed at position {position}; caught at the jump: {jumped}");
 }

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
 use exactly_tests::eos_service::{expected_outputs, service_spec_at, wait_for_outputs, Input};
 use exactly_tests::kafka::ClusterOptions;
@@ -109,7 +109,7 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
         input: unique_name("rebalance-in"),
         output: unique_name("rebalance-out"),
         app: unique_name("rebalance-app"),
-        binary: beside_current_exe("eos-service")?,
+        binary: exactly_tests::sibling_binary("eos-service")?,
         protocol: cli.protocol.clone(),
     };
     cluster.create_topic(&setup.input, cli.partitions).await?;
@@ -275,19 +275,6 @@ async fn wait_settled(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// `name` in the directory of this executable (cargo puts every binary of the package there).
-fn beside_current_exe(name: &str) -> anyhow::Result<std::path::PathBuf> {
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let path = exe.with_file_name(name);
-    if !path.is_file() {
-        bail!(
-            "{} not found: build it with `cargo build -p exactly-tests --bins` (same profile)",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 /// Produces inputs at a steady rate on a thread until stopped; remembers what it produced.

@@ -138,7 +138,7 @@ async fn run() -> anyhow::Result<bool> {
     let started = Instant::now();
     let cluster = TestCluster::start_owned(ClusterOptions::default()).await?;
     let bootstrap = cluster.direct_bootstrap_servers();
-    let binary = beside_current_exe("eos-service")?;
+    let binary = exactly_tests::sibling_binary("eos-service")?;
     let mut line = String::from("UPGRADE-CHECK");
     let (mut duplicates, mut missing, mut pass) = (0, 0, true);
     for scenario in &SCENARIOS {
@@ -262,16 +262,4 @@ fn last_error(child: &ChildProcess) -> String {
         .find_map(|l| l.strip_prefix("eos-service failed: "))
         .map(|e| e.chars().take(80).collect())
         .unwrap_or_else(|| "no error".to_owned())
-}
-
-fn beside_current_exe(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let path = exe.with_file_name(name);
-    if !path.is_file() {
-        bail!(
-            "{} not found: build it with `cargo build -p exactly-tests --bins` (same profile)",
-            path.display()
-        );
-    }
-    Ok(path)
 }

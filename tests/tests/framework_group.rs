@@ -145,7 +145,11 @@ async fn paused_zombie_is_fenced_and_adds_no_duplicates() {
         procs.get("heir").expect("heir"),
         "heir owns both partitions",
         Duration::from_secs(90),
-        |m| metric(m, "partitions_assigned") == 2 && metric(m, "recoveries") >= 2,
+        // Started both: recovered, or fresh (a partition the zombie never committed on).
+        |m| {
+            metric(m, "partitions_assigned") == 2
+                && metric(m, "recoveries") + metric(m, "fresh_starts") >= 2
+        },
     )
     .await;
 

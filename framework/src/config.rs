@@ -146,6 +146,7 @@ fn invalid(setting: &str, value: impl ToString, fix: impl Into<String>) -> Confi
 /// | `EXACTLY_MAX_BUFFERED_BYTES` | [`max_buffered_bytes`](Self::max_buffered_bytes) |
 /// | `EXACTLY_MAX_CONSECUTIVE_ABORTS` | [`max_consecutive_aborts`](Self::max_consecutive_aborts) |
 /// | `EXACTLY_GROUP_PROTOCOL` | [`group_protocol`](Self::group_protocol): `consumer` or `cooperative-sticky` |
+/// | `EXACTLY_INSTANCE_ID` | [`instance_id`](Self::instance_id) (empty: none) |
 /// | `EXACTLY_KAFKA_<NAME>` | librdkafka property for every client: `<NAME>` lower-cased, `_` → `.` (`EXACTLY_KAFKA_SASL_MECHANISMS=PLAIN` sets `sasl.mechanisms`) |
 /// | `EXACTLY_CONSUMER_KAFKA_<NAME>`, `EXACTLY_PRODUCER_KAFKA_<NAME>` | the same for the consumer / the producers only |
 #[derive(Debug, Clone)]
@@ -165,6 +166,7 @@ pub struct AppConfig {
     pub(crate) auto_offset_reset: StartFrom,
     pub(crate) transaction_timeout: Duration,
     pub(crate) group_protocol: GroupProtocol,
+    pub(crate) instance_id: Option<String>,
     pub(crate) max_consecutive_aborts: u32,
     pub(crate) max_buffered_bytes: usize,
     /// Passthrough for every client, then per client (the per-client value wins).
@@ -213,6 +215,7 @@ impl AppConfig {
             auto_offset_reset: StartFrom::Earliest,
             transaction_timeout: Duration::from_secs(60),
             group_protocol: GroupProtocol::default(),
+            instance_id: None,
             max_consecutive_aborts: 10,
             max_buffered_bytes: 16 * 1024 * 1024,
             kafka: BTreeMap::new(),
@@ -337,6 +340,37 @@ impl AppConfig {
     /// How instances share partitions (default [`GroupProtocol::Consumer`], Kafka 4.0+).
     pub fn group_protocol(mut self, protocol: GroupProtocol) -> Self {
         self.group_protocol = protocol;
+        self
+    }
+
+    /// Makes this instance a static member of the group (`group.instance.id`, KIP-345): an id
+    /// that stays the same across restarts of *this* instance and that no other instance uses,
+    /// such as a StatefulSet pod name (`EXACTLY_INSTANCE_ID=$(HOSTNAME)`). Unset by default.
+    ///
+    /// What it changes when the instance restarts:
+    ///
+    /// | | [`GroupProtocol::CooperativeSticky`] | [`GroupProtocol::Consumer`] |
+    /// |---|---|---|
+    /// | restart after `kill -9` | takes its partitions back at once (no session timeout, no rebalance) | waits, rejoining, until the broker's session timeout releases the id (45 s by default) |
+    /// | restart after a clean stop | its partitions moved to the others and come back | its partitions wait for it, for up to the session timeout, and do not move |
+    /// | stop for good (scale in) | partitions move at once | partitions wait the session timeout before they move |
+    ///
+    /// So a `kill -9` + restart resumes in seconds with the classic protocol and an instance
+    /// id. Two running instances with the same id are an error: with the classic protocol the
+    /// older one stops (`FENCED_INSTANCE_ID`), with the consumer protocol the newer one stops
+    /// after waiting one session timeout (`UNRELEASED_INSTANCE_ID`).
+    ///
+    /// ```
+    /// use exactly::{AppConfig, GroupProtocol};
+    ///
+    /// let config = AppConfig::new("ledger", "localhost:9092")
+    ///     .input_topic("payments")
+    ///     .group_protocol(GroupProtocol::CooperativeSticky)
+    ///     .instance_id("ledger-0");
+    /// config.validate().unwrap();
+    /// ```
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
         self
     }
 
@@ -487,6 +521,10 @@ impl AppConfig {
                         _ => return Err(env_err("expected cooperative-sticky or consumer")),
                     }
                 }
+                "INSTANCE_ID" => {
+                    let id = value.trim();
+                    self.instance_id = (!id.is_empty()).then(|| id.to_owned());
+                }
                 _ => {
                     // Not fatal: other EXACTLY_* variables may belong to the application or
                     // its tests; but a typo would silently leave a setting at its default.
@@ -501,6 +539,9 @@ impl AppConfig {
     /// Checks that the configuration can work; every error says what to change.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_name("app id", &self.app_id)?;
+        if let Some(id) = &self.instance_id {
+            validate_name("instance id", id)?;
+        }
         if self.app_id.contains('.') {
             return Err(invalid(
                 "app id",
@@ -677,6 +718,9 @@ impl AppConfig {
                 "group.protocol" => {
                     return managed("use AppConfig::group_protocol (EXACTLY_GROUP_PROTOCOL)")
                 }
+                "group.instance.id" => {
+                    return managed("use AppConfig::instance_id (EXACTLY_INSTANCE_ID)")
+                }
                 "partition.assignment.strategy" | "session.timeout.ms" | "heartbeat.interval.ms"
                     if self.group_protocol == GroupProtocol::Consumer =>
                 {
@@ -752,6 +796,9 @@ impl AppConfig {
             // that was never processed, which must be an error, never a silent jump.
             c.set("group.id", &self.app_id)
                 .set("auto.offset.reset", "error");
+            if let Some(id) = &self.instance_id {
+                c.set("group.instance.id", id);
+            }
             match self.group_protocol {
                 GroupProtocol::CooperativeSticky => {
                     c.set("partition.assignment.strategy", "cooperative-sticky")
@@ -850,6 +897,7 @@ const ENV_SETTINGS: &[&str] = &[
     "MAX_BUFFERED_BYTES",
     "MAX_CONSECUTIVE_ABORTS",
     "GROUP_PROTOCOL",
+    "INSTANCE_ID",
     "KAFKA_<PROPERTY>",
 ];
 
@@ -932,6 +980,39 @@ mod tests {
         list.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn an_instance_id_makes_the_group_consumer_a_static_member() {
+        assert_eq!(base().consumer_config(true).get("group.instance.id"), None);
+        let c = base().instance_id("ledger-0");
+        c.validate().unwrap();
+        assert_eq!(
+            c.consumer_config(true).get("group.instance.id"),
+            Some("ledger-0")
+        );
+        // The snapshot readers are not group members.
+        assert_eq!(c.consumer_config(false).get("group.instance.id"), None);
+
+        let from_env = base()
+            .apply_env(vars(&[("EXACTLY_INSTANCE_ID", " ledger-1 ")]))
+            .unwrap();
+        assert_eq!(from_env.instance_id.as_deref(), Some("ledger-1"));
+        // An empty value (an unset template variable) means none.
+        let empty = c.apply_env(vars(&[("EXACTLY_INSTANCE_ID", "")])).unwrap();
+        assert_eq!(empty.instance_id, None);
+
+        let err = base().instance_id("pod/0").validate().unwrap_err();
+        assert!(err.to_string().contains("instance id"), "{err}");
+        let err = base()
+            .consumer_kafka("group.instance.id", "x")
+            .validate()
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("use AppConfig::instance_id (EXACTLY_INSTANCE_ID)"),
+            "{err}"
+        );
     }
 
     #[test]

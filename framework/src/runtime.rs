@@ -321,6 +321,8 @@ struct RebalanceContext<P: Processor> {
     shared: Arc<Shared<P>>,
     /// Set when a request to the group coordinator timed out (see [`rejoin_if_needed`]).
     coordinator_timed_out: AtomicBool,
+    /// Set before the consumer closes (see [`close_consumer`]).
+    closing: AtomicBool,
 }
 
 impl<P: Processor> ClientContext for RebalanceContext<P> {
@@ -367,7 +369,7 @@ impl<P: Processor> ConsumerContext for RebalanceContext<P> {
         // partitions that keep running now, not after the revoked ones have stopped (which
         // blocks this thread for up to a commit each), or their commits meanwhile are
         // rejected as ILLEGAL_GENERATION and have to recover.
-        self.shared.group_metadata.refresh(consumer);
+        self.refresh_group_metadata(consumer);
         let cooperative = matches!(
             consumer.rebalance_protocol(),
             RebalanceProtocol::Cooperative
@@ -429,7 +431,7 @@ impl<P: Processor> ConsumerContext for RebalanceContext<P> {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         // Every rebalance changes the generation (classic) or the member epoch (KIP-848): the
         // partitions that stay keep running and must send the new one with their offsets.
-        self.shared.group_metadata.refresh(consumer);
+        self.refresh_group_metadata(consumer);
         if let Rebalance::Assign(tpl) = rebalance {
             if tpl.count() == 0 {
                 return;
@@ -446,6 +448,17 @@ impl<P: Processor> ConsumerContext for RebalanceContext<P> {
                 let topic = self.shared.topic_arc(element.topic());
                 self.shared.start_worker(topic, element.partition());
             }
+        }
+    }
+}
+
+impl<P: Processor> RebalanceContext<P> {
+    /// Hands the consumer's current group metadata to the workers, unless the consumer is
+    /// closing: then no partition keeps running, and the call could block for good (see
+    /// [`close_consumer`]).
+    fn refresh_group_metadata(&self, consumer: &BaseConsumer<Self>) {
+        if !self.closing.load(Ordering::Acquire) {
+            self.shared.group_metadata.refresh(consumer);
         }
     }
 }
@@ -515,6 +528,19 @@ impl<P: Processor> Shared<P> {
     }
 
     /// Asks the workers of `keys` to commit and stop, and waits for them (bounded).
+    fn stop_all_workers(&self) {
+        let keys: Vec<PartitionKey> = self.lock().slots.keys().cloned().collect();
+        self.stop_workers(&keys);
+    }
+
+    /// What [`App::run`] returns once the consumer stopped: the first failure, if any.
+    fn outcome(&self) -> Result<(), Error> {
+        match self.lock().failure.take() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
     fn stop_workers(&self, keys: &[PartitionKey]) {
         let mut slots: Vec<(PartitionKey, Slot)> = {
             let mut registry = self.lock();
@@ -583,31 +609,40 @@ impl<P: Processor> ConsumerLoop<P> {
             topics,
             group_metadata: Arc::new(GroupMetadataCell::default()),
         });
-        let consumer: BaseConsumer<RebalanceContext<P>> = self
-            .config
-            .consumer_config(true)
-            .create_with_context(RebalanceContext {
-                shared: Arc::clone(&shared),
-                coordinator_timed_out: AtomicBool::new(false),
-            })
-            .map_err(|source| Error::kafka("creating the group consumer", source))?;
         let topic_names: Vec<&str> = self
             .config
             .input_topics
             .iter()
             .map(String::as_str)
             .collect();
-        consumer
-            .subscribe(&topic_names)
-            .map_err(|source| Error::kafka("subscribing to the input topics", source))?;
+        let mut consumer = join_group(&shared, &topic_names)?;
         tracing::info!(app_id = %self.config.app_id, topics = ?topic_names, "consumer started");
 
         let mut pending_seeks: Vec<ConsumerRequest> = Vec::new();
         let mut metadata_refreshed = Instant::now();
         let mut rejoined: Option<Instant> = None;
+        let mut instance_id_wait = InstanceIdWait::default();
         while !self.stop.load(Ordering::Acquire) {
-            if shared.lock().failure.is_some() {
-                break;
+            {
+                let registry = shared.lock();
+                if registry.failure.is_some() {
+                    break;
+                }
+                if !registry.slots.is_empty() {
+                    instance_id_wait.joined();
+                }
+            }
+            if instance_id_wait.must_rejoin {
+                // librdkafka made the consumer unusable (the error is fatal to it): a new one.
+                close_consumer(consumer);
+                if !instance_id_wait.back_off(&self.stop) {
+                    shared.stop_all_workers();
+                    return shared.outcome();
+                }
+                consumer = join_group(&shared, &topic_names)?;
+                shared.group_metadata.refresh(&consumer);
+                metadata_refreshed = Instant::now();
+                continue;
             }
             rejoin_if_needed(&consumer, &shared, &topic_names, &mut rejoined);
             if metadata_refreshed.elapsed() >= GROUP_METADATA_REFRESH {
@@ -634,7 +669,9 @@ impl<P: Processor> ConsumerLoop<P> {
                         forward(&consumer, &shared, key, &message);
                     }
                     Some(Err(error)) => {
-                        handle_consumer_error(&consumer, &shared, error);
+                        if !instance_id_wait.waits_for(&error, &shared.config) {
+                            handle_consumer_error(&consumer, &shared, error);
+                        }
                         break;
                     }
                 }
@@ -644,16 +681,109 @@ impl<P: Processor> ConsumerLoop<P> {
 
         // Graceful stop: every worker commits its in-flight batch (and a final full
         // snapshot); then the consumer closes and leaves the group.
-        let keys: Vec<PartitionKey> = shared.lock().slots.keys().cloned().collect();
-        shared.stop_workers(&keys);
-        consumer.unsubscribe();
-        drop(consumer);
+        shared.stop_all_workers();
+        close_consumer(consumer);
         tracing::info!("consumer stopped");
-        let failure = shared.lock().failure.take();
-        match failure {
-            Some(error) => Err(error),
-            None => Ok(()),
+        shared.outcome()
+    }
+}
+
+/// Creates the group consumer and subscribes it to the input topics.
+fn join_group<P: Processor>(
+    shared: &Arc<Shared<P>>,
+    topics: &[&str],
+) -> Result<BaseConsumer<RebalanceContext<P>>, Error> {
+    let consumer: BaseConsumer<RebalanceContext<P>> = shared
+        .config
+        .consumer_config(true)
+        .create_with_context(RebalanceContext {
+            shared: Arc::clone(shared),
+            coordinator_timed_out: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+        })
+        .map_err(|source| Error::kafka("creating the group consumer", source))?;
+    consumer
+        .subscribe(topics)
+        .map_err(|source| Error::kafka("subscribing to the input topics", source))?;
+    Ok(consumer)
+}
+
+/// Leaves the group and closes the consumer; the revocation this causes runs in the callbacks
+/// meanwhile.
+///
+/// librdkafka (2.12, and its master branch) discards requests that reach a consumer group that
+/// has terminated without answering them, and `rd_kafka_consumer_group_metadata` waits for its
+/// answer without a timeout: called from a revocation callback that runs after the group
+/// terminated, it never returns, and the app hangs in its shutdown (seen with a gdb backtrace).
+/// So the callbacks stop asking once closing starts.
+fn close_consumer<P: Processor>(consumer: BaseConsumer<RebalanceContext<P>>) {
+    consumer.context().closing.store(true, Ordering::Release);
+    consumer.unsubscribe();
+    drop(consumer);
+}
+
+/// Waits for a crashed predecessor's `group.instance.id` to be released.
+///
+/// Under the consumer protocol (KIP-848) a static member that died without leaving keeps its
+/// instance id until the group's session timeout ends; an instance restarted sooner with the
+/// same id is refused with `UNRELEASED_INSTANCE_ID`, which librdkafka makes fatal. Within one
+/// session timeout (plus a margin) that is most likely the predecessor, so the instance joins
+/// again with a new consumer; after it, the id is held by a live instance: an error.
+#[derive(Default)]
+struct InstanceIdWait {
+    /// When the first refusal in a row came.
+    since: Option<Instant>,
+    /// The consumer was refused and must be replaced.
+    must_rejoin: bool,
+}
+
+impl InstanceIdWait {
+    /// Rejoins this often while the id is held.
+    const BACKOFF: Duration = Duration::from_secs(2);
+    /// Waits this much longer than the session timeout (the broker's expiry check is periodic).
+    const MARGIN: Duration = Duration::from_secs(5);
+
+    /// True when `error` is a refusal of the instance id within the wait: the consumer is to be
+    /// replaced (see [`back_off`](Self::back_off)) instead of the error stopping the app.
+    fn waits_for(&mut self, error: &KafkaError, config: &AppConfig) -> bool {
+        if config.group_protocol != GroupProtocol::Consumer
+            || error.rdkafka_error_code() != Some(RDKafkaErrorCode::UnreleasedInstanceId)
+        {
+            return false;
         }
+        let budget = config.session_timeout() + Self::MARGIN;
+        let since = *self.since.get_or_insert_with(|| {
+            tracing::warn!(
+                instance_id = config.instance_id.as_deref().unwrap_or_default(),
+                wait_s = budget.as_secs(),
+                "the group still holds this group.instance.id for another member, most likely \
+                 this instance before a crash: rejoining until the broker's session timeout \
+                 (group.consumer.session.timeout.ms) releases it"
+            );
+            Instant::now()
+        });
+        self.must_rejoin = since.elapsed() < budget;
+        self.must_rejoin
+    }
+
+    /// Partitions were assigned: the id is ours.
+    fn joined(&mut self) {
+        if self.since.take().is_some() {
+            tracing::info!("joined the group with the released group.instance.id");
+        }
+    }
+
+    /// Waits before the next join; false when the app is stopping instead.
+    fn back_off(&mut self, stop: &AtomicBool) -> bool {
+        self.must_rejoin = false;
+        let until = Instant::now() + Self::BACKOFF;
+        while Instant::now() < until {
+            if stop.load(Ordering::Acquire) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
     }
 }
 
@@ -1004,5 +1134,55 @@ fn forward<P: Processor>(
         if let Err(error) = consumer.pause(&single(&key.0, key.1)) {
             tracing::warn!(error = %error, "pausing a partition for backpressure failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> KafkaError {
+        KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::UnreleasedInstanceId)
+    }
+
+    fn config(protocol: GroupProtocol) -> AppConfig {
+        AppConfig::new("app", "localhost:9092")
+            .input_topic("in")
+            .group_protocol(protocol)
+            .instance_id("app-0")
+    }
+
+    #[test]
+    fn a_refused_instance_id_is_waited_for_one_session_timeout() {
+        let config = config(GroupProtocol::Consumer);
+        let mut wait = InstanceIdWait::default();
+        assert!(wait.waits_for(&refused(), &config));
+        assert!(wait.must_rejoin);
+        // Still refused after a session timeout and the margin: a live instance holds the id.
+        wait.since = Some(Instant::now() - config.session_timeout() - InstanceIdWait::MARGIN);
+        assert!(!wait.waits_for(&refused(), &config));
+        // Once partitions came, a later refusal starts a new wait.
+        wait.joined();
+        assert!(wait.waits_for(&refused(), &config));
+    }
+
+    #[test]
+    fn only_a_refused_instance_id_under_the_consumer_protocol_is_waited_for() {
+        let mut wait = InstanceIdWait::default();
+        // The classic protocol replaces a static member instead of refusing the newcomer.
+        assert!(!wait.waits_for(&refused(), &config(GroupProtocol::CooperativeSticky)));
+        let fenced = KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::FencedInstanceId);
+        assert!(!wait.waits_for(&fenced, &config(GroupProtocol::Consumer)));
+        assert!(!wait.must_rejoin);
+    }
+
+    #[test]
+    fn backing_off_ends_early_when_the_app_stops() {
+        let mut wait = InstanceIdWait {
+            must_rejoin: true,
+            ..InstanceIdWait::default()
+        };
+        assert!(!wait.back_off(&AtomicBool::new(true)));
+        assert!(!wait.must_rejoin);
     }
 }

@@ -113,7 +113,16 @@ impl Setup {
 /// Waits for the service to exit and checks that it failed (exit code 1) with every one of
 /// `needles` in its log; returns the log.
 async fn expect_failure(service: &mut ChildProcess, needles: &[&str]) -> String {
-    let (code, log) = wait_for_failure(service, FAILURE_TIMEOUT).await;
+    expect_failure_within(service, FAILURE_TIMEOUT, needles).await
+}
+
+/// Like [`expect_failure`], for failures that may take up to `timeout`.
+async fn expect_failure_within(
+    service: &mut ChildProcess,
+    timeout: Duration,
+    needles: &[&str],
+) -> String {
+    let (code, log) = wait_for_failure(service, timeout).await;
     assert_eq!(code, 1, "expected exit code 1:\n{log}");
     for needle in needles {
         assert!(log.contains(needle), "expected {needle:?} in:\n{log}");
@@ -632,7 +641,8 @@ async fn a_hung_offsets_commit_gives_up_its_producer_within_its_bound() {
 
 /// A fatal consumer error stops the app with an error naming the setting, instead of being
 /// warned about forever: a second instance with the same `group.instance.id` is refused by
-/// the group coordinator (UNRELEASED_INSTANCE_ID, fatal for librdkafka). The first instance
+/// the group coordinator (UNRELEASED_INSTANCE_ID, fatal for librdkafka). It rejoins for one
+/// session timeout (the id could be a crashed predecessor's), then stops. The first instance
 /// keeps processing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_group_instance_id_stops_the_newcomer() {
@@ -644,9 +654,12 @@ async fn a_duplicate_group_instance_id_stops_the_newcomer() {
     s.assert_outputs(&first, &records[..20], Duration::from_secs(60))
         .await;
     let mut second = s.spawn(&["--group-instance-id", &instance]);
-    expect_failure(
+    // The app waits the broker's default session timeout (45 s) plus a margin.
+    expect_failure_within(
         &mut second,
+        Duration::from_secs(120),
         &[
+            "the group still holds this group.instance.id for another member",
             &format!("the group consumer of {} cannot go on", s.app),
             "another instance uses the same group.instance.id: give every instance its own",
         ],

@@ -3,7 +3,7 @@
 
 mod framework_support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::process::Supervisor;
@@ -350,4 +350,61 @@ async fn a_lost_assignment_does_not_strand_partitions() {
     )
     .await;
     assert!(report.is_clean(), "{report}");
+}
+
+/// With the classic protocol and an instance id, an instance restarted after `kill -9` takes
+/// its partition back at once: the group coordinator replaces the static member instead of
+/// waiting for its session timeout (two minutes here, so that the difference shows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_member_restarted_after_a_crash_takes_its_partitions_back_at_once() {
+    const SESSION_TIMEOUT: Duration = Duration::from_secs(120);
+    let s = Setup::new("static-classic").await;
+    let instance = format!("{}-0", s.app);
+    let session = format!("session.timeout.ms={}", SESSION_TIMEOUT.as_millis());
+    let args = [
+        "--group-protocol",
+        "cooperative-sticky",
+        "--group-instance-id",
+        &instance,
+        "--consumer-kafka",
+        &session,
+    ];
+    let records = inputs(0..40, 1);
+    let mut service = s.process(&records[..20], &args).await;
+    service.kill_hard().await.expect("kill -9");
+    service.restart().expect("restart");
+    let restarted = Instant::now();
+    produce(&s.bootstrap, &s.input, &records[20..]);
+    s.assert_outputs(&service, &records, SESSION_TIMEOUT / 2)
+        .await;
+    eprintln!("resumed {:?} after the restart", restarted.elapsed());
+    assert!(service.is_running(), "{}", service.log_tail(40));
+    stop_cleanly(&mut service).await;
+}
+
+/// Under the consumer protocol a static member that crashed keeps its instance id until the
+/// group's session timeout (6 s on the test broker). The instance restarted sooner is refused
+/// (UNRELEASED_INSTANCE_ID, fatal to librdkafka's consumer): it joins again with a new consumer
+/// until the id is released, instead of stopping, and then processes exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_member_restarted_after_a_crash_waits_for_its_id() {
+    let s = Setup::new("static-consumer").await;
+    let instance = format!("{}-0", s.app);
+    let args = ["--group-instance-id", instance.as_str()];
+    let records = inputs(0..40, 1);
+    let mut service = s.process(&records[..20], &args).await;
+    service.kill_hard().await.expect("kill -9");
+    service.restart().expect("restart");
+    produce(&s.bootstrap, &s.input, &records[20..]);
+    s.assert_outputs(&service, &records, Duration::from_secs(60))
+        .await;
+    let log = service.run_log_text().expect("log");
+    assert!(
+        log.contains("the group still holds this group.instance.id")
+            && log.contains("joined the group with the released group.instance.id"),
+        "the restart did not meet its predecessor's id:\n{}",
+        service.log_tail(40)
+    );
+    assert!(service.is_running(), "{}", service.log_tail(40));
+    stop_cleanly(&mut service).await;
 }

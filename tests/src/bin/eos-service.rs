@@ -316,7 +316,7 @@ async fn main() {
         }
     };
     let config = match &args.group_instance_id {
-        Some(id) => config.consumer_kafka("group.instance.id", id),
+        Some(id) => config.instance_id(id),
         None => config,
     };
     let config = args

@@ -139,6 +139,7 @@ fn invalid(setting: &str, value: impl ToString, fix: impl Into<String>) -> Confi
 /// | `EXACTLY_FULL_SNAPSHOTS` | [`full_snapshots`](Self::full_snapshots) (`true`/`false`) |
 /// | `EXACTLY_STATE_FINGERPRINT` | [`state_fingerprint`](Self::state_fingerprint) (`true`/`false`) |
 /// | `EXACTLY_SNAPSHOT_TOPIC_PATTERN` | [`snapshot_topic_pattern`](Self::snapshot_topic_pattern) |
+/// | `EXACTLY_SNAPSHOT_TRIMMING` | [`snapshot_trimming`](Self::snapshot_trimming) (`true`/`false`) |
 /// | `EXACTLY_MAX_CHUNK_BYTES` | [`max_chunk_bytes`](Self::max_chunk_bytes) |
 /// | `EXACTLY_ERROR_POLICY` | `fail`, `skip` or `dead-letter:<topic>` |
 /// | `EXACTLY_AUTO_OFFSET_RESET` | `earliest` or `latest` |
@@ -161,6 +162,7 @@ pub struct AppConfig {
     pub(crate) full_snapshots: bool,
     pub(crate) state_fingerprint: bool,
     pub(crate) snapshot_topic_pattern: String,
+    pub(crate) snapshot_trimming: bool,
     pub(crate) max_chunk_bytes: usize,
     pub(crate) error_policy: ErrorPolicy,
     pub(crate) auto_offset_reset: StartFrom,
@@ -210,6 +212,7 @@ impl AppConfig {
             full_snapshots: true,
             state_fingerprint: true,
             snapshot_topic_pattern: DEFAULT_SNAPSHOT_TOPIC_PATTERN.to_owned(),
+            snapshot_trimming: true,
             max_chunk_bytes: 512 * 1024,
             error_policy: ErrorPolicy::Fail,
             auto_offset_reset: StartFrom::Earliest,
@@ -286,6 +289,17 @@ impl AppConfig {
     /// (default `"{app}.{topic}.snapshots"`). Must contain `{topic}`.
     pub fn snapshot_topic_pattern(mut self, pattern: impl Into<String>) -> Self {
         self.snapshot_topic_pattern = pattern.into();
+        self
+    }
+
+    /// Whether to delete what lies below each committed full snapshot on the snapshot topic
+    /// (default true): older snapshots, the incremental records that point at them, chunks of
+    /// attempts cut short. Recovery never reads them; without trimming a snapshot topic grows by
+    /// a full snapshot per [`full_snapshot_interval`](Self::full_snapshot_interval), forever.
+    /// Needs DELETE on the snapshot topics (`DeleteRecords`); a failed trim is logged and the
+    /// next full snapshot trims again. Turn it off to keep the history, e.g. for debugging.
+    pub fn snapshot_trimming(mut self, enabled: bool) -> Self {
+        self.snapshot_trimming = enabled;
         self
     }
 
@@ -472,6 +486,7 @@ impl AppConfig {
                 "FULL_SNAPSHOTS" => self.full_snapshots = flag()?,
                 "STATE_FINGERPRINT" => self.state_fingerprint = flag()?,
                 "SNAPSHOT_TOPIC_PATTERN" => self.snapshot_topic_pattern = value.trim().to_owned(),
+                "SNAPSHOT_TRIMMING" => self.snapshot_trimming = flag()?,
                 "MAX_CHUNK_BYTES" => {
                     self.max_chunk_bytes =
                         usize::try_from(number()?).map_err(|_| env_err("number too large"))?
@@ -890,6 +905,7 @@ const ENV_SETTINGS: &[&str] = &[
     "FULL_SNAPSHOTS",
     "STATE_FINGERPRINT",
     "SNAPSHOT_TOPIC_PATTERN",
+    "SNAPSHOT_TRIMMING",
     "MAX_CHUNK_BYTES",
     "ERROR_POLICY",
     "AUTO_OFFSET_RESET",

@@ -35,6 +35,8 @@ struct Counters {
     full_snapshot_bytes_total: AtomicU64,
     last_full_snapshot_bytes: AtomicU64,
     full_snapshot_nanos_total: AtomicU64,
+    snapshot_trims: AtomicU64,
+    snapshot_trim_failures: AtomicU64,
     recoveries: AtomicU64,
     recoveries_from_full_snapshot: AtomicU64,
     fresh_starts: AtomicU64,
@@ -78,6 +80,11 @@ pub struct MetricsSnapshot {
     pub last_full_snapshot_bytes: u64,
     /// Time spent writing full snapshots (serialization included), in total.
     pub full_snapshot_time_total: Duration,
+    /// Snapshot partitions trimmed: records below a committed full snapshot deleted
+    /// (see [`AppConfig::snapshot_trimming`](crate::AppConfig::snapshot_trimming)).
+    pub snapshot_trims: u64,
+    /// Trims that failed (each logged with its cause; the next full snapshot trims again).
+    pub snapshot_trim_failures: u64,
     /// Partition recoveries finished (state rebuilt from the snapshot topic).
     pub recoveries: u64,
     /// Recoveries that started from a full snapshot (the rest started from the empty state).
@@ -138,6 +145,8 @@ impl Metrics {
             full_snapshot_bytes_total: get(&c.full_snapshot_bytes_total),
             last_full_snapshot_bytes: get(&c.last_full_snapshot_bytes),
             full_snapshot_time_total: Duration::from_nanos(get(&c.full_snapshot_nanos_total)),
+            snapshot_trims: get(&c.snapshot_trims),
+            snapshot_trim_failures: get(&c.snapshot_trim_failures),
             recoveries: get(&c.recoveries),
             recoveries_from_full_snapshot: get(&c.recoveries_from_full_snapshot),
             fresh_starts: get(&c.fresh_starts),
@@ -206,13 +215,22 @@ impl Metrics {
         c.full_snapshot_nanos_total
             .fetch_add(nanos(took), Ordering::Relaxed);
     }
-    /// A partition recovery finished after `took`, replaying `replayed_records` input
-    /// records, starting from a full snapshot or not.
+    /// Records below a committed full snapshot deleted from a snapshot partition.
+    pub(crate) fn snapshot_trimmed(&self) {
+        self.inner.snapshot_trims.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A snapshot partition could not be trimmed (logged with the cause).
+    pub(crate) fn snapshot_trim_failed(&self) {
+        self.inner
+            .snapshot_trim_failures
+            .fetch_add(1, Ordering::Relaxed);
+    }
     /// A partition started with no snapshot to recover from.
     pub(crate) fn fresh_start(&self) {
         self.inner.fresh_starts.fetch_add(1, Ordering::Relaxed);
     }
-
+    /// A partition recovery finished after `took`, replaying `replayed_records` input
+    /// records, starting from a full snapshot or not.
     pub(crate) fn recovery_finished(
         &self,
         took: Duration,

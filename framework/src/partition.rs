@@ -38,6 +38,7 @@ use crate::snapshot::store::{
     flush_promptly, send_blocking, write_incremental, write_snapshot_chunks, PartitionReader,
     TxnProducer, TxnProducerContext,
 };
+use crate::snapshot::trim::Trimmer;
 use crate::snapshot::{
     encode_state, fingerprint, full_snapshot_ref, split_into_chunks, OutputDigest,
 };
@@ -117,6 +118,7 @@ pub(crate) struct PartitionWorker<P: Processor> {
     pub(crate) snapshot_topic: String,
     pub(crate) transactional_id: String,
     pub(crate) group_metadata: Arc<GroupMetadataCell>,
+    pub(crate) trimmer: Option<Arc<Trimmer>>,
     pub(crate) records: Receiver<Forwarded>,
     /// Bytes of the records in `records` not received yet (the consumer adds, the worker
     /// subtracts): they count against [`AppConfig::max_buffered_bytes`].
@@ -874,6 +876,9 @@ impl<P: Processor> PartitionWorker<P> {
         self.commit_open_transaction(producer, live, Some(reference))?;
         self.metrics
             .full_snapshot_written(data.len() as u64, started.elapsed());
+        if let Some(trimmer) = &self.trimmer {
+            trimmer.trim(&self.snapshot_topic, self.partition, first_chunk_offset);
+        }
         live.last_full_snapshot = Instant::now();
         Ok(())
     }

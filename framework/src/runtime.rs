@@ -43,6 +43,7 @@ use crate::partition::{
 };
 use crate::processor::Processor;
 use crate::recovery::raw_record;
+use crate::snapshot::trim::Trimmer;
 
 /// Records buffered per partition between the consumer thread and its worker.
 const WORKER_CHANNEL_CAPACITY: usize = 2048;
@@ -315,6 +316,8 @@ struct Shared<P: Processor> {
     /// The consumer's current group metadata (generation / member epoch), which every
     /// worker sends with its offsets: a stale one is rejected by the broker.
     group_metadata: Arc<GroupMetadataCell>,
+    /// Trims snapshot partitions below committed full snapshots (unless turned off).
+    trimmer: Option<Arc<Trimmer>>,
 }
 
 struct RebalanceContext<P: Processor> {
@@ -492,6 +495,7 @@ impl<P: Processor> Shared<P> {
             topic: Arc::clone(&topic),
             partition,
             group_metadata: Arc::clone(&self.group_metadata),
+            trimmer: self.trimmer.clone(),
             records: records_rx,
             records_bytes: Arc::clone(&records_bytes),
             stop: Arc::clone(&stop),
@@ -595,6 +599,14 @@ impl<P: Processor> ConsumerLoop<P> {
             .iter()
             .map(|t| (t.clone(), Arc::<str>::from(t.as_str())))
             .collect();
+        let trimmer = if self.config.snapshot_trimming {
+            Some(Arc::new(Trimmer::start(
+                &self.config,
+                self.metrics.clone(),
+            )?))
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             readopt_after: self.config.session_timeout() + Duration::from_secs(2),
             config: Arc::clone(&self.config),
@@ -608,6 +620,7 @@ impl<P: Processor> ConsumerLoop<P> {
             }),
             topics,
             group_metadata: Arc::new(GroupMetadataCell::default()),
+            trimmer,
         });
         let topic_names: Vec<&str> = self
             .config

@@ -354,3 +354,101 @@ async fn recovery_after_a_broker_crash_sees_every_committed_snapshot() {
         .await
         .expect("stop the service");
 }
+
+/// The snapshot partition's first offset and the records from there to its end (aborted ones
+/// and transaction markers included in the span, not in the records).
+async fn snapshot_partition(bootstrap: &str, topic: &str) -> (i64, i64, Vec<ReadRecord>) {
+    let (config, name) = (
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .clone(),
+        topic.to_owned(),
+    );
+    let (low, high) = tokio::task::spawn_blocking(move || {
+        let consumer: rdkafka::consumer::BaseConsumer = config.create().expect("consumer");
+        rdkafka::consumer::Consumer::fetch_watermarks(&consumer, &name, 0, Duration::from_secs(10))
+            .expect("watermarks")
+    })
+    .await
+    .expect("watermarks task");
+    let records = read_all_with_isolation(bootstrap, topic, "read_uncommitted").await;
+    (low, high, records)
+}
+
+/// Snapshot topics stay bounded: once a full snapshot's pointer committed, the records below its
+/// first chunk are deleted. Recovery works from a trimmed topic, and a topic left untrimmed (as
+/// by a crash between a snapshot's commit and its trim: here trimming is off until then) is
+/// trimmed by the next full snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_topics_are_trimmed_below_the_latest_full_snapshot() {
+    let s = Setup::new("trim").await;
+    let topic = s.snapshot_topic();
+    // A transaction every 10 records, a full snapshot every 20: many snapshots.
+    let frequent = [
+        "--max-batch-records",
+        "10",
+        "--full-snapshot-every",
+        "20",
+        "--commit-interval-ms",
+        "50",
+    ];
+    let untrimmed: Vec<&str> = frequent
+        .iter()
+        .copied()
+        .chain(["--snapshot-trimming", "false"])
+        .collect();
+    let records = inputs(0..900, 1);
+
+    // Untrimmed, the topic keeps every snapshot.
+    let mut service = s.process(&records[..300], &untrimmed).await;
+    let m = wait_for_metrics(
+        &service,
+        "10 full snapshots",
+        Duration::from_secs(30),
+        |m| metric(m, "full_snapshots_written") >= 10,
+    )
+    .await;
+    let (low, _, kept) = snapshot_partition(&s.bootstrap, &topic).await;
+    assert_eq!(low, 0);
+    assert_eq!(metric(&m, "snapshot_trims"), 0, "{m}");
+    assert!(kept.len() >= 20, "{} records kept", kept.len());
+    service.kill_hard().await.expect("kill -9");
+
+    // Trimming on: the next full snapshot deletes everything below it, and every later one.
+    let mut service = s.spawn(&frequent);
+    produce(&s.bootstrap, &s.input, &records[300..600]);
+    s.assert_outputs(&service, &records[..600], Duration::from_secs(60))
+        .await;
+    let m = wait_for_metrics(&service, "trims", Duration::from_secs(30), |m| {
+        metric(m, "snapshot_trims") >= 5
+    })
+    .await;
+    assert_eq!(metric(&m, "snapshot_trim_failures"), 0, "{m}");
+    let (low, high, left) = snapshot_partition(&s.bootstrap, &topic).await;
+    assert!(low > 0, "nothing trimmed:\n{}", service.log_tail(30));
+    // What is left: the latest full snapshot (one chunk and its pointer), the incremental
+    // records after it (fewer than one snapshot interval's transactions) and markers.
+    assert!(
+        left.len() <= 6 && high - low <= 12,
+        "{} records in [{low}, {high}) after {} full snapshots",
+        left.len(),
+        metric(&m, "full_snapshots_written")
+    );
+    eprintln!(
+        "trimmed: {} records in [{low}, {high}) after {} full snapshots of this run (untrimmed: \
+         {} records)",
+        left.len(),
+        metric(&m, "full_snapshots_written"),
+        kept.len()
+    );
+
+    // A crash, and recovery from the trimmed topic.
+    service.kill_hard().await.expect("kill -9");
+    let mut service = s.spawn(&frequent);
+    produce(&s.bootstrap, &s.input, &records[600..]);
+    s.assert_outputs(&service, &records, Duration::from_secs(60))
+        .await;
+    let m = last_metrics(&service).expect("metrics");
+    assert!(metric(&m, "recoveries_from_full_snapshot") >= 1, "{m}");
+    stop_cleanly(&mut service).await;
+}

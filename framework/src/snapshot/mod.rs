@@ -7,10 +7,12 @@
 //! - [`fingerprint`]: the structural state fingerprint checked after recovery, and the running
 //!   digest of output records.
 //! - `store` (the runtime's): reading and writing those records on Kafka.
+//! - `trim` (the runtime's): deleting what lies below a committed full snapshot.
 
 pub(crate) mod codec;
 pub(crate) mod fingerprint;
 pub(crate) mod store;
+pub(crate) mod trim;
 
 #[allow(unused_imports)] // the runtime (partition worker, recovery) uses the rest
 pub(crate) use codec::{

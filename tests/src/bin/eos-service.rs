@@ -53,6 +53,9 @@ struct Args {
     full_snapshot_interval_ms: u64,
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     full_snapshots: bool,
+    /// Delete what lies below each committed full snapshot (AppConfig::snapshot_trimming).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    snapshot_trimming: bool,
     /// fail | skip | dead-letter:<topic>
     #[arg(long, default_value = "fail")]
     error_policy: String,
@@ -300,6 +303,7 @@ async fn main() {
         .full_snapshot_every_records(args.full_snapshot_every)
         .full_snapshot_interval(Duration::from_millis(args.full_snapshot_interval_ms))
         .full_snapshots(args.full_snapshots)
+        .snapshot_trimming(args.snapshot_trimming)
         .error_policy(policy)
         .transaction_timeout(Duration::from_millis(args.transaction_timeout_ms));
     let config = match args.group_protocol.as_str() {
@@ -419,6 +423,8 @@ fn metrics_line(m: &exactly::MetricsSnapshot) -> String {
         "transactions_aborted": m.transactions_aborted,
         "full_snapshots_written": m.full_snapshots_written,
         "full_snapshot_ms": m.full_snapshot_time_total.as_millis() as u64,
+        "snapshot_trims": m.snapshot_trims,
+        "snapshot_trim_failures": m.snapshot_trim_failures,
         "recoveries": m.recoveries,
         "fresh_starts": m.fresh_starts,
         "recoveries_from_full_snapshot": m.recoveries_from_full_snapshot,

@@ -2,6 +2,7 @@
 //! passthrough of every librdkafka property to the Kafka clients.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -172,9 +173,52 @@ pub struct AppConfig {
     pub(crate) max_consecutive_aborts: u32,
     pub(crate) max_buffered_bytes: usize,
     /// Passthrough for every client, then per client (the per-client value wins).
-    pub(crate) kafka: BTreeMap<String, String>,
-    pub(crate) consumer_kafka: BTreeMap<String, String>,
-    pub(crate) producer_kafka: BTreeMap<String, String>,
+    pub(crate) kafka: Properties,
+    pub(crate) consumer_kafka: Properties,
+    pub(crate) producer_kafka: Properties,
+}
+
+/// librdkafka properties passed through, whose `Debug` hides secrets: an `AppConfig` printed in a
+/// log line or an error must not show a password or key material.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub(crate) struct Properties(BTreeMap<String, String>);
+
+impl std::ops::Deref for Properties {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Properties {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl fmt::Debug for Properties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(name, value)| {
+                let shown: &dyn fmt::Debug = if is_secret(name) {
+                    &"<redacted>"
+                } else {
+                    value
+                };
+                (name, shown)
+            }))
+            .finish()
+    }
+}
+
+/// Whether a librdkafka property holds a secret: passwords, client secrets, private keys (PEM),
+/// and the OAUTHBEARER config string (which may embed credentials).
+pub(crate) fn is_secret(property: &str) -> bool {
+    let p = property.to_ascii_lowercase();
+    p.contains("password")
+        || p.contains("secret")
+        || p.contains("pem")
+        || p == "sasl.oauthbearer.config"
 }
 
 /// Default of [`AppConfig::snapshot_topic_pattern`].
@@ -221,9 +265,9 @@ impl AppConfig {
             instance_id: None,
             max_consecutive_aborts: 10,
             max_buffered_bytes: 16 * 1024 * 1024,
-            kafka: BTreeMap::new(),
-            consumer_kafka: BTreeMap::new(),
-            producer_kafka: BTreeMap::new(),
+            kafka: Properties::default(),
+            consumer_kafka: Properties::default(),
+            producer_kafka: Properties::default(),
         }
     }
 
@@ -996,6 +1040,30 @@ mod tests {
         list.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = base()
+            .kafka("sasl.username", "ledger")
+            .kafka("sasl.password", "hunter2-sasl")
+            .kafka("ssl.key.password", "hunter2-key")
+            .consumer_kafka("ssl.keystore.password", "hunter2-keystore")
+            .producer_kafka("ssl.key.pem", "-----BEGIN PRIVATE KEY-----hunter2")
+            .kafka("sasl.oauthbearer.client.secret", "hunter2-oauth")
+            .kafka("sasl.oauthbearer.config", "principal=x secret=hunter2");
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+        // Everything else stays visible.
+        assert!(shown.contains("\"sasl.username\": \"ledger\""), "{shown}");
+        // The clients still get the real values.
+        let consumer = c.consumer_config(true);
+        assert_eq!(consumer.get("sasl.password"), Some("hunter2-sasl"));
+        assert_eq!(
+            consumer.get("ssl.keystore.password"),
+            Some("hunter2-keystore")
+        );
     }
 
     #[test]

@@ -83,6 +83,7 @@ mod metrics;
 mod partition;
 mod partitioner;
 mod processor;
+mod progress;
 mod recovery;
 mod runtime;
 pub(crate) mod snapshot;

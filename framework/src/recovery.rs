@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::processor::{
     process_raw, read_state, Output, Processor, RawRecord, StateRead, StateReadError,
 };
+use crate::progress::Progress;
 use crate::proto::{FullSnapshotRef, IncrementalSnapshot};
 use crate::snapshot::store::{find_latest_incremental, load_full_snapshot, Flow, PartitionReader};
 use crate::snapshot::{fingerprint, OutputDigest};
@@ -331,10 +332,19 @@ fn replay<P: Processor>(
     }
     let mut interrupted = false;
     let mut out = Output::new();
+    let mut progress = Progress::new(
+        "replay",
+        "offsets",
+        target.input_topic,
+        target.partition,
+        (end - start) as u64,
+    )
+    .clock_every(256);
     reader.read(target.input_topic, target.partition, start, |message| {
         if message.offset() >= end {
             return Ok(Flow::Stop);
         }
+        progress.update((message.offset() - start) as u64);
         if replayed.records % 1024 == 0 && target.stop.load(Ordering::Acquire) {
             interrupted = true;
             return Ok(Flow::Stop);

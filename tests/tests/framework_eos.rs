@@ -452,3 +452,35 @@ async fn snapshot_topics_are_trimmed_below_the_latest_full_snapshot() {
     assert!(metric(&m, "recoveries_from_full_snapshot") >= 1, "{m}");
     stop_cleanly(&mut service).await;
 }
+
+/// A recovery that takes more than a few seconds says how far it got, how fast it goes and how
+/// long it still needs, every few seconds: here a replay of 3000 records at 2 ms each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_recovery_logs_its_progress() {
+    let s = Setup::new("progress").await;
+    let slow = ["--full-snapshots", "false", "--per-record-delay-ms", "2"];
+    let records = inputs(0..3000, 1);
+    let mut service = s.process(&records, &slow).await;
+    service.kill_hard().await.expect("kill -9");
+    service.restart().expect("restart");
+    let m = wait_for_metrics(&service, "the replay", Duration::from_secs(60), |m| {
+        metric(m, "recoveries") >= 1
+    })
+    .await;
+    assert_eq!(metric(&m, "last_recovery_replayed_records"), 3000, "{m}");
+    let log = service.run_log_text().expect("log");
+    let line = log
+        .lines()
+        .find(|l| l.contains("recovery in progress"))
+        .unwrap_or_else(|| panic!("no progress line:\n{}", service.log_tail(30)));
+    for field in [
+        "step=\"replay\"",
+        "total=3000",
+        "percent=",
+        "per_second=",
+        "eta_s=",
+    ] {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+    stop_cleanly(&mut service).await;
+}

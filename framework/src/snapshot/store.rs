@@ -17,6 +17,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, ProducerContext};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::error::Error;
+use crate::progress::Progress;
 use crate::proto::{snapshot_record, FullSnapshotChunk, FullSnapshotRef, IncrementalSnapshot};
 use crate::snapshot::{
     assemble_chunks, chunk_record, decode_record, encode_record, incremental_record, SnapshotError,
@@ -275,11 +276,19 @@ pub(crate) fn load_full_snapshot(
             ),
         )));
     }
+    let mut progress = Progress::new(
+        "fetch full snapshot",
+        "chunks",
+        snapshot_topic,
+        partition,
+        u64::from(reference.chunk_count),
+    );
     reader.read(
         snapshot_topic,
         partition,
         reference.first_chunk_offset,
         |message| {
+            progress.update(chunks.len() as u64);
             if let Some(payload) = message.payload() {
                 let record = decode_record(payload).map_err(snapshot_error)?;
                 if let Some(snapshot_record::Kind::Chunk(chunk)) = record.kind {

@@ -34,14 +34,13 @@ use crate::processor::{
 };
 use crate::proto::{FullSnapshotRef, IncrementalSnapshot};
 use crate::recovery::{recover, Recovered, RecoveryTarget, READ_STALL_TIMEOUT};
+use crate::snapshot::fingerprint::Cadence;
 use crate::snapshot::store::{
     flush_promptly, send_blocking, write_incremental, write_snapshot_chunks, PartitionReader,
     TxnProducer, TxnProducerContext,
 };
 use crate::snapshot::trim::Trimmer;
-use crate::snapshot::{
-    encode_state, fingerprint, full_snapshot_ref, split_into_chunks, OutputDigest,
-};
+use crate::snapshot::{encode_state, full_snapshot_ref, split_into_chunks, OutputDigest};
 
 /// A record forwarded by the consumer thread, tagged with the seek epoch it was fetched under.
 pub(crate) struct Forwarded {
@@ -128,6 +127,8 @@ pub(crate) struct PartitionWorker<P: Processor> {
     pub(crate) epoch: u64,
     /// Transactions committed so far (an abort streak ends with a commit).
     pub(crate) commits: std::cell::Cell<u64>,
+    /// When the state is fingerprinted (per commit while cheap); kept across recoveries.
+    pub(crate) fingerprints: std::cell::RefCell<Cadence>,
 }
 
 /// Aborts in a row without a commit in between, and the error behind the first of them.
@@ -939,19 +940,19 @@ impl<P: Processor> PartitionWorker<P> {
                 live.records_since_base,
             ),
         };
-        let fingerprint_enabled = self.config.state_fingerprint;
+        let fingerprint = if self.config.state_fingerprint {
+            self.fingerprints.borrow_mut().take(&live.state, rebased)
+        } else {
+            None
+        };
         let incremental = IncrementalSnapshot {
             input_topic: self.topic.to_string(),
             input_partition: self.partition,
             next_input_offset: live.next_offset,
             base: base.clone(),
             base_input_offset,
-            state_fingerprint: if fingerprint_enabled {
-                fingerprint(&live.state)
-            } else {
-                0
-            },
-            state_fingerprint_enabled: fingerprint_enabled,
+            state_fingerprint: fingerprint.unwrap_or(0),
+            state_fingerprint_enabled: fingerprint.is_some(),
             output_digest: digest.value(),
             records_since_base,
             transaction_seq: seq,

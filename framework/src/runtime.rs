@@ -19,6 +19,7 @@
 //!   [`App::run`] returns that error. Continuing with the healthy partitions would hide the
 //!   failure behind a growing lag on one partition.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -43,6 +44,7 @@ use crate::partition::{
 };
 use crate::processor::Processor;
 use crate::recovery::raw_record;
+use crate::snapshot::fingerprint::Cadence;
 use crate::snapshot::trim::Trimmer;
 
 /// Records buffered per partition between the consumer thread and its worker.
@@ -502,6 +504,7 @@ impl<P: Processor> Shared<P> {
             requests: self.requests.clone(),
             epoch: 0,
             commits: Default::default(),
+            fingerprints: RefCell::new(Cadence::new(self.config.commit_interval)),
         };
         match partition::spawn(worker, outcome_tx) {
             Ok(thread) => {

@@ -87,6 +87,69 @@ pub(crate) fn fingerprint<S: Serialize + ?Sized>(state: &S) -> u64 {
         .unwrap_or_else(|e| hash_bytes(T_ERROR, e.0.as_bytes()))
 }
 
+/// When a partition fingerprints its state.
+///
+/// A fingerprint walks the whole state, so per commit it would cost O(state size) on the commit
+/// path (about 0.3 s per million entries). It is taken with every commit while that is cheap —
+/// within [`Cadence::budget`] — and otherwise only with full snapshots, whose transactions serialize the
+/// whole state anyway. A full snapshot measures it again: a state that shrank goes back to a
+/// fingerprint per commit. Incremental records without one say so
+/// (`state_fingerprint_enabled = false`), and recovery compares the record count and the output
+/// digest only.
+#[derive(Debug)]
+pub(crate) struct Cadence {
+    budget: std::time::Duration,
+    per_commit: bool,
+}
+
+/// The most of a commit interval a per-commit fingerprint may take.
+const FINGERPRINT_SHARE_OF_COMMIT_INTERVAL: u32 = 10;
+
+impl Cadence {
+    /// Fingerprints per commit until one takes more than a tenth of `commit_interval`.
+    pub(crate) fn new(commit_interval: std::time::Duration) -> Self {
+        Cadence {
+            budget: commit_interval / FINGERPRINT_SHARE_OF_COMMIT_INTERVAL,
+            per_commit: true,
+        }
+    }
+
+    /// The fingerprint of `state` for the incremental record of a commit (`with_full_snapshot`:
+    /// the one that points at a new full snapshot), or None when this commit goes without.
+    pub(crate) fn take<S: Serialize + ?Sized>(
+        &mut self,
+        state: &S,
+        with_full_snapshot: bool,
+    ) -> Option<u64> {
+        if !self.per_commit && !with_full_snapshot {
+            return None;
+        }
+        let started = std::time::Instant::now();
+        let value = fingerprint(state);
+        self.measured(started.elapsed());
+        Some(value)
+    }
+
+    fn measured(&mut self, took: std::time::Duration) {
+        let cheap = took <= self.budget;
+        if cheap != self.per_commit {
+            if cheap {
+                tracing::info!(
+                    took_ms = took.as_millis() as u64,
+                    "state fingerprint cheap again: taken with every commit"
+                );
+            } else {
+                tracing::warn!(
+                    took_ms = took.as_millis() as u64,
+                    budget_ms = self.budget.as_millis() as u64,
+                    "the state fingerprint takes more than a tenth of the commit interval: taken with full snapshots only from now on; recovery still checks record counts and output digests (a larger commit_interval keeps it per commit)"
+                );
+            }
+        }
+        self.per_commit = cheap;
+    }
+}
+
 /// Order-sensitive running digest of output records (topic, partition, key, value, headers,
 /// timestamp). Continued across transactions from the value stored in the last incremental
 /// snapshot, and recomputed by recovery's replay to check the outputs are reproduced too.
@@ -453,6 +516,20 @@ impl ser::SerializeMap for Unordered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_expensive_fingerprint_moves_to_full_snapshots_and_back() {
+        use std::time::Duration;
+        let mut cadence = Cadence::new(Duration::from_millis(100));
+        assert!(cadence.take(&1u64, false).is_some());
+        // Measured above the budget (10 ms): no more per-commit fingerprints...
+        cadence.measured(Duration::from_millis(300));
+        assert_eq!(cadence.take(&1u64, false), None);
+        // ...but one with every full snapshot, which measures again.
+        assert_eq!(cadence.take(&1u64, true), Some(fingerprint(&1u64)));
+        // That one was cheap: per commit again.
+        assert!(cadence.take(&1u64, false).is_some());
+    }
     use serde::Serialize;
     use std::collections::{BTreeMap, HashMap, HashSet};
 

@@ -65,6 +65,10 @@ struct Args {
     /// Mix the process id into the state (a deliberately non-deterministic processor).
     #[arg(long)]
     nondeterministic: bool,
+    /// Grow the state by this many entries (`pad-NNNNNNN` counted 0) at its first record: a
+    /// large state, deterministically.
+    #[arg(long, default_value_t = 0)]
+    pad_state: usize,
     /// Sleep this long per record (to keep transactions open for kill/pause tests).
     #[arg(long, default_value_t = 0)]
     per_record_delay_ms: u64,
@@ -192,6 +196,7 @@ struct EosCounter<S> {
     poison: Option<String>,
     panic_on: Option<String>,
     salt: Option<u64>,
+    pad_state: usize,
     delay: Duration,
     /// (record id, delay, already slept): timing only, never state or outputs.
     slow_once: Option<(String, Duration, std::sync::atomic::AtomicBool)>,
@@ -244,6 +249,12 @@ impl<S: CountState> Processor for EosCounter<S> {
             if slow_id == id && !slept.swap(true, std::sync::atomic::Ordering::Relaxed) {
                 tracing::info!(id = %id, delay_ms = delay.as_millis() as u64, "processing a record slowly, once");
                 std::thread::sleep(*delay);
+            }
+        }
+        if state.counts().len() < self.pad_state {
+            let counts = state.counts();
+            for i in 0..self.pad_state {
+                counts.entry(format!("pad-{i:07}")).or_default();
             }
         }
         let count = state.counts().entry(record.key().clone()).or_default();
@@ -371,6 +382,7 @@ fn counter<S>(args: &Args, slow_once: Option<(String, Duration)>) -> EosCounter<
         poison: args.poison.clone(),
         panic_on: args.panic_on.clone(),
         salt: args.nondeterministic.then(|| u64::from(std::process::id())),
+        pad_state: args.pad_state,
         delay: Duration::from_millis(args.per_record_delay_ms),
         slow_once: slow_once
             .map(|(id, delay)| (id, delay, std::sync::atomic::AtomicBool::new(false))),

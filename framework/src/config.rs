@@ -137,6 +137,7 @@ fn invalid(setting: &str, value: impl ToString, fix: impl Into<String>) -> Confi
 /// | `EXACTLY_MAX_BATCH_RECORDS` | [`max_batch_records`](Self::max_batch_records) |
 /// | `EXACTLY_FULL_SNAPSHOT_EVERY_RECORDS` | [`full_snapshot_every_records`](Self::full_snapshot_every_records) |
 /// | `EXACTLY_FULL_SNAPSHOT_INTERVAL_MS` | [`full_snapshot_interval`](Self::full_snapshot_interval) |
+/// | `EXACTLY_MAX_RECOVERY_TIME_MS` | [`max_recovery_time`](Self::max_recovery_time) (0: no bound) |
 /// | `EXACTLY_FULL_SNAPSHOTS` | [`full_snapshots`](Self::full_snapshots) (`true`/`false`) |
 /// | `EXACTLY_STATE_FINGERPRINT` | [`state_fingerprint`](Self::state_fingerprint) (`true`/`false`) |
 /// | `EXACTLY_SNAPSHOT_TOPIC_PATTERN` | [`snapshot_topic_pattern`](Self::snapshot_topic_pattern) |
@@ -160,6 +161,7 @@ pub struct AppConfig {
     pub(crate) max_batch_records: usize,
     pub(crate) full_snapshot_every_records: u64,
     pub(crate) full_snapshot_interval: Duration,
+    pub(crate) max_recovery_time: Option<Duration>,
     pub(crate) full_snapshots: bool,
     pub(crate) state_fingerprint: bool,
     pub(crate) snapshot_topic_pattern: String,
@@ -253,6 +255,7 @@ impl AppConfig {
             max_batch_records: 10_000,
             full_snapshot_every_records: 100_000,
             full_snapshot_interval: Duration::from_secs(60),
+            max_recovery_time: None,
             full_snapshots: true,
             state_fingerprint: true,
             snapshot_topic_pattern: DEFAULT_SNAPSHOT_TOPIC_PATTERN.to_owned(),
@@ -311,6 +314,18 @@ impl AppConfig {
     /// `Duration::ZERO` = never by time).
     pub fn full_snapshot_interval(mut self, interval: Duration) -> Self {
         self.full_snapshot_interval = interval;
+        self
+    }
+
+    /// Bounds how long recovering a partition takes (default: no bound). Recovery loads the
+    /// latest full snapshot and replays the input since; the runtime measures what processing
+    /// those records cost (and what the last full snapshot cost to write, for loading it) and
+    /// writes a full snapshot as soon as that estimate reaches half the bound, on top of the
+    /// [`full_snapshot_every_records`](Self::full_snapshot_every_records) and
+    /// [`full_snapshot_interval`](Self::full_snapshot_interval) triggers. The other half is left
+    /// for fencing, finding the latest record, fetching and the estimate's error.
+    pub fn max_recovery_time(mut self, bound: Duration) -> Self {
+        self.max_recovery_time = Some(bound);
         self
     }
 
@@ -530,6 +545,10 @@ impl AppConfig {
                 "FULL_SNAPSHOT_EVERY_RECORDS" => self.full_snapshot_every_records = number()?,
                 "FULL_SNAPSHOT_INTERVAL_MS" => self.full_snapshot_interval = ms()?,
                 "FULL_SNAPSHOTS" => self.full_snapshots = flag()?,
+                "MAX_RECOVERY_TIME_MS" => {
+                    let bound = ms()?;
+                    self.max_recovery_time = (!bound.is_zero()).then_some(bound);
+                }
                 "STATE_FINGERPRINT" => self.state_fingerprint = flag()?,
                 "SNAPSHOT_TOPIC_PATTERN" => self.snapshot_topic_pattern = value.trim().to_owned(),
                 "SNAPSHOT_TRIMMING" => self.snapshot_trimming = flag()?,
@@ -949,6 +968,7 @@ const ENV_SETTINGS: &[&str] = &[
     "FULL_SNAPSHOT_EVERY_RECORDS",
     "FULL_SNAPSHOT_INTERVAL_MS",
     "FULL_SNAPSHOTS",
+    "MAX_RECOVERY_TIME_MS",
     "STATE_FINGERPRINT",
     "SNAPSHOT_TOPIC_PATTERN",
     "SNAPSHOT_TRIMMING",

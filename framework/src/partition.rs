@@ -33,7 +33,7 @@ use crate::processor::{
     dead_letter_record, process_raw, Output, OutputRecord, Processor, RawRecord,
 };
 use crate::proto::{FullSnapshotRef, IncrementalSnapshot};
-use crate::recovery::{recover, Recovered, RecoveryTarget, READ_STALL_TIMEOUT};
+use crate::recovery::{recover, Recovered, RecoveryCost, RecoveryTarget, READ_STALL_TIMEOUT};
 use crate::snapshot::fingerprint::Cadence;
 use crate::snapshot::store::{
     flush_promptly, send_blocking, write_incremental, write_snapshot_chunks, PartitionReader,
@@ -147,6 +147,23 @@ impl AbortStreak {
     }
 }
 
+/// Whether `live` needs a new full snapshot: when stopping, after enough records, after enough
+/// time, or when recovering from the current one would take too long (half of
+/// [`AppConfig::max_recovery_time`]).
+fn full_snapshot_due<S>(config: &AppConfig, live: &Live<S>, final_snapshot: bool) -> bool {
+    if !config.full_snapshots || live.records_since_base == 0 {
+        return false;
+    }
+    let every = config.full_snapshot_every_records;
+    let interval = config.full_snapshot_interval;
+    final_snapshot
+        || (every > 0 && live.records_since_base >= every)
+        || (!interval.is_zero() && live.last_full_snapshot.elapsed() >= interval)
+        || config
+            .max_recovery_time
+            .is_some_and(|bound| live.recovery_cost.total() >= bound / 2)
+}
+
 /// The in-memory side of a live partition.
 struct Live<S> {
     state: S,
@@ -157,6 +174,8 @@ struct Live<S> {
     records_since_base: u64,
     transaction_seq: u64,
     last_full_snapshot: Instant,
+    /// What recovering from the current base would cost now.
+    recovery_cost: RecoveryCost,
 }
 
 impl<S> From<Recovered<S>> for Live<S> {
@@ -170,6 +189,7 @@ impl<S> From<Recovered<S>> for Live<S> {
             records_since_base: r.records_since_base,
             transaction_seq: r.transaction_seq,
             last_full_snapshot: Instant::now(),
+            recovery_cost: r.cost,
         }
     }
 }
@@ -687,7 +707,11 @@ impl<P: Processor> PartitionWorker<P> {
         raw: &RawRecord,
         out: &mut Output,
     ) -> Result<(), LiveExit> {
-        match process_raw(&*self.processor, &mut live.state, raw, out) {
+        let started = Instant::now();
+        let processed = process_raw(&*self.processor, &mut live.state, raw, out);
+        // Replaying the record costs about as much again.
+        live.recovery_cost.replay += started.elapsed();
+        match processed {
             Ok(()) => {}
             Err(error) => match &self.config.error_policy {
                 ErrorPolicy::Fail => {
@@ -779,13 +803,7 @@ impl<P: Processor> PartitionWorker<P> {
     }
 
     fn full_snapshot_due(&self, live: &Live<P::State>, final_snapshot: bool) -> bool {
-        if !self.config.full_snapshots || live.records_since_base == 0 {
-            return false;
-        }
-        let every = self.config.full_snapshot_every_records;
-        final_snapshot
-            || (every > 0 && live.records_since_base >= every)
-            || live.last_full_snapshot.elapsed() >= self.config.full_snapshot_interval
+        full_snapshot_due(&self.config, live, final_snapshot)
     }
 
     /// On stop with no open transaction: still leave a full snapshot behind when there is
@@ -881,6 +899,10 @@ impl<P: Processor> PartitionWorker<P> {
             trimmer.trim(&self.snapshot_topic, self.partition, first_chunk_offset);
         }
         live.last_full_snapshot = Instant::now();
+        live.recovery_cost = RecoveryCost {
+            base: started.elapsed(),
+            replay: Duration::ZERO,
+        };
         Ok(())
     }
 
@@ -1143,6 +1165,67 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn live(records_since_base: u64, replay: Duration) -> Live<()> {
+        Live {
+            state: (),
+            next_offset: 0,
+            base: None,
+            base_input_offset: 0,
+            digest: OutputDigest::new(0),
+            records_since_base,
+            transaction_seq: 0,
+            last_full_snapshot: Instant::now(),
+            recovery_cost: RecoveryCost {
+                base: Duration::from_millis(200),
+                replay,
+            },
+        }
+    }
+
+    fn config() -> AppConfig {
+        AppConfig::new("app", "localhost:9092")
+            .input_topic("in")
+            .full_snapshot_every_records(1000)
+    }
+
+    #[test]
+    fn full_snapshots_come_by_count_or_on_stop() {
+        let c = config();
+        assert!(!full_snapshot_due(&c, &live(999, Duration::ZERO), false));
+        assert!(full_snapshot_due(&c, &live(1000, Duration::ZERO), false));
+        assert!(full_snapshot_due(&c, &live(1, Duration::ZERO), true));
+        // Nothing new since the last one: nothing to write, even on stop.
+        assert!(!full_snapshot_due(&c, &live(0, Duration::ZERO), true));
+    }
+
+    #[test]
+    fn a_zero_interval_means_never_by_time() {
+        let c = config().full_snapshot_interval(Duration::ZERO);
+        assert!(!full_snapshot_due(&c, &live(1, Duration::ZERO), false));
+    }
+
+    #[test]
+    fn full_snapshots_come_when_recovery_would_take_half_the_bound() {
+        let c = config().max_recovery_time(Duration::from_secs(4));
+        // 0.2 s to load the base + 1.7 s of replay: below 2 s.
+        assert!(!full_snapshot_due(
+            &c,
+            &live(10, Duration::from_millis(1700)),
+            false
+        ));
+        assert!(full_snapshot_due(
+            &c,
+            &live(10, Duration::from_millis(1800)),
+            false
+        ));
+        // Without a bound, only the count and the interval count.
+        assert!(!full_snapshot_due(
+            &config(),
+            &live(10, Duration::from_secs(60)),
+            false
+        ));
+    }
 
     #[test]
     fn flush_errors_are_abortable() {

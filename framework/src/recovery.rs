@@ -58,6 +58,24 @@ pub(crate) struct Recovered<S> {
     pub(crate) digest: OutputDigest,
     pub(crate) records_since_base: u64,
     pub(crate) transaction_seq: u64,
+    /// What this recovery would cost again: loading its base, and replaying.
+    pub(crate) cost: RecoveryCost,
+}
+
+/// What recovering a partition from its latest full snapshot costs, as measured or estimated
+/// (see [`AppConfig::max_recovery_time`](crate::AppConfig::max_recovery_time)).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct RecoveryCost {
+    /// Fetching and decoding the full snapshot (or, live, writing it: the same work).
+    pub(crate) base: Duration,
+    /// Processing the records since it.
+    pub(crate) replay: Duration,
+}
+
+impl RecoveryCost {
+    pub(crate) fn total(&self) -> Duration {
+        self.base + self.replay
+    }
 }
 
 /// Converts a consumed message into the processor's input record.
@@ -137,6 +155,10 @@ pub(crate) fn recover<P: Processor>(
         digest: replayed.digest,
         records_since_base: inc.records_since_base,
         transaction_seq: inc.transaction_seq,
+        cost: RecoveryCost {
+            base: timing.decoded - found_latest,
+            replay: elapsed - replay_started,
+        },
     }))
 }
 
@@ -177,6 +199,7 @@ fn fresh_start<S: Default>(
         digest: OutputDigest::new(0),
         records_since_base: 0,
         transaction_seq: 0,
+        cost: RecoveryCost::default(),
     })
 }
 

@@ -510,3 +510,41 @@ async fn an_expensive_fingerprint_leaves_the_commit_path() {
     assert!(metric(&m, "recoveries") >= 1, "{m}");
     stop_cleanly(&mut service).await;
 }
+
+/// `max_recovery_time` bounds recovery: with 10 ms per record and a bound of 6 s, a full snapshot
+/// comes whenever replaying since the last one would take 3 s, so the recovery after a kill -9
+/// stays within the bound. The count trigger alone (every 100 000 records) would replay all 1000
+/// records: 10 s of processing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_recovery_time_bounds_the_recovery_after_a_crash() {
+    const BOUND_MS: u64 = 6000;
+    let s = Setup::new("bounded").await;
+    let bound = BOUND_MS.to_string();
+    let args = [
+        "--per-record-delay-ms",
+        "10",
+        "--max-recovery-time-ms",
+        bound.as_str(),
+    ];
+    let records = inputs(0..1000, 1);
+    let mut service = s.process(&records, &args).await;
+    service.kill_hard().await.expect("kill -9");
+    service.restart().expect("restart");
+    let m = wait_for_metrics(&service, "the recovery", Duration::from_secs(60), |m| {
+        metric(m, "recoveries") >= 1
+    })
+    .await;
+    assert!(metric(&m, "recoveries_from_full_snapshot") >= 1, "{m}");
+    assert!(metric(&m, "last_recovery_replayed_records") < 1000, "{m}");
+    assert!(
+        metric(&m, "last_recovery_ms") <= BOUND_MS,
+        "recovery took longer than the bound: {m}\n{}",
+        service.log_tail(20)
+    );
+    eprintln!(
+        "recovered in {} ms, replaying {} records",
+        metric(&m, "last_recovery_ms"),
+        metric(&m, "last_recovery_replayed_records")
+    );
+    stop_cleanly(&mut service).await;
+}

@@ -51,6 +51,9 @@ struct Args {
     full_snapshot_every: u64,
     #[arg(long, default_value_t = 60_000)]
     full_snapshot_interval_ms: u64,
+    /// AppConfig::max_recovery_time (0: no bound).
+    #[arg(long, default_value_t = 0)]
+    max_recovery_time_ms: u64,
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     full_snapshots: bool,
     /// Delete what lies below each committed full snapshot (AppConfig::snapshot_trimming).
@@ -317,6 +320,10 @@ async fn main() {
         .snapshot_trimming(args.snapshot_trimming)
         .error_policy(policy)
         .transaction_timeout(Duration::from_millis(args.transaction_timeout_ms));
+    let config = match args.max_recovery_time_ms {
+        0 => config,
+        ms => config.max_recovery_time(Duration::from_millis(ms)),
+    };
     let config = match args.group_protocol.as_str() {
         // Fast group membership changes for the rebalance / zombie tests.
         "cooperative-sticky" => config
@@ -441,6 +448,7 @@ fn metrics_line(m: &exactly::MetricsSnapshot) -> String {
         "fresh_starts": m.fresh_starts,
         "recoveries_from_full_snapshot": m.recoveries_from_full_snapshot,
         "last_recovery_replayed_records": m.last_recovery_replayed_records,
+        "last_recovery_ms": m.last_recovery_time.as_millis() as u64,
         "max_recovery_replayed_records": m.max_recovery_replayed_records,
         "partitions_assigned": m.partitions_assigned,
         "partitions_fenced": m.partitions_fenced,

@@ -138,6 +138,7 @@ fn invalid(setting: &str, value: impl ToString, fix: impl Into<String>) -> Confi
 /// | `EXACTLY_FULL_SNAPSHOT_EVERY_RECORDS` | [`full_snapshot_every_records`](Self::full_snapshot_every_records) |
 /// | `EXACTLY_FULL_SNAPSHOT_INTERVAL_MS` | [`full_snapshot_interval`](Self::full_snapshot_interval) |
 /// | `EXACTLY_MAX_RECOVERY_TIME_MS` | [`max_recovery_time`](Self::max_recovery_time) (0: no bound) |
+/// | `EXACTLY_STUCK_INPUT_AFTER_MS` | [`stuck_input_after`](Self::stuck_input_after) (0: off) |
 /// | `EXACTLY_FULL_SNAPSHOTS` | [`full_snapshots`](Self::full_snapshots) (`true`/`false`) |
 /// | `EXACTLY_STATE_FINGERPRINT` | [`state_fingerprint`](Self::state_fingerprint) (`true`/`false`) |
 /// | `EXACTLY_SNAPSHOT_TOPIC_PATTERN` | [`snapshot_topic_pattern`](Self::snapshot_topic_pattern) |
@@ -162,6 +163,7 @@ pub struct AppConfig {
     pub(crate) full_snapshot_every_records: u64,
     pub(crate) full_snapshot_interval: Duration,
     pub(crate) max_recovery_time: Option<Duration>,
+    pub(crate) stuck_input_after: Duration,
     pub(crate) full_snapshots: bool,
     pub(crate) state_fingerprint: bool,
     pub(crate) snapshot_topic_pattern: String,
@@ -256,6 +258,7 @@ impl AppConfig {
             full_snapshot_every_records: 100_000,
             full_snapshot_interval: Duration::from_secs(60),
             max_recovery_time: None,
+            stuck_input_after: Duration::from_secs(300),
             full_snapshots: true,
             state_fingerprint: true,
             snapshot_topic_pattern: DEFAULT_SNAPSHOT_TOPIC_PATTERN.to_owned(),
@@ -326,6 +329,19 @@ impl AppConfig {
     /// for fencing, finding the latest record, fetching and the estimate's error.
     pub fn max_recovery_time(mut self, bound: Duration) -> Self {
         self.max_recovery_time = Some(bound);
+        self
+    }
+
+    /// How long an input partition's last stable offset may stand below its high watermark
+    /// before it counts as stuck (default 5 minutes; `Duration::ZERO` turns the watch off).
+    /// A read_committed consumer sees nothing past an open transaction: a producer upstream
+    /// that left one open (a "hanging transaction") stops the partition without an error. A
+    /// stuck partition is logged with the stuck offset and the `kafka-transactions.sh` commands
+    /// that resolve it, and counted in
+    /// [`MetricsSnapshot::stuck_input_partitions`](crate::MetricsSnapshot::stuck_input_partitions).
+    /// Keep it above the longest transaction your producers legitimately hold open.
+    pub fn stuck_input_after(mut self, after: Duration) -> Self {
+        self.stuck_input_after = after;
         self
     }
 
@@ -545,6 +561,7 @@ impl AppConfig {
                 "FULL_SNAPSHOT_EVERY_RECORDS" => self.full_snapshot_every_records = number()?,
                 "FULL_SNAPSHOT_INTERVAL_MS" => self.full_snapshot_interval = ms()?,
                 "FULL_SNAPSHOTS" => self.full_snapshots = flag()?,
+                "STUCK_INPUT_AFTER_MS" => self.stuck_input_after = ms()?,
                 "MAX_RECOVERY_TIME_MS" => {
                     let bound = ms()?;
                     self.max_recovery_time = (!bound.is_zero()).then_some(bound);
@@ -968,6 +985,7 @@ const ENV_SETTINGS: &[&str] = &[
     "FULL_SNAPSHOT_EVERY_RECORDS",
     "FULL_SNAPSHOT_INTERVAL_MS",
     "FULL_SNAPSHOTS",
+    "STUCK_INPUT_AFTER_MS",
     "MAX_RECOVERY_TIME_MS",
     "STATE_FINGERPRINT",
     "SNAPSHOT_TOPIC_PATTERN",

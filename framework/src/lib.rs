@@ -87,6 +87,7 @@ mod progress;
 mod recovery;
 mod runtime;
 pub(crate) mod snapshot;
+mod stuck;
 pub mod testing;
 
 pub use codec::{BoxError, DecodeError, Encode, EncodeError, Format, Json, Raw, Utf8};

@@ -51,6 +51,7 @@ struct Counters {
     partitions_fenced: AtomicU64,
     partitions_failed: AtomicU64,
     max_buffered_bytes: AtomicU64,
+    stuck_input_partitions: AtomicU64,
 }
 
 /// A point-in-time copy of [`Metrics`].
@@ -117,6 +118,10 @@ pub struct MetricsSnapshot {
     /// [`AppConfig::max_buffered_bytes`](crate::AppConfig::max_buffered_bytes) plus the
     /// records the consumer had fetched before the partition paused.
     pub max_buffered_bytes: u64,
+    /// Input partitions whose last stable offset has stood below their high watermark for
+    /// longer than [`AppConfig::stuck_input_after`](crate::AppConfig::stuck_input_after): a
+    /// transaction left open upstream (each one is logged with how to resolve it).
+    pub stuck_input_partitions: u64,
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -161,6 +166,7 @@ impl Metrics {
             partitions_fenced: get(&c.partitions_fenced),
             partitions_failed: get(&c.partitions_failed),
             max_buffered_bytes: get(&c.max_buffered_bytes),
+            stuck_input_partitions: get(&c.stuck_input_partitions),
         }
     }
 
@@ -224,6 +230,12 @@ impl Metrics {
         self.inner
             .snapshot_trim_failures
             .fetch_add(1, Ordering::Relaxed);
+    }
+    /// Input partitions currently stuck behind an open transaction.
+    pub(crate) fn stuck_input_partitions(&self, n: u64) {
+        self.inner
+            .stuck_input_partitions
+            .store(n, Ordering::Relaxed);
     }
     /// A partition started with no snapshot to recover from.
     pub(crate) fn fresh_start(&self) {

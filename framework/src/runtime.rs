@@ -46,6 +46,7 @@ use crate::processor::Processor;
 use crate::recovery::raw_record;
 use crate::snapshot::fingerprint::Cadence;
 use crate::snapshot::trim::Trimmer;
+use crate::stuck::{self, Watched};
 
 /// Records buffered per partition between the consumer thread and its worker.
 const WORKER_CHANNEL_CAPACITY: usize = 2048;
@@ -320,6 +321,8 @@ struct Shared<P: Processor> {
     group_metadata: Arc<GroupMetadataCell>,
     /// Trims snapshot partitions below committed full snapshots (unless turned off).
     trimmer: Option<Arc<Trimmer>>,
+    /// The partitions with a worker, for the stuck-input watch.
+    watched: Arc<Watched>,
 }
 
 struct RebalanceContext<P: Processor> {
@@ -509,6 +512,7 @@ impl<P: Processor> Shared<P> {
         match partition::spawn(worker, outcome_tx) {
             Ok(thread) => {
                 self.metrics.partition_assigned();
+                self.watched.add(&topic, partition);
                 self.lock().slots.insert(
                     (topic, partition),
                     Slot {
@@ -558,6 +562,9 @@ impl<P: Processor> Shared<P> {
                 .filter_map(|k| registry.slots.remove_entry(k))
                 .collect()
         };
+        for ((topic, partition), _) in &slots {
+            self.watched.remove(topic, *partition);
+        }
         for (_, slot) in &slots {
             slot.stop.store(true, Ordering::Release);
         }
@@ -602,6 +609,10 @@ impl<P: Processor> ConsumerLoop<P> {
             .iter()
             .map(|t| (t.clone(), Arc::<str>::from(t.as_str())))
             .collect();
+        let watched = Arc::new(Watched::default());
+        if !self.config.stuck_input_after.is_zero() {
+            stuck::start(&self.config, Arc::clone(&watched), self.metrics.clone())?;
+        }
         let trimmer = if self.config.snapshot_trimming {
             Some(Arc::new(Trimmer::start(
                 &self.config,
@@ -624,6 +635,7 @@ impl<P: Processor> ConsumerLoop<P> {
             topics,
             group_metadata: Arc::new(GroupMetadataCell::default()),
             trimmer,
+            watched: Arc::clone(&watched),
         });
         let topic_names: Vec<&str> = self
             .config
@@ -969,6 +981,7 @@ fn service_slots<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, sha
     }
     for (key, outcome) in ended {
         if let Some(mut slot) = registry.slots.remove(&key) {
+            shared.watched.remove(&key.0, key.1);
             if let Some(thread) = slot.thread.take() {
                 let _ = thread.join();
             }

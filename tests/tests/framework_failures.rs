@@ -733,3 +733,88 @@ async fn buffered_input_is_bounded_in_bytes() {
     assert!(buffered >= PAD, "nothing was buffered: {metrics}");
     stop_cleanly(&mut service).await;
 }
+
+/// A transaction left open upstream stops a read_committed input partition without any error.
+/// The app notices its last stable offset standing below the high watermark, logs the stuck
+/// offset with the commands that resolve it, and counts the partition; once the transaction is
+/// aborted, the partition moves on and every record is processed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_stuck_behind_an_open_transaction_is_reported() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    let s = Setup::new("stuck").await;
+    let records = inputs(0..40, 1);
+    let mut service = s
+        .process(&records[..20], &["--stuck-input-after-ms", "3000"])
+        .await;
+
+    // Offset 20: a record in a transaction that stays open; then 20 committed records behind it.
+    let (bootstrap, input) = (s.bootstrap.clone(), s.input.clone());
+    let hanging = tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("transactional.id", unique_name("hanging"))
+            .set("transaction.timeout.ms", "300000")
+            .create()
+            .expect("transactional producer");
+        producer
+            .init_transactions(Duration::from_secs(30))
+            .expect("init");
+        producer.begin_transaction().expect("begin");
+        producer
+            .send(
+                BaseRecord::to(&input)
+                    .key("k0")
+                    .payload("never-committed")
+                    .partition(0),
+            )
+            .map_err(|(e, _)| e)
+            .expect("send");
+        producer.flush(Duration::from_secs(30)).expect("flush");
+        producer
+    })
+    .await
+    .expect("producer task");
+    produce(&s.bootstrap, &s.input, &records[20..]);
+
+    let m = wait_for_metrics(&service, "a stuck input", Duration::from_secs(60), |m| {
+        metric(m, "stuck_input_partitions") == 1
+    })
+    .await;
+    assert_eq!(metric(&m, "records_processed"), 20, "{m}");
+    let log = service.run_log_text().expect("log");
+    let line = log
+        .lines()
+        .find(|l| l.contains("input partition stuck"))
+        .unwrap_or_else(|| panic!("no warning:\n{}", service.log_tail(30)));
+    for needle in [
+        "stuck_offset=20",
+        "high_watermark=41",
+        &format!("find-hanging --topic {} --partition 0", s.input),
+        "--start-offset 20",
+    ] {
+        assert!(line.contains(needle), "{needle} missing in {line}");
+    }
+
+    tokio::task::spawn_blocking(move || {
+        hanging
+            .abort_transaction(Duration::from_secs(30))
+            .expect("abort");
+    })
+    .await
+    .expect("abort task");
+    s.assert_outputs(&service, &records, Duration::from_secs(60))
+        .await;
+    wait_for_metrics(
+        &service,
+        "the input to move",
+        Duration::from_secs(60),
+        |m| metric(m, "stuck_input_partitions") == 0,
+    )
+    .await;
+    assert!(service
+        .run_log_text()
+        .expect("log")
+        .contains("input partition moves again"));
+    stop_cleanly(&mut service).await;
+}

@@ -54,6 +54,9 @@ struct Args {
     /// AppConfig::max_recovery_time (0: no bound).
     #[arg(long, default_value_t = 0)]
     max_recovery_time_ms: u64,
+    /// AppConfig::stuck_input_after (0: off).
+    #[arg(long, default_value_t = 300_000)]
+    stuck_input_after_ms: u64,
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     full_snapshots: bool,
     /// Delete what lies below each committed full snapshot (AppConfig::snapshot_trimming).
@@ -316,6 +319,7 @@ async fn main() {
         .max_batch_records(args.max_batch_records)
         .full_snapshot_every_records(args.full_snapshot_every)
         .full_snapshot_interval(Duration::from_millis(args.full_snapshot_interval_ms))
+        .stuck_input_after(Duration::from_millis(args.stuck_input_after_ms))
         .full_snapshots(args.full_snapshots)
         .snapshot_trimming(args.snapshot_trimming)
         .error_policy(policy)
@@ -453,6 +457,7 @@ fn metrics_line(m: &exactly::MetricsSnapshot) -> String {
         "partitions_assigned": m.partitions_assigned,
         "partitions_fenced": m.partitions_fenced,
         "max_buffered_bytes": m.max_buffered_bytes,
+        "stuck_input_partitions": m.stuck_input_partitions,
     })
     .to_string()
 }

@@ -7,6 +7,7 @@
 //! - [`workload`]: the input and the stateful count exactly (and Quix) compute;
 //! - [`engine`]: an exactly app inside this process, run until its input is committed;
 //! - [`quix`]: Quix Streams 3.28.1 in its own virtualenv, doing the same count;
+//! - [`kstreams`]: Kafka Streams 4.4 (exactly-once v2), built with Maven, doing the same count;
 //! - [`recovery`]: restoring a large state from a full snapshot vs replaying it;
 //! - [`latency`]: end-to-end latency through the payments chain A → B → C;
 //! - [`footprint`]: threads and memory per assigned partition;
@@ -15,6 +16,7 @@
 
 pub mod engine;
 pub mod footprint;
+pub mod kstreams;
 pub mod latency;
 pub mod progress;
 pub mod quix;
@@ -85,6 +87,8 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         "out-exactly-10ms",
         "out-exactly-1000ms",
         "out-quix",
+        "out-kstreams-1",
+        "out-kstreams-n",
     ]
     .map(topic);
     let mut throughput_topics: Vec<&str> = vec![&input];
@@ -195,6 +199,17 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
     };
     if let QuixResult::Measured(tp) = &quix {
         say(&format!("  {:.0} records/s", tp.rate()));
+    }
+
+    say("case 3b: Kafka Streams 4.4, exactly_once_v2 (building it first if needed)");
+    let kstreams = run_kstreams(o, &input, [&outputs[5], &outputs[6]], say).await;
+    match &kstreams {
+        Ok(runs) => {
+            for tp in runs {
+                say(&format!("  {}: {:.0} records/s", tp.case, tp.rate()));
+            }
+        }
+        Err(why) => say(&format!("  not measured: {why}")),
     }
 
     say(&format!("case 4: restore of a {}-key state", o.state_keys));
@@ -322,6 +337,7 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         exactly_default,
         exactly_intervals: exactly_runs,
         quix,
+        kstreams,
         restore_snapshot,
         restore_replay,
         state_keys: o.state_keys,
@@ -329,6 +345,64 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         latency_rate: o.latency_rate,
         footprints,
     })
+}
+
+/// Kafka Streams on the same input, with one stream thread and with one per partition, each
+/// measured to the same finish line; any reason it cannot run becomes the result.
+async fn run_kstreams(
+    o: &BenchOptions,
+    input: &str,
+    outputs: [&String; 2],
+    say: &(dyn Fn(&str) + Sync),
+) -> Result<Vec<Throughput>, String> {
+    let env = {
+        let progress = |line: &str| say(&format!("  {line}"));
+        tokio::task::block_in_place(|| kstreams::prepare(progress)).map_err(|e| e.to_string())?
+    };
+    let mut runs = Vec::new();
+    for (threads, output) in [(1, outputs[0]), (o.partitions.max(1) as usize, outputs[1])] {
+        let application_id = format!("{}-kstreams-{threads}", o.run);
+        let offsets =
+            progress::GroupOffsets::new(&o.bootstrap, &application_id, input, o.partitions)
+                .map_err(|e| format!("{e:#}"))?;
+        let args = kstreams::KStreamsCountArgs {
+            bootstrap: o.bootstrap.clone(),
+            input: input.to_owned(),
+            output: output.clone(),
+            application_id,
+            threads,
+            log_path: o.log_dir.join(format!("kstreams-{threads}.log")),
+        };
+        let started = Instant::now();
+        let (mut process, _state_dir) = env.spawn_count(&args).map_err(|e| e.to_string())?;
+        let finished = tokio::task::block_in_place(|| {
+            offsets.wait_for(o.records, started, CASE_LIMIT, || {
+                match process.try_status() {
+                    Ok(None) => Ok(()),
+                    Ok(Some(status)) => anyhow::bail!(
+                        "Kafka Streams exited before finishing ({status}); log {}:\n{}",
+                        process.log_path().display(),
+                        process.log_tail(20)
+                    ),
+                    Err(e) => anyhow::bail!("{e}"),
+                }
+            })
+        });
+        if let Err(e) = process.terminate(Duration::from_secs(30)).await {
+            tracing::warn!(error = %e, "stopping Kafka Streams");
+        }
+        let elapsed = finished.map_err(|e| format!("{e:#}"))?;
+        runs.push(Throughput {
+            case: format!(
+                "Kafka Streams {}, exactly_once_v2, {threads} thread{}",
+                kstreams::KSTREAMS_VERSION,
+                if threads == 1 { "" } else { "s" }
+            ),
+            records: o.records,
+            elapsed,
+        });
+    }
+    Ok(runs)
 }
 
 /// Quix on the same input, measured to the same finish line; any reason it cannot run becomes

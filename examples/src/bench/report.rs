@@ -49,6 +49,8 @@ pub struct Results {
     pub exactly_intervals: Vec<Throughput>,
     /// Quix Streams.
     pub quix: QuixResult,
+    /// Kafka Streams with one thread and with one per partition, or why it did not run.
+    pub kstreams: Result<Vec<Throughput>, String>,
     /// Restore with full snapshots.
     pub restore_snapshot: RestoreRun,
     /// Restore by replaying the whole partition.
@@ -79,6 +81,19 @@ impl Results {
             QuixResult::Measured(quix) => Some(self.exactly_default.rate() / quix.rate()),
             QuixResult::Unavailable(_) => None,
         }
+    }
+
+    /// The faster Kafka Streams run.
+    pub fn kstreams_best(&self) -> Option<&Throughput> {
+        let runs = self.kstreams.as_ref().ok()?;
+        runs.iter().max_by(|a, b| a.rate().total_cmp(&b.rate()))
+    }
+
+    /// exactly (default settings) ÷ the faster Kafka Streams run, records/s; `None` when Kafka
+    /// Streams did not run.
+    pub fn eos_vs_kstreams(&self) -> Option<f64> {
+        self.kstreams_best()
+            .map(|best| self.exactly_default.rate() / best.rate())
     }
 
     /// Replay restore time ÷ snapshot restore time.
@@ -115,7 +130,7 @@ impl Results {
             "  {:<46} {:>9} {:>11} {:>7}",
             "case", "seconds", "records/s", "vs raw"
         );
-        let mut row = |case: &str, tp: &Throughput| {
+        let row = |t: &mut String, case: &str, tp: &Throughput| {
             let _ = writeln!(
                 t,
                 "  {:<46} {:>9.2} {:>11.0} {:>7.2}",
@@ -125,13 +140,13 @@ impl Results {
                 tp.rate() / raw
             );
         };
-        row(&self.raw.case, &self.raw);
-        row(&self.exactly_default.case, &self.exactly_default);
+        row(&mut t, &self.raw.case, &self.raw);
+        row(&mut t, &self.exactly_default.case, &self.exactly_default);
         for tp in &self.exactly_intervals {
-            row(&tp.case, tp);
+            row(&mut t, &tp.case, tp);
         }
         match &self.quix {
-            QuixResult::Measured(quix) => row(&quix.case, quix),
+            QuixResult::Measured(quix) => row(&mut t, &quix.case, quix),
             QuixResult::Unavailable(why) => {
                 let _ = writeln!(
                     t,
@@ -139,6 +154,22 @@ impl Results {
                     "Quix Streams 3.28.1, exactly-once"
                 );
             }
+        }
+        match &self.kstreams {
+            Ok(runs) => {
+                for tp in runs {
+                    row(&mut t, &tp.case, tp);
+                }
+            }
+            Err(why) => {
+                let _ = writeln!(t, "  {:<46} not measured: {why}", "Kafka Streams 4.4.0");
+            }
+        }
+        if let Some(ratio) = self.eos_vs_kstreams() {
+            let _ = writeln!(
+                t,
+                "  exactly (default) vs the faster Kafka Streams run: {ratio:.2}x"
+            );
         }
         let _ = writeln!(t);
         let _ = writeln!(

@@ -13,6 +13,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use exactly_tests::process::{ChildProcess, ProcessSpec};
 
@@ -188,6 +189,30 @@ fn run_logged(
     })
 }
 
+/// A restore of the count app's store from its changelog.
+#[derive(Debug, Clone)]
+pub struct KStreamsRestore {
+    /// From the start of the restore to its end, as Kafka Streams' restore listener saw it.
+    pub restore: Duration,
+    /// From the process start (JVM start-up and group join included) to the end of the
+    /// restore.
+    pub ready_after_start: Duration,
+    /// Changelog records restored.
+    pub records: u64,
+}
+
+/// Parses the app's `KSTREAMS-RESTORED ... records=N ms=T` line.
+pub fn parse_restored(line: &str) -> Option<(u64, Duration)> {
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix(name))
+            .and_then(|v| v.parse::<i64>().ok())
+    };
+    let records = u64::try_from(field("records=")?).ok()?;
+    let ms = u64::try_from(field("ms=")?).ok()?;
+    Some((records, Duration::from_millis(ms)))
+}
+
 impl KStreamsEnv {
     /// Starts the count app with a fresh state directory, returned with it: keep the directory
     /// until the process has stopped (dropping it removes the directory).
@@ -222,5 +247,20 @@ impl KStreamsEnv {
         let process = ChildProcess::spawn(format!("kstreams-{}", args.threads), spec)
             .map_err(|e| KStreamsUnavailable::Spawn(e.to_string()))?;
         Ok((process, state_dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_restore_line_parses() {
+        let line = "KSTREAMS-RESTORED store=totals partition=app-totals-changelog-0 records=100000 ms=2345";
+        assert_eq!(
+            parse_restored(line),
+            Some((100_000, Duration::from_millis(2345)))
+        );
+        assert_eq!(parse_restored("KSTREAMS-RESTORED records=5 ms=-1"), None);
     }
 }

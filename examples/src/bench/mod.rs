@@ -265,6 +265,19 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         restore_replay.replayed
     ));
 
+    say("  Kafka Streams: the same state restored from its changelog into an empty state dir");
+    let kstreams_restore =
+        run_kstreams_restore(o, &state_input, &topic("out-restore-kstreams"), say).await;
+    match &kstreams_restore {
+        Ok(r) => say(&format!(
+            "  Kafka Streams: restore {} ms ({} records), {} ms after its start",
+            r.restore.as_millis(),
+            r.records,
+            r.ready_after_start.as_millis()
+        )),
+        Err(why) => say(&format!("  Kafka Streams restore not measured: {why}")),
+    }
+
     say(&format!(
         "case 5: end-to-end latency A -> B -> C at {} commands/s for {} s",
         o.latency_rate,
@@ -338,6 +351,7 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         exactly_intervals: exactly_runs,
         quix,
         kstreams,
+        kstreams_restore,
         restore_snapshot,
         restore_replay,
         state_keys: o.state_keys,
@@ -403,6 +417,75 @@ async fn run_kstreams(
         });
     }
     Ok(runs)
+}
+
+/// Kafka Streams builds the restore case's state (one partition, every key distinct), stops,
+/// and starts again with its state directory wiped: it restores the store from its changelog.
+async fn run_kstreams_restore(
+    o: &BenchOptions,
+    input: &str,
+    output: &str,
+    say: &(dyn Fn(&str) + Sync),
+) -> Result<kstreams::KStreamsRestore, String> {
+    create_topics(&o.bootstrap, &[output], 1, &TOPIC_CONFIG)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let env = {
+        let progress = |line: &str| say(&format!("  {line}"));
+        tokio::task::block_in_place(|| kstreams::prepare(progress)).map_err(|e| e.to_string())?
+    };
+    let application_id = format!("{}-kstreams-restore", o.run);
+    let offsets = progress::GroupOffsets::new(&o.bootstrap, &application_id, input, 1)
+        .map_err(|e| format!("{e:#}"))?;
+    let args = |log: &str| kstreams::KStreamsCountArgs {
+        bootstrap: o.bootstrap.clone(),
+        input: input.to_owned(),
+        output: output.to_owned(),
+        application_id: application_id.clone(),
+        threads: 1,
+        log_path: o.log_dir.join(log),
+    };
+    let started = Instant::now();
+    let (mut first, first_state) = env
+        .spawn_count(&args("kstreams-restore-build.log"))
+        .map_err(|e| e.to_string())?;
+    let built = tokio::task::block_in_place(|| {
+        offsets.wait_for(o.state_keys, started, CASE_LIMIT, || {
+            match first.try_status() {
+                Ok(None) => Ok(()),
+                Ok(Some(status)) => anyhow::bail!(
+                    "Kafka Streams exited while building the state ({status}):\n{}",
+                    first.log_tail(20)
+                ),
+                Err(e) => anyhow::bail!("{e}"),
+            }
+        })
+    });
+    let stopped = first.terminate(Duration::from_secs(60)).await;
+    built.map_err(|e| format!("{e:#}"))?;
+    stopped.map_err(|e| format!("stopping Kafka Streams: {e}"))?;
+    drop(first_state); // the local state goes: the restart restores from the changelog
+
+    let started = Instant::now();
+    let (mut second, _state) = env
+        .spawn_count(&args("kstreams-restore.log"))
+        .map_err(|e| e.to_string())?;
+    let line = second
+        .wait_for_log("KSTREAMS-RESTORED", CASE_LIMIT)
+        .await
+        .map_err(|e| e.to_string());
+    let ready_after_start = started.elapsed();
+    if let Err(e) = second.terminate(Duration::from_secs(60)).await {
+        tracing::warn!(error = %e, "stopping Kafka Streams");
+    }
+    let line = line?;
+    let (records, restore) = kstreams::parse_restored(&line)
+        .ok_or_else(|| format!("cannot read the restore line {line:?}"))?;
+    Ok(kstreams::KStreamsRestore {
+        restore,
+        ready_after_start,
+        records,
+    })
 }
 
 /// Quix on the same input, measured to the same finish line; any reason it cannot run becomes

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::footprint::Footprint;
+use super::kstreams::KStreamsRestore;
 use super::latency::LatencyRun;
 use super::recovery::RestoreRun;
 
@@ -51,6 +52,8 @@ pub struct Results {
     pub quix: QuixResult,
     /// Kafka Streams with one thread and with one per partition, or why it did not run.
     pub kstreams: Result<Vec<Throughput>, String>,
+    /// Kafka Streams restoring the restore case's state from its changelog.
+    pub kstreams_restore: Result<KStreamsRestore, String>,
     /// Restore with full snapshots.
     pub restore_snapshot: RestoreRun,
     /// Restore by replaying the whole partition.
@@ -94,6 +97,13 @@ impl Results {
     pub fn eos_vs_kstreams(&self) -> Option<f64> {
         self.kstreams_best()
             .map(|best| self.exactly_default.rate() / best.rate())
+    }
+
+    /// Kafka Streams' restore from its changelog ÷ exactly's restore from its full snapshot;
+    /// `None` when Kafka Streams did not run.
+    pub fn restore_vs_kstreams(&self) -> Option<f64> {
+        let kstreams = self.kstreams_restore.as_ref().ok()?;
+        Some(kstreams.restore.as_secs_f64() / self.restore_snapshot.restore.as_secs_f64().max(1e-9))
     }
 
     /// Replay restore time ÷ snapshot restore time.
@@ -196,6 +206,27 @@ impl Results {
                 run.snapshot_bytes,
                 ms(run.snapshot_write)
             );
+        }
+        match &self.kstreams_restore {
+            Ok(k) => {
+                let _ = writeln!(
+                    t,
+                    "  {:<34} {:>11} {:>9} {:>14}",
+                    "Kafka Streams, from its changelog",
+                    ms(k.restore),
+                    k.records,
+                    ms(k.ready_after_start)
+                );
+                if let Some(ratio) = self.restore_vs_kstreams() {
+                    let _ = writeln!(
+                        t,
+                        "  Kafka Streams restore time / exactly's (full snapshot): {ratio:.1}x"
+                    );
+                }
+            }
+            Err(why) => {
+                let _ = writeln!(t, "  {:<34} not measured: {why}", "Kafka Streams");
+            }
         }
         let _ = writeln!(t);
         let _ = writeln!(

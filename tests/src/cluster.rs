@@ -153,19 +153,22 @@ impl TestCluster {
         for (key, value) in config {
             topic = topic.set(key, value);
         }
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let options = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(Duration::from_secs(20)));
         // A cluster electing a new controller (a node was just killed) times requests out
-        // for a while: retry those until the topic deadline, fail on anything else.
+        // for a while, the whole request (no answer in time) or the topic's operation: retry
+        // those until the topic deadline, fail on anything else.
         let started = Instant::now();
         loop {
-            let results = admin
-                .create_topics([&topic], &options)
-                .await
-                .map_err(|e| HarnessError::kafka(context(), e))?;
-            let failure = results.into_iter().find_map(|result| match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => None,
-                Err((_, code)) => Some(code),
-            });
+            let failure = match admin.create_topics([&topic], &options).await {
+                Ok(results) => results.into_iter().find_map(|result| match result {
+                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => None,
+                    Err((_, code)) => Some(code),
+                }),
+                Err(rdkafka::error::KafkaError::AdminOp(code)) => Some(code),
+                Err(e) => return Err(HarnessError::kafka(context(), e)),
+            };
             match failure {
                 None => break,
                 Some(RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::RequestTimedOut)

@@ -91,11 +91,11 @@ pub(crate) fn fingerprint<S: Serialize + ?Sized>(state: &S) -> u64 {
 ///
 /// A fingerprint walks the whole state, so per commit it would cost O(state size) on the commit
 /// path (about 0.3 s per million entries). It is taken with every commit while that is cheap —
-/// within [`Cadence::budget`] — and otherwise only with full snapshots, whose transactions serialize the
-/// whole state anyway. A full snapshot measures it again: a state that shrank goes back to a
-/// fingerprint per commit. Incremental records without one say so
-/// (`state_fingerprint_enabled = false`), and recovery compares the record count and the output
-/// digest only.
+/// within a tenth of the commit interval — and otherwise only with full snapshots, whose
+/// transactions serialize the whole state anyway. Each full snapshot measures it again: a state
+/// that shrank to half the budget goes back to a fingerprint per commit. Incremental records
+/// without one say so (`state_fingerprint_enabled = false`), and recovery then compares the
+/// record count and the output digest only.
 #[derive(Debug)]
 pub(crate) struct Cadence {
     budget: std::time::Duration,
@@ -131,7 +131,13 @@ impl Cadence {
     }
 
     fn measured(&mut self, took: std::time::Duration) {
-        let cheap = took <= self.budget;
+        // Back to per commit only well within the budget: a state near it would otherwise
+        // switch (and log) with every full snapshot.
+        let cheap = if self.per_commit {
+            took <= self.budget
+        } else {
+            took <= self.budget / 2
+        };
         if cheap != self.per_commit {
             if cheap {
                 tracing::info!(
@@ -525,9 +531,12 @@ mod tests {
         // Measured above the budget (10 ms): no more per-commit fingerprints...
         cadence.measured(Duration::from_millis(300));
         assert_eq!(cadence.take(&1u64, false), None);
-        // ...but one with every full snapshot, which measures again.
+        // ...but one with every full snapshot, which measures again: just within the budget is
+        // not enough to go back...
+        cadence.measured(Duration::from_millis(8));
+        assert_eq!(cadence.take(&1u64, false), None);
+        // ...well within it is.
         assert_eq!(cadence.take(&1u64, true), Some(fingerprint(&1u64)));
-        // That one was cheap: per commit again.
         assert!(cadence.take(&1u64, false).is_some());
     }
     use serde::Serialize;

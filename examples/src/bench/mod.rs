@@ -287,7 +287,7 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
     create_topics(&o.bootstrap, &chain.all(), o.partitions, &TOPIC_CONFIG).await?;
     let latency = latency::measure_chain_latency(
         &o.bootstrap,
-        &topic("chain"),
+        &app("chain"),
         &chain,
         o.partitions,
         o.latency_rate,

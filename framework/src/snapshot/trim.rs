@@ -13,7 +13,7 @@
 //! which merges them (the highest offset per partition wins). A failed trim is logged with
 //! what to do and counted; the next full snapshot of the partition trims again, further.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -104,11 +104,45 @@ fn merge(requests: impl Iterator<Item = Trim>) -> HashMap<(String, i32), i64> {
     batch
 }
 
+/// Deletes below the offsets of `batch`. librdkafka sends DeleteRecords to the leaders in its
+/// metadata cache and does not refresh it when one answers that it no longer leads, so after a
+/// leader change every trim of that partition would fail until the periodic refresh (5
+/// minutes): the partitions that failed are retried once, right after a metadata request for
+/// their topics (which updates the cache).
 fn delete(
     admin: &AdminClient<DefaultClientContext>,
     batch: &HashMap<(String, i32), i64>,
     metrics: &Metrics,
 ) {
+    let failed = attempt(admin, batch, metrics);
+    if failed.is_empty() {
+        return;
+    }
+    let topics: BTreeSet<&str> = failed.keys().map(|(topic, _)| topic.as_str()).collect();
+    for topic in topics {
+        if let Err(error) = admin.inner().fetch_metadata(Some(topic), DELETE_TIMEOUT) {
+            tracing::debug!(topic, %error, "metadata refresh before a trim retry failed");
+        }
+    }
+    let retry: HashMap<(String, i32), i64> =
+        failed.keys().map(|key| (key.clone(), batch[key])).collect();
+    for ((topic, partition), error) in attempt(admin, &retry, metrics) {
+        report_failure(
+            &topic,
+            partition,
+            retry[&(topic.clone(), partition)],
+            &error,
+            metrics,
+        );
+    }
+}
+
+/// One DeleteRecords request for `batch`; the partitions it failed for, with their errors.
+fn attempt(
+    admin: &AdminClient<DefaultClientContext>,
+    batch: &HashMap<(String, i32), i64>,
+    metrics: &Metrics,
+) -> HashMap<(String, i32), KafkaError> {
     let mut tpl = TopicPartitionList::new();
     for ((topic, partition), before) in batch {
         if let Err(error) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*before)) {
@@ -116,30 +150,30 @@ fn delete(
         }
     }
     let options = AdminOptions::new().operation_timeout(Some(DELETE_TIMEOUT));
-    let result = futures::executor::block_on(admin.delete_records(&tpl, &options));
-    let deleted = match result {
+    let deleted = match futures::executor::block_on(admin.delete_records(&tpl, &options)) {
         Ok(deleted) => deleted,
         Err(error) => {
-            for ((topic, partition), before) in batch {
-                report_failure(topic, *partition, *before, &error, metrics);
-            }
-            return;
+            return batch
+                .keys()
+                .map(|key| (key.clone(), error.clone()))
+                .collect()
         }
     };
+    let mut failed = HashMap::new();
     for element in deleted.elements() {
         let (topic, partition) = (element.topic(), element.partition());
-        let before = batch
-            .get(&(topic.to_owned(), partition))
-            .copied()
-            .unwrap_or_default();
         match element.error() {
             Ok(()) => {
                 metrics.snapshot_trimmed();
+                let before = batch.get(&(topic.to_owned(), partition)).copied();
                 tracing::debug!(topic, partition, before, "snapshot partition trimmed");
             }
-            Err(error) => report_failure(topic, partition, before, &error, metrics),
+            Err(error) => {
+                failed.insert((topic.to_owned(), partition), error);
+            }
         }
     }
+    failed
 }
 
 fn report_failure(topic: &str, partition: i32, before: i64, error: &KafkaError, metrics: &Metrics) {

@@ -179,13 +179,11 @@ fn run_logged(
     if status.success() {
         return Ok(());
     }
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
     Err(KStreamsUnavailable::Build {
         step,
         status: status.to_string(),
         log: log.to_owned(),
-        tail: lines[lines.len().saturating_sub(20)..].join("\n"),
+        tail: exactly_tests::kafka::log_tail(log, 20),
     })
 }
 

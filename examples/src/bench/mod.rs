@@ -391,15 +391,7 @@ async fn run_kstreams(
         let (mut process, _state_dir) = env.spawn_count(&args).map_err(|e| e.to_string())?;
         let finished = tokio::task::block_in_place(|| {
             offsets.wait_for(o.records, started, CASE_LIMIT, || {
-                match process.try_status() {
-                    Ok(None) => Ok(()),
-                    Ok(Some(status)) => anyhow::bail!(
-                        "Kafka Streams exited before finishing ({status}); log {}:\n{}",
-                        process.log_path().display(),
-                        process.log_tail(20)
-                    ),
-                    Err(e) => anyhow::bail!("{e}"),
-                }
+                still_running(&mut process, "before finishing")
             })
         });
         if let Err(e) = process.terminate(Duration::from_secs(30)).await {
@@ -417,6 +409,21 @@ async fn run_kstreams(
         });
     }
     Ok(runs)
+}
+
+/// Ok while the Kafka Streams app runs; an error with its log tail once it exited `when`.
+fn still_running(
+    process: &mut exactly_tests::process::ChildProcess,
+    when: &str,
+) -> anyhow::Result<()> {
+    match process.try_status()? {
+        None => Ok(()),
+        Some(status) => anyhow::bail!(
+            "Kafka Streams exited {when} ({status}); log {}:\n{}",
+            process.log_path().display(),
+            process.log_tail(20)
+        ),
+    }
 }
 
 /// Kafka Streams builds the restore case's state (one partition, every key distinct), stops,
@@ -451,14 +458,7 @@ async fn run_kstreams_restore(
         .map_err(|e| e.to_string())?;
     let built = tokio::task::block_in_place(|| {
         offsets.wait_for(o.state_keys, started, CASE_LIMIT, || {
-            match first.try_status() {
-                Ok(None) => Ok(()),
-                Ok(Some(status)) => anyhow::bail!(
-                    "Kafka Streams exited while building the state ({status}):\n{}",
-                    first.log_tail(20)
-                ),
-                Err(e) => anyhow::bail!("{e}"),
-            }
+            still_running(&mut first, "while building the state")
         })
     });
     let stopped = first.terminate(Duration::from_secs(60)).await;

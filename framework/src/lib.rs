@@ -75,6 +75,8 @@ pub(crate) mod proto {
 }
 
 mod admin;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod codec;
 mod config;
 mod continuity;

@@ -191,6 +191,8 @@ impl PartitionReader {
 #[derive(Debug, Clone)]
 pub(crate) struct LatestIncremental {
     pub(crate) offset: i64,
+    /// When it was written (producer time, ms since the epoch), if the record carries one.
+    pub(crate) timestamp: Option<i64>,
     pub(crate) record: IncrementalSnapshot,
 }
 
@@ -228,6 +230,7 @@ pub(crate) fn find_latest_incremental(
                 if let Some(snapshot_record::Kind::Incremental(inc)) = record.kind {
                     latest = Some(LatestIncremental {
                         offset: message.offset(),
+                        timestamp: message.timestamp().to_millis(),
                         record: inc,
                     });
                 }

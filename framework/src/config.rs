@@ -139,6 +139,7 @@ fn invalid(setting: &str, value: impl ToString, fix: impl Into<String>) -> Confi
 /// | `EXACTLY_FULL_SNAPSHOT_INTERVAL_MS` | [`full_snapshot_interval`](Self::full_snapshot_interval) |
 /// | `EXACTLY_MAX_RECOVERY_TIME_MS` | [`max_recovery_time`](Self::max_recovery_time) (0: no bound) |
 /// | `EXACTLY_STUCK_INPUT_AFTER_MS` | [`stuck_input_after`](Self::stuck_input_after) (0: off) |
+/// | `EXACTLY_METRICS_ADDR` | [`metrics_addr`](Self::metrics_addr), e.g. `0.0.0.0:9464` (empty: off) |
 /// | `EXACTLY_FULL_SNAPSHOTS` | [`full_snapshots`](Self::full_snapshots) (`true`/`false`) |
 /// | `EXACTLY_STATE_FINGERPRINT` | [`state_fingerprint`](Self::state_fingerprint) (`true`/`false`) |
 /// | `EXACTLY_SNAPSHOT_TOPIC_PATTERN` | [`snapshot_topic_pattern`](Self::snapshot_topic_pattern) |
@@ -164,6 +165,7 @@ pub struct AppConfig {
     pub(crate) full_snapshot_interval: Duration,
     pub(crate) max_recovery_time: Option<Duration>,
     pub(crate) stuck_input_after: Duration,
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     pub(crate) full_snapshots: bool,
     pub(crate) state_fingerprint: bool,
     pub(crate) snapshot_topic_pattern: String,
@@ -259,6 +261,7 @@ impl AppConfig {
             full_snapshot_interval: Duration::from_secs(60),
             max_recovery_time: None,
             stuck_input_after: Duration::from_secs(300),
+            metrics_addr: None,
             full_snapshots: true,
             state_fingerprint: true,
             snapshot_topic_pattern: DEFAULT_SNAPSHOT_TOPIC_PATTERN.to_owned(),
@@ -342,6 +345,25 @@ impl AppConfig {
     /// Keep it above the longest transaction your producers legitimately hold open.
     pub fn stuck_input_after(mut self, after: Duration) -> Self {
         self.stuck_input_after = after;
+        self
+    }
+
+    /// Serve Prometheus metrics at `http://<addr>/metrics` while the app runs (default: off).
+    /// Port 0 picks a free port; [`App::metrics_addr`](crate::App::metrics_addr) tells which.
+    /// The series: per input partition lag (records), records processed (a counter: `rate()`
+    /// gives records/s), assignment, recovery state and progress (chunks or offsets done of
+    /// total, snapshot bytes loaded, estimated seconds left) and last full snapshot size; the
+    /// transaction commit latency and full snapshot duration histograms; aborts by cause; and
+    /// every counter of [`MetricsSnapshot`](crate::MetricsSnapshot).
+    ///
+    /// ```
+    /// let config = exactly::AppConfig::new("ledger", "localhost:9092")
+    ///     .input_topic("payments")
+    ///     .metrics_addr("0.0.0.0:9464".parse().unwrap());
+    /// # config.validate().unwrap();
+    /// ```
+    pub fn metrics_addr(mut self, addr: std::net::SocketAddr) -> Self {
+        self.metrics_addr = Some(addr);
         self
     }
 
@@ -562,6 +584,16 @@ impl AppConfig {
                 "FULL_SNAPSHOT_INTERVAL_MS" => self.full_snapshot_interval = ms()?,
                 "FULL_SNAPSHOTS" => self.full_snapshots = flag()?,
                 "STUCK_INPUT_AFTER_MS" => self.stuck_input_after = ms()?,
+                "METRICS_ADDR" => {
+                    let v = value.trim();
+                    self.metrics_addr = if v.is_empty() {
+                        None
+                    } else {
+                        Some(v.parse().map_err(|_| {
+                            env_err("expected a socket address such as 0.0.0.0:9464 or 127.0.0.1:0")
+                        })?)
+                    };
+                }
                 "MAX_RECOVERY_TIME_MS" => {
                     let bound = ms()?;
                     self.max_recovery_time = (!bound.is_zero()).then_some(bound);
@@ -986,6 +1018,7 @@ const ENV_SETTINGS: &[&str] = &[
     "FULL_SNAPSHOT_INTERVAL_MS",
     "FULL_SNAPSHOTS",
     "STUCK_INPUT_AFTER_MS",
+    "METRICS_ADDR",
     "MAX_RECOVERY_TIME_MS",
     "STATE_FINGERPRINT",
     "SNAPSHOT_TOPIC_PATTERN",

@@ -77,6 +77,16 @@ pub(crate) fn cached_log_start<C: ConsumerContext>(
     topic: &str,
     partition: i32,
 ) -> Option<i64> {
+    cached_watermarks(consumer, topic, partition).map(|(low, _)| low)
+}
+
+/// (log start, high watermark) of the partition as the consumer last saw them in a fetch
+/// response (no request is made). None if the consumer has not fetched the partition yet.
+pub(crate) fn cached_watermarks<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
     let topic = CString::new(topic).ok()?;
     let (mut low, mut high) = (-1_i64, -1_i64);
     // SAFETY: the client handle is valid while `consumer` is borrowed; the call only reads the
@@ -91,7 +101,7 @@ pub(crate) fn cached_log_start<C: ConsumerContext>(
         )
     };
     (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && low >= 0)
-        .then_some(low)
+        .then_some((low, high))
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{AppConfig, ErrorPolicy};
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{AbortCause, Metrics, PartitionMetrics};
 use crate::processor::{
     dead_letter_record, process_raw, Output, OutputRecord, Processor, RawRecord,
 };
@@ -112,6 +112,8 @@ pub(crate) struct PartitionWorker<P: Processor> {
     pub(crate) processor: Arc<P>,
     pub(crate) config: Arc<AppConfig>,
     pub(crate) metrics: Metrics,
+    /// This partition's series (lag, throughput, recovery progress, latencies).
+    pub(crate) partition_metrics: PartitionMetrics,
     pub(crate) topic: Arc<str>,
     pub(crate) partition: i32,
     pub(crate) snapshot_topic: String,
@@ -393,7 +395,7 @@ impl<P: Processor> PartitionWorker<P> {
                     LiveExit::Fenced => return WorkerOutcome::Fenced,
                     LiveExit::Failed(error) => {
                         let _ = abort(&producer, self.txn_timeout());
-                        self.metrics.transaction_aborted();
+                        self.metrics.transaction_aborted(AbortCause::Error);
                         return WorkerOutcome::Failed(error);
                     }
                     LiveExit::TimedOut { age } => {
@@ -401,6 +403,8 @@ impl<P: Processor> PartitionWorker<P> {
                             "a transaction stayed open {age:?}, past transaction_timeout {:?}, and the transaction coordinator aborted it: make process() faster per batch, lower max_batch_records or raise transaction_timeout",
                             self.txn_timeout()
                         );
+                        self.metrics
+                            .transaction_aborted(AbortCause::CoordinatorTimeout);
                         tracing::warn!(age_ms = age.as_millis() as u64, transaction_timeout_ms = self.txn_timeout().as_millis() as u64, "the transaction coordinator aborted a transaction that outlived the transaction timeout (not a zombie); recovering now");
                         if streak.exhausted(cause, self.config.max_consecutive_aborts) {
                             return self.abort_budget_exhausted(streak);
@@ -415,7 +419,7 @@ impl<P: Processor> PartitionWorker<P> {
                             "librdkafka's {call} did not return within {waited:?}; the producer was given up and a new one fenced it"
                         );
                         tracing::error!(call, waited_ms = waited.as_millis() as u64, "a librdkafka call hung; giving up this producer and recovering with a new one");
-                        self.metrics.transaction_aborted();
+                        self.metrics.transaction_aborted(AbortCause::HungCall);
                         if self.stopping() {
                             return WorkerOutcome::Finished;
                         }
@@ -443,11 +447,11 @@ impl<P: Processor> PartitionWorker<P> {
                         producer.context().reset();
                         if streak.exhausted(cause, self.config.max_consecutive_aborts) {
                             let _ = abort(&producer, self.txn_timeout());
-                            self.metrics.transaction_aborted();
+                            self.metrics.transaction_aborted(AbortCause::FailedCommit);
                             return self.abort_budget_exhausted(streak);
                         }
                         match abort(&producer, self.txn_timeout()) {
-                            Ok(()) => self.metrics.transaction_aborted(),
+                            Ok(()) => self.metrics.transaction_aborted(AbortCause::FailedCommit),
                             Err(e) => match classify(&e) {
                                 TxnErrorClass::Fenced => return WorkerOutcome::Fenced,
                                 _ if producer
@@ -554,8 +558,16 @@ impl<P: Processor> PartitionWorker<P> {
             stop: &self.stop,
             group: &self.config.app_id,
             committed_offset: &committed_offset,
+            progress: Some(&self.partition_metrics),
         };
-        recover(&*self.processor, &target, &reader, &self.metrics).map(|r| r.map(Live::from))
+        self.partition_metrics.recovering(true);
+        let recovered =
+            recover(&*self.processor, &target, &reader, &self.metrics).map(|r| r.map(Live::from));
+        self.partition_metrics.recovering(false);
+        if let Ok(Some(live)) = &recovered {
+            self.partition_metrics.committed_position(live.next_offset);
+        }
+        recovered
     }
 
     /// Makes every committed record of the snapshot partition visible before recovery reads
@@ -743,6 +755,7 @@ impl<P: Processor> PartitionWorker<P> {
         live.next_offset = raw.offset + 1;
         live.records_since_base += 1;
         self.metrics.records_processed(1);
+        self.partition_metrics.record_processed();
         Ok(())
     }
 
@@ -895,6 +908,8 @@ impl<P: Processor> PartitionWorker<P> {
         self.commit_open_transaction(producer, live, Some(reference))?;
         self.metrics
             .full_snapshot_written(data.len() as u64, started.elapsed());
+        self.partition_metrics
+            .full_snapshot_written(data.len() as u64, started.elapsed());
         if let Some(trimmer) = &self.trimmer {
             trimmer.trim(&self.snapshot_topic, self.partition, first_chunk_offset);
         }
@@ -1021,6 +1036,9 @@ impl<P: Processor> PartitionWorker<P> {
             "transaction committed"
         );
         self.metrics.transaction_committed();
+        self.partition_metrics
+            .transaction_committed(commit_started.elapsed());
+        self.partition_metrics.committed_position(live.next_offset);
         self.commits.set(self.commits.get() + 1);
         live.transaction_seq = seq;
         live.base = base;

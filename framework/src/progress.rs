@@ -4,10 +4,14 @@
 
 use std::time::{Duration, Instant};
 
+use crate::metrics::PartitionMetrics;
+
 /// No progress line before this: short recoveries log only their outcome.
 const FIRST_REPORT_AFTER: Duration = Duration::from_secs(3);
 /// Between two progress lines.
 const REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the recovery gauges of the metrics endpoint are brought up to date.
+const GAUGE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// One recovery step of one partition, `total` units long.
 pub(crate) struct Progress<'a> {
@@ -21,6 +25,9 @@ pub(crate) struct Progress<'a> {
     updates: u32,
     /// Updates between two looks at the clock.
     clock_every: u32,
+    /// Gauges to keep current (the metrics endpoint), and whether this is the fetch step.
+    gauges: Option<(&'a PartitionMetrics, bool)>,
+    next_gauge_update: Instant,
 }
 
 impl<'a> Progress<'a> {
@@ -42,6 +49,8 @@ impl<'a> Progress<'a> {
             next_report: started + FIRST_REPORT_AFTER,
             updates: 0,
             clock_every: 1,
+            gauges: None,
+            next_gauge_update: started,
         }
     }
 
@@ -52,12 +61,30 @@ impl<'a> Progress<'a> {
     }
 
     /// `done` of `total` units are done; logs a line when one is due.
+    /// Also keeps `metrics`' recovery gauges current (at most every [`GAUGE_INTERVAL`]).
+    /// `fetching`: this is the full snapshot fetch (chunks), else the replay (offsets).
+    pub(crate) fn publish_to(
+        mut self,
+        metrics: Option<&'a PartitionMetrics>,
+        fetching: bool,
+    ) -> Self {
+        self.gauges = metrics.map(|m| (m, fetching));
+        self
+    }
+
     pub(crate) fn update(&mut self, done: u64) {
         self.updates = self.updates.wrapping_add(1);
         if self.updates % self.clock_every != 0 {
             return;
         }
         let now = Instant::now();
+        if let Some((metrics, fetching)) = self.gauges {
+            if now >= self.next_gauge_update {
+                self.next_gauge_update = now + GAUGE_INTERVAL;
+                let estimate = Estimate::new(done, self.total, now - self.started);
+                metrics.recovery_progress(fetching, done, self.total, estimate.eta_s.unwrap_or(0));
+            }
+        }
         if now < self.next_report {
             return;
         }

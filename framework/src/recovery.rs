@@ -22,7 +22,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 use crate::config::{ErrorPolicy, StartFrom};
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PartitionMetrics};
 use crate::processor::{
     process_raw, read_state, Output, Processor, RawRecord, StateRead, StateReadError,
 };
@@ -44,6 +44,8 @@ pub(crate) struct RecoveryTarget<'a> {
     /// The app's consumer group, and how to read its committed offset for this partition.
     pub(crate) group: &'a str,
     pub(crate) committed_offset: &'a dyn Fn() -> Result<Option<i64>, Error>,
+    /// Where progress is published for the metrics endpoint.
+    pub(crate) progress: Option<&'a PartitionMetrics>,
 }
 
 /// A recovered partition: the state as of `next_offset`, plus what the next incremental
@@ -245,7 +247,13 @@ fn load_base<P: Processor>(
         };
         return Ok((P::State::default(), inc.base_input_offset, timing));
     };
-    let bytes = load_full_snapshot(reader, target.snapshot_topic, target.partition, reference)?;
+    let bytes = load_full_snapshot(
+        reader,
+        target.snapshot_topic,
+        target.partition,
+        reference,
+        target.progress,
+    )?;
     let fetched = started.elapsed();
     let state = decode_or_migrate(processor, target, reference, &bytes)?;
     let timing = BaseTiming {
@@ -362,7 +370,8 @@ fn replay<P: Processor>(
         target.partition,
         (end - start) as u64,
     )
-    .clock_every(256);
+    .clock_every(256)
+    .publish_to(target.progress, false);
     reader.read(target.input_topic, target.partition, start, |message| {
         if message.offset() >= end {
             return Ok(Flow::Stop);

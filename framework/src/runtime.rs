@@ -36,9 +36,9 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::admin;
 use crate::config::{AppConfig, GroupProtocol};
-use crate::continuity::{cached_log_start, Continuity, FetchPosition};
+use crate::continuity::{cached_log_start, cached_watermarks, Continuity, FetchPosition};
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, MetricsEndpoint, PartitionMetrics};
 use crate::partition::{
     self, ConsumerRequest, Forwarded, GroupMetadataCell, PartitionWorker, WorkerOutcome,
 };
@@ -68,6 +68,8 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// offsets (besides after every rebalance): KIP-848 bumps a member's epoch without a rebalance
 /// callback when its own assignment does not change.
 const GROUP_METADATA_REFRESH: Duration = Duration::from_millis(100);
+/// How often the consumer thread publishes each partition's input end (for the lag metric).
+const INPUT_END_REFRESH: Duration = Duration::from_secs(1);
 
 /// A stream-processing application: a [`Processor`] run with exactly-once semantics.
 ///
@@ -84,17 +86,29 @@ pub struct App<P: Processor> {
     config: Arc<AppConfig>,
     processor: Arc<P>,
     metrics: Metrics,
+    /// Bound when [`AppConfig::metrics_addr`] is set; serves while the app runs.
+    endpoint: Option<MetricsEndpoint>,
 }
 
 impl<P: Processor> App<P> {
-    /// Validates `config` and prepares the app; nothing connects yet.
+    /// Validates `config` and prepares the app; nothing connects to Kafka yet. With
+    /// [`AppConfig::metrics_addr`] set, the metrics endpoint's port is bound here (a taken
+    /// port fails now), and served from [`run`](Self::run) on.
     pub fn new(config: AppConfig, processor: P) -> Result<Self, Error> {
         config.validate()?;
+        let endpoint = config.metrics_addr.map(MetricsEndpoint::bind).transpose()?;
         Ok(App {
             config: Arc::new(config),
             processor: Arc::new(processor),
             metrics: Metrics::new(),
+            endpoint,
         })
+    }
+
+    /// Where the Prometheus endpoint listens (`GET /metrics`), when
+    /// [`AppConfig::metrics_addr`] is set: with port 0, the port the system chose.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.endpoint.as_ref().map(MetricsEndpoint::local_addr)
     }
 
     /// The app's metrics handle (cheap to clone; readable while the app runs).
@@ -114,7 +128,11 @@ impl<P: Processor> App<P> {
     ///
     /// Dropping the returned future also stops the app: its partitions commit, write their
     /// final snapshots and leave the group in the background (the threads are not waited for).
-    pub async fn run_until<F: Future<Output = ()>>(self, shutdown: F) -> Result<(), Error> {
+    pub async fn run_until<F: Future<Output = ()>>(mut self, shutdown: F) -> Result<(), Error> {
+        let _serving = match self.endpoint.take() {
+            Some(endpoint) => Some(AbortOnDrop(endpoint.serve(self.metrics.clone())?)),
+            None => None,
+        };
         admin::prepare_topics(&self.config).await?;
         let stop = Arc::new(AtomicBool::new(false));
         // Dropping this future (a cancelled task, a select! that went the other way) stops
@@ -148,6 +166,15 @@ impl<P: Processor> App<P> {
             }
         }
         done_rx.await.unwrap_or_else(|_| Err(Error::RuntimeStopped))
+    }
+}
+
+/// Stops a task when dropped (the metrics endpoint ends with the app).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -197,6 +224,8 @@ struct Slot {
     fetch_position: Option<FetchPosition>,
     /// Records polled while the worker's channel was full; the partition is paused meanwhile.
     held: Held,
+    /// The partition's series; the consumer keeps its input end current.
+    metrics: PartitionMetrics,
     paused_for_backpressure: bool,
     /// Bytes in `records` the worker has not received yet.
     records_bytes: Arc<AtomicUsize>,
@@ -491,10 +520,12 @@ impl<P: Processor> Shared<P> {
         let records_bytes = Arc::new(AtomicUsize::new(0));
         let (outcome_tx, outcome_rx) = mpsc::sync_channel(1);
         let stop = Arc::new(AtomicBool::new(false));
+        let partition_metrics = self.metrics.partition(&topic, partition);
         let worker = PartitionWorker {
             processor: Arc::clone(&self.processor),
             config: Arc::clone(&self.config),
             metrics: self.metrics.clone(),
+            partition_metrics: partition_metrics.clone(),
             snapshot_topic: self.config.snapshot_topic(&topic),
             transactional_id: self.config.transactional_id(&topic, partition),
             topic: Arc::clone(&topic),
@@ -525,10 +556,12 @@ impl<P: Processor> Shared<P> {
                         held: Held::default(),
                         paused_for_backpressure: false,
                         records_bytes,
+                        metrics: partition_metrics,
                     },
                 );
             }
             Err(source) => {
+                self.metrics.forget_partition(&topic, partition);
                 let mut registry = self.lock();
                 registry.failure.get_or_insert(Error::Io {
                     context: format!("starting the worker thread of {topic}/{partition}"),
@@ -588,7 +621,7 @@ impl<P: Processor> Shared<P> {
             if let Some(thread) = slot.thread.take() {
                 let _ = thread.join();
             }
-            self.metrics.partition_revoked();
+            self.metrics.partition_revoked(topic, *partition);
         }
     }
 }
@@ -648,6 +681,7 @@ impl<P: Processor> ConsumerLoop<P> {
 
         let mut pending_seeks: Vec<ConsumerRequest> = Vec::new();
         let mut metadata_refreshed = Instant::now();
+        let mut input_ends_published = Instant::now();
         let mut rejoined: Option<Instant> = None;
         let mut instance_id_wait = InstanceIdWait::default();
         while !self.stop.load(Ordering::Acquire) {
@@ -676,6 +710,10 @@ impl<P: Processor> ConsumerLoop<P> {
             if metadata_refreshed.elapsed() >= GROUP_METADATA_REFRESH {
                 shared.group_metadata.refresh(&consumer);
                 metadata_refreshed = Instant::now();
+            }
+            if input_ends_published.elapsed() >= INPUT_END_REFRESH {
+                publish_input_ends(&consumer, &shared);
+                input_ends_published = Instant::now();
             }
             pending_seeks.extend(requests_rx.try_iter());
             pending_seeks.retain(|request| !serve_request(&consumer, &shared, request));
@@ -985,7 +1023,7 @@ fn service_slots<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, sha
             if let Some(thread) = slot.thread.take() {
                 let _ = thread.join();
             }
-            shared.metrics.partition_revoked();
+            shared.metrics.partition_revoked(&key.0, key.1);
         }
         // Stop fetching a partition nobody processes; a rebalance will hand it over.
         let _ = consumer.pause(&single(&key.0, key.1));
@@ -998,6 +1036,20 @@ fn service_slots<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, sha
                 registry.dormant.insert(key, at);
             }
             WorkerOutcome::Finished => {}
+        }
+    }
+}
+
+/// Each assigned partition's end as the consumer last fetched it (cached: no request), for
+/// the lag metric.
+fn publish_input_ends<P: Processor>(
+    consumer: &BaseConsumer<RebalanceContext<P>>,
+    shared: &Shared<P>,
+) {
+    let registry = shared.lock();
+    for ((topic, partition), slot) in &registry.slots {
+        if let Some((_, high)) = cached_watermarks(consumer, topic, *partition) {
+            slot.metrics.input_end(high);
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod kafka;
 pub mod process;
 pub mod proxy;
 pub mod rebalance;
+pub mod scrape;
 
 pub use cluster::{unique_name, TestCluster};
 pub use error::HarnessError;

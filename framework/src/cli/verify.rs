@@ -79,7 +79,7 @@ fn verify_partition(reader: &PartitionReader, input: &InputTopic, partition: i32
     let Some(reference) = latest.record.base else {
         return Verdict::NoFullSnapshot;
     };
-    let bytes = match load_full_snapshot(reader, topic, partition, &reference) {
+    let bytes = match load_full_snapshot(reader, topic, partition, &reference, None) {
         Ok(bytes) => bytes,
         Err(error) => return Verdict::Failed(error.to_string()),
     };

@@ -17,6 +17,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, ProducerContext};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::error::Error;
+use crate::metrics::PartitionMetrics;
 use crate::progress::Progress;
 use crate::proto::{snapshot_record, FullSnapshotChunk, FullSnapshotRef, IncrementalSnapshot};
 use crate::snapshot::{
@@ -262,6 +263,7 @@ pub(crate) fn load_full_snapshot(
     snapshot_topic: &str,
     partition: i32,
     reference: &FullSnapshotRef,
+    progress_metrics: Option<&PartitionMetrics>,
 ) -> Result<Vec<u8>, Error> {
     let mut chunks: Vec<FullSnapshotChunk> = Vec::with_capacity(reference.chunk_count as usize);
     let snapshot_error = |source| Error::PartitionSnapshot {
@@ -285,7 +287,9 @@ pub(crate) fn load_full_snapshot(
         snapshot_topic,
         partition,
         u64::from(reference.chunk_count),
-    );
+    )
+    .publish_to(progress_metrics, true);
+    let mut bytes_loaded = 0u64;
     reader.read(
         snapshot_topic,
         partition,
@@ -296,6 +300,10 @@ pub(crate) fn load_full_snapshot(
                 let record = decode_record(payload).map_err(snapshot_error)?;
                 if let Some(snapshot_record::Kind::Chunk(chunk)) = record.kind {
                     if chunk.snapshot_id == reference.snapshot_id {
+                        bytes_loaded += chunk.data.len() as u64;
+                        if let Some(metrics) = progress_metrics {
+                            metrics.snapshot_bytes_loaded(bytes_loaded);
+                        }
                         chunks.push(chunk);
                     }
                 }

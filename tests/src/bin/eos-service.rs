@@ -57,6 +57,10 @@ struct Args {
     /// AppConfig::stuck_input_after (0: off).
     #[arg(long, default_value_t = 300_000)]
     stuck_input_after_ms: u64,
+    /// AppConfig::metrics_addr: serve Prometheus metrics here (port 0: any; the bound address
+    /// is printed as `METRICS_ADDR <addr>`).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     full_snapshots: bool,
     /// Delete what lies below each committed full snapshot (AppConfig::snapshot_trimming).
@@ -324,6 +328,10 @@ async fn main() {
         .snapshot_trimming(args.snapshot_trimming)
         .error_policy(policy)
         .transaction_timeout(Duration::from_millis(args.transaction_timeout_ms));
+    let config = match args.metrics_addr {
+        Some(addr) => config.metrics_addr(addr),
+        None => config,
+    };
     let config = match args.max_recovery_time_ms {
         0 => config,
         ms => config.max_recovery_time(Duration::from_millis(ms)),
@@ -409,6 +417,9 @@ async fn run<S: CountState>(config: AppConfig, processor: EosCounter<S>) {
             std::process::exit(2);
         }
     };
+    if let Some(addr) = app.metrics_addr() {
+        println!("METRICS_ADDR {addr}");
+    }
     let metrics = app.metrics();
     let final_metrics = metrics.clone();
     let reporter = tokio::spawn(async move {

@@ -4,6 +4,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod exporter;
+mod partition;
+
+pub(crate) use exporter::MetricsEndpoint;
+pub(crate) use partition::{AbortCause, PartitionMetrics};
+
 /// Live counters of an application (all partitions of this instance together).
 ///
 /// Cloning is cheap and every clone sees the same counters. The runtime updates them;
@@ -20,6 +26,8 @@ use std::time::Duration;
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     inner: Arc<Counters>,
+    /// Per-partition series and histograms (the Prometheus endpoint's).
+    families: Arc<partition::Families>,
 }
 
 #[derive(Debug, Default)]
@@ -206,10 +214,11 @@ impl Metrics {
             .fetch_add(1, Ordering::Relaxed);
     }
     /// A transaction was aborted.
-    pub(crate) fn transaction_aborted(&self) {
+    pub(crate) fn transaction_aborted(&self, cause: AbortCause) {
         self.inner
             .transactions_aborted
             .fetch_add(1, Ordering::Relaxed);
+        self.families.aborted(cause);
     }
     /// A full snapshot of `bytes` serialized bytes committed; writing it took `took`.
     pub(crate) fn full_snapshot_written(&self, bytes: u64, took: Duration) {
@@ -276,8 +285,22 @@ impl Metrics {
             .partition_assignments_total
             .fetch_add(1, Ordering::Relaxed);
     }
-    /// A partition was revoked from / released by this instance.
-    pub(crate) fn partition_revoked(&self) {
+    /// The series of `topic`/`partition`, assigned here now.
+    pub(crate) fn partition(&self, topic: &str, partition: i32) -> PartitionMetrics {
+        PartitionMetrics::new(Arc::clone(&self.families), topic, partition)
+    }
+    /// The app's metrics in the OpenMetrics text format (what the endpoint serves).
+    #[cfg(test)]
+    pub(crate) fn openmetrics_text(&self) -> String {
+        exporter::encode(self).unwrap_or_default()
+    }
+    /// Drops the series of a partition no longer assigned here.
+    pub(crate) fn forget_partition(&self, topic: &str, partition: i32) {
+        self.families.forget(topic, partition);
+    }
+    /// A partition was revoked from / released by this instance: its series go.
+    pub(crate) fn partition_revoked(&self, topic: &str, partition: i32) {
+        self.forget_partition(topic, partition);
         // Saturating: a revoke without a matching assign must not wrap to u64::MAX.
         let _ = self.inner.partitions_assigned.fetch_update(
             Ordering::Relaxed,
@@ -306,7 +329,7 @@ mod tests {
         m.records_processed(5);
         m2.records_processed(2);
         m.transaction_committed();
-        m.transaction_aborted();
+        m.transaction_aborted(AbortCause::Error);
         m.records_skipped();
         m.records_dead_lettered();
         m.record_error();
@@ -354,11 +377,42 @@ mod tests {
         let m = Metrics::new();
         m.partition_assigned();
         m.partition_assigned();
-        m.partition_revoked();
-        m.partition_revoked();
-        m.partition_revoked();
+        m.partition_revoked("t", 0);
+        m.partition_revoked("t", 1);
+        m.partition_revoked("t", 1);
         let s = m.snapshot();
         assert_eq!(s.partitions_assigned, 0);
         assert_eq!(s.partition_assignments_total, 2);
+    }
+
+    #[test]
+    fn the_endpoint_text_has_per_partition_series_until_revoked() {
+        let m = Metrics::new();
+        let p = m.partition("in", 3);
+        p.record_processed();
+        p.record_processed();
+        p.committed_position(40);
+        p.input_end(100);
+        p.transaction_committed(Duration::from_millis(7));
+        m.transaction_aborted(AbortCause::FailedCommit);
+        m.records_processed(2);
+        let text = m.openmetrics_text();
+        for line in [
+            r#"exactly_partition_records_total{topic="in",partition="3"} 2"#,
+            r#"exactly_partition_lag_records{topic="in",partition="3"} 60"#,
+            r#"exactly_partition_assigned{topic="in",partition="3"} 1"#,
+            r#"exactly_transactions_aborted_by_cause_total{cause="failed_commit"} 1"#,
+            "exactly_transaction_commit_seconds_count 1",
+            "exactly_records_processed_total 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing in:\n{text}"
+            );
+        }
+        m.partition_revoked("in", 3);
+        let text = m.openmetrics_text();
+        assert!(!text.contains(r#"partition="3""#), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -1,6 +1,6 @@
-//! The `exactly` command line against a real app's topics: `inspect` while it runs and after,
-//! `verify-snapshot` of its full snapshots, and a `reset` that makes it reprocess its input
-//! from the default state (refused while it runs).
+//! Operating an app: the `exactly` command line against a real app's topics (`inspect` while it
+//! runs and after, `verify-snapshot`, a `reset` that makes it reprocess its input from the
+//! default state, refused while it runs) and the Prometheus endpoint scraped while it runs.
 
 mod framework_support;
 
@@ -150,4 +150,99 @@ async fn the_cli_says_what_is_wrong() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+/// The address the service printed as `METRICS_ADDR <addr>`.
+async fn metrics_addr_of(service: &exactly_tests::process::ChildProcess) -> std::net::SocketAddr {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = service.run_log_text().unwrap_or_default();
+        if let Some(addr) = log.lines().find_map(|l| l.strip_prefix("METRICS_ADDR ")) {
+            return addr.trim().parse().expect("an address");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no METRICS_ADDR line:\n{}",
+            service.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_is_scraped_while_the_app_runs() {
+    use exactly_tests::scrape::{sample, scrape};
+    let s = Setup::new("scrape").await;
+    let records = inputs(0..300, 1);
+    let mut service = s
+        .process(
+            &records,
+            &[
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--full-snapshot-every",
+                "100",
+            ],
+        )
+        .await;
+    let addr = metrics_addr_of(&service).await;
+    let partition = format!(r#"{{topic="{}",partition="0"}}"#, s.input);
+    let series = |name: &str| format!("exactly_{name}{partition}");
+    // Outputs are committed before the worker publishes its position, and the consumer
+    // publishes the input end once a second: scrape until both are in.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = scrape(addr).await.expect("scrape");
+        let caught_up = sample(&text, &series("partition_next_offset")) == Some(300.0)
+            && sample(&text, &series("partition_input_end")) == Some(300.0);
+        if caught_up {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never caught up:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        sample(&text, &series("partition_assigned")),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, &series("partition_records_total")),
+        Some(300.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, &series("partition_lag_records")),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, &series("partition_recovering")),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "exactly_records_processed_total"),
+        Some(300.0),
+        "{text}"
+    );
+    let commits = sample(&text, "exactly_transaction_commit_seconds_count").unwrap_or(0.0);
+    assert!(commits >= 1.0, "{text}");
+    // Full snapshots are due at commits: 300 records in few transactions make at least one.
+    let snapshots = sample(&text, "exactly_full_snapshot_seconds_count").unwrap_or(0.0);
+    assert!(snapshots >= 1.0, "{text}");
+    let written = sample(&text, "exactly_full_snapshots_written_total");
+    assert_eq!(written, Some(snapshots), "{text}");
+    assert!(text.ends_with("# EOF\n"), "{text}");
+
+    // More input: the lag shows it until processed.
+    let more = inputs(300..400, 1);
+    produce(&s.bootstrap, &s.input, &more);
+    let all: Vec<_> = records.into_iter().chain(more).collect();
+    s.assert_outputs(&service, &all, Duration::from_secs(60))
+        .await;
+    stop_cleanly(&mut service).await;
 }

@@ -10,6 +10,24 @@
 //! crash a partition's state is rebuilt from its latest full snapshot plus a short replay of
 //! the input, and checked against the recorded state fingerprint.
 //!
+//! # Using exactly
+//!
+//! `exactly` is not on crates.io yet: depend on it by git or by path. The quickstart below
+//! also needs `serde` (derive), `tokio` (for `#[tokio::main]`: `macros`, `rt-multi-thread`)
+//! and `tracing-subscriber` (`env-filter`, so that `RUST_LOG` works):
+//!
+//! ```toml
+//! [dependencies]
+//! exactly = { git = "<URL of this repository>" } # or { path = "<clone>/framework" }
+//! serde = { version = "1", features = ["derive"] }
+//! tokio = { version = "1", features = ["macros", "rt-multi-thread"] }
+//! tracing-subscriber = { version = "0.3", features = ["env-filter"] }
+//! ```
+//!
+//! librdkafka is built from source, which needs a C compiler, `make`, `pkg-config` and the
+//! OpenSSL headers. [`App::run`] needs a Tokio runtime with its time and I/O drivers, which
+//! `#[tokio::main]` provides.
+//!
 //! # Quickstart
 //!
 //! A per-user click counter, complete:

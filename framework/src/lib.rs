@@ -77,6 +77,8 @@
 //! - [`Metrics`]: counters (records, transactions, snapshots, recoveries) readable while running.
 //! - [`testing::TestDriver`]: run a processor in-process, without a broker, and check that it
 //!   is deterministic and that its state survives a snapshot.
+//! - [`design`]: how exactly-once and recovery work (snapshot topics, transactions, recovery,
+//!   failure handling), and what is not built yet.
 //!
 //! # Determinism
 //!
@@ -107,6 +109,9 @@ mod runtime;
 pub(crate) mod snapshot;
 mod stuck;
 pub mod testing;
+
+#[doc = include_str!("../DESIGN.md")]
+pub mod design {}
 
 pub use codec::{BoxError, DecodeError, Encode, EncodeError, Format, Json, Raw, Utf8};
 pub use config::{

@@ -70,7 +70,8 @@
 //! # The pieces
 //!
 //! - [`Processor`], [`Record`], [`Output`], [`OutputRecord`]: the processing API.
-//! - [`Format`] with [`Raw`], [`Utf8`], [`Json`]: typed keys and values.
+//! - [`Format`] with [`Raw`], [`Utf8`], [`Json`]: typed keys and values (how each treats
+//!   absent, null, keys and values is tabled on [`Format`]).
 //! - [`AppConfig`]: builder, `EXACTLY_*` environment overrides, and any librdkafka property
 //!   passed through to the clients (`security.protocol`, `sasl.*`, `ssl.*`, ...).
 //! - [`ErrorPolicy`]: what happens to records that fail to decode or to process.

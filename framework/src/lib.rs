@@ -67,6 +67,40 @@
 //! }
 //! ```
 //!
+//! The same processor, run in-process by [`testing::TestDriver`] (no broker): records in,
+//! outputs and state out, and the check that recovery's replay rebuilds both.
+//!
+//! ```
+//! # use std::collections::HashMap;
+//! # use exactly::{Json, Output, ProcessError, Processor, Record, Utf8};
+//! # use serde::{Deserialize, Serialize};
+//! # #[derive(Serialize, Deserialize)]
+//! # struct Click { page: String }
+//! # struct ClickCounter;
+//! # impl Processor for ClickCounter {
+//! #     type State = HashMap<String, u64>;
+//! #     type Key = Utf8;
+//! #     type Value = Json<Click>;
+//! #     fn process(&self, counts: &mut Self::State, click: &Record<'_, String, Click>,
+//! #                out: &mut Output) -> Result<(), ProcessError> {
+//! #         let count = counts.entry(click.key().clone()).or_default();
+//! #         *count += 1;
+//! #         out.send_json("click-counts", click.key(), count)?;
+//! #         Ok(())
+//! #     }
+//! # }
+//! use exactly::testing::TestDriver;
+//!
+//! let mut driver = TestDriver::new(ClickCounter);
+//! for user in ["ada", "bob", "ada"] {
+//!     driver.pipe("clicks", &user.to_string(), &Click { page: "/".into() }).unwrap();
+//! }
+//! let counts: Vec<(String, u64)> = driver.read_json("click-counts").unwrap();
+//! assert_eq!(counts, [("ada".into(), 1), ("bob".into(), 1), ("ada".into(), 2)]);
+//! assert_eq!(driver.state("clicks", 0).unwrap()["ada"], 2);
+//! driver.verify_determinism().unwrap(); // snapshot, restore, replay: same state and outputs
+//! ```
+//!
 //! # The pieces
 //!
 //! - [`Processor`], [`Record`], [`Output`], [`OutputRecord`]: the processing API.

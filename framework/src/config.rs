@@ -1036,7 +1036,6 @@ impl AppConfig {
     }
 }
 
-/// `SASL_MECHANISMS` → `sasl.mechanisms`.
 /// The settings [`AppConfig::from_env`] reads, after `EXACTLY_` (besides the `KAFKA_`,
 /// `CONSUMER_KAFKA_` and `PRODUCER_KAFKA_` prefixes).
 const ENV_SETTINGS: &[&str] = &[
@@ -1074,6 +1073,7 @@ fn closest_setting(setting: &str) -> &'static str {
         .unwrap_or("APP_ID")
 }
 
+/// `SASL_MECHANISMS` → `sasl.mechanisms`.
 fn env_property(name: &str) -> String {
     name.to_ascii_lowercase().replace('_', ".")
 }

@@ -80,7 +80,9 @@ pub type ValueOf<P> = <<P as Processor>::Value as Encode>::Item;
 /// ```
 pub trait Processor: Send + Sync + 'static {
     /// Per-partition state. Serialized into full snapshots (MessagePack via rmp-serde) and
-    /// fingerprinted after every transaction; starts as `Default::default()`.
+    /// fingerprinted with every transaction while that is cheap, else with every full snapshot
+    /// (see [`AppConfig::state_fingerprint`](crate::AppConfig::state_fingerprint)); starts as
+    /// `Default::default()`.
     type State: Serialize + DeserializeOwned + Default + Send + 'static;
     /// Format of the input keys.
     type Key: Format;

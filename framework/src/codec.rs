@@ -5,15 +5,9 @@
 //! processor sees typed values. Outputs are encoded the same way (see
 //! [`Output::send_as`](crate::Output::send_as) and [`Output::send_json`](crate::Output::send_json)).
 //!
-//! Built-in formats:
-//!
-//! | format | `Item` | absent (null) key/value |
-//! |---|---|---|
-//! | [`Raw`] | `Option<Vec<u8>>` | `None` |
-//! | [`Utf8`] | `String` | decode error |
-//! | [`Json<T>`] | `T` | `T` is decoded from JSON `null`: fine for `Option<_>`, `()` and the like, a decode error otherwise |
-//!
-//! Implement [`Format`] yourself for anything else (protobuf, Avro, ...).
+//! Built-in formats: [`Raw`], [`Utf8`], [`Json<T>`]; how each treats absent (null) keys and
+//! values is tabled on [`Format`], the public page. Implement [`Format`] yourself for anything
+//! else (protobuf, Avro, ...).
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -101,6 +95,65 @@ pub trait Encode {
 ///
 /// `None` bytes stand for an absent (null) key or value, e.g. a tombstone.
 ///
+/// # Absent (null) keys and values
+///
+/// A Kafka record may have no key or no value at all (null; a null value is a tombstone),
+/// which is not the same as an empty one (zero bytes). The built-in formats treat null so:
+///
+/// | format | `Item` | a null key/value decodes to (what [`Record::key`] / [`Record::value`] give) | encodes to null |
+/// |---|---|---|---|
+/// | [`Raw`] | `Option<Vec<u8>>` | `None` | `None` |
+/// | [`Utf8`] | `String` | [`DecodeError::Null`] | never (`""` is an empty key/value, not a null one) |
+/// | [`Json<T>`] | `T` | `T` read from JSON `null`: `None` for `Option<_>`, `()` for `()`, `Value::Null` for `serde_json::Value`; [`DecodeError::Null`] for any other `T` | every item that serializes to JSON `null` (`None`, `()`, `Value::Null`) |
+///
+/// A record whose key or value does not decode never reaches
+/// [`Processor::process`]: the runtime (and [`TestDriver`]) hands it to the configured
+/// [`ErrorPolicy`] as a [`RecordError::Decode`] (kind `decode-key` or `decode-value`); the
+/// default policy, `Fail`, stops the partition. So a topic with tombstones or keyless records
+/// needs a format that decodes null for that part (`Raw`, `Json<Option<_>>`, ...).
+///
+/// `Json<T>` decodes a value of the four bytes `null` just like an absent one;
+/// [`Record::raw_key`] / [`Record::raw_value`] tell them apart. Empty bytes decode to
+/// `Some(vec![])` with `Raw`, to `""` with `Utf8`, and fail with `Json<T>` (not JSON).
+///
+/// [`Output::send_json`] does not use a format: it always writes a key and a value, so `None`
+/// becomes the bytes `null`. Write a tombstone with [`Output::send_as`] and a format that
+/// encodes to null, or with an [`OutputRecord`] without a value.
+///
+/// ```
+/// use exactly::{DecodeError, Encode, Format, Json, Output, Raw, Utf8};
+///
+/// assert_eq!(Raw::decode(None).unwrap(), None);
+/// assert_eq!(Raw::encode(&None).unwrap(), None);
+/// assert!(matches!(Utf8::decode(None), Err(DecodeError::Null { .. })));
+/// assert_eq!(Utf8::encode(&String::new()).unwrap(), Some(vec![]));
+/// assert_eq!(Json::<Option<u32>>::decode(None).unwrap(), None);
+/// assert_eq!(Json::<Option<u32>>::decode(Some(b"null")).unwrap(), None);
+/// assert_eq!(Json::<serde_json::Value>::decode(None).unwrap(), serde_json::Value::Null);
+/// assert!(matches!(Json::<u32>::decode(None), Err(DecodeError::Null { .. })));
+/// assert_eq!(Json::<Option<u32>>::encode(&None).unwrap(), None);
+///
+/// let mut out = Output::new();
+/// out.send_json("t", "k", &None::<u32>).unwrap();
+/// assert_eq!(out.records()[0].value.as_deref(), Some(&b"null"[..]));
+/// out.send_as::<Utf8, Json<Option<u32>>>("t", &"k".to_string(), &None).unwrap();
+/// assert_eq!(out.records()[1].value, None); // a tombstone
+/// ```
+///
+/// [`Record::key`]: crate::Record::key
+/// [`Record::value`]: crate::Record::value
+/// [`Record::raw_key`]: crate::Record::raw_key
+/// [`Record::raw_value`]: crate::Record::raw_value
+/// [`Processor::process`]: crate::Processor::process
+/// [`TestDriver`]: crate::testing::TestDriver
+/// [`ErrorPolicy`]: crate::ErrorPolicy
+/// [`RecordError::Decode`]: crate::RecordError::Decode
+/// [`Output::send_json`]: crate::Output::send_json
+/// [`Output::send_as`]: crate::Output::send_as
+/// [`OutputRecord`]: crate::OutputRecord
+///
+/// # Your own format
+///
 /// ```
 /// use exactly::{DecodeError, Encode, EncodeError, Format};
 ///
@@ -172,8 +225,9 @@ impl Format for Utf8 {
 /// JSON via serde_json: `Item = T`.
 ///
 /// An absent (null) key/value decodes as JSON `null`, so `Json<Option<T>>` reads it as `None`
-/// and other types report [`DecodeError::Null`]. Symmetrically, a value that encodes to JSON
-/// `null` (e.g. `None`) is written as an absent value (a tombstone).
+/// and types that JSON `null` does not deserialize into report [`DecodeError::Null`].
+/// Symmetrically, a key or value that encodes to JSON `null` (e.g. `None`) is written as an
+/// absent one (a null value is a tombstone). See the table on [`Format`].
 ///
 /// ```
 /// use exactly::{Format, Json};

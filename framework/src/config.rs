@@ -122,6 +122,42 @@ fn invalid(setting: &str, value: impl ToString, fix: impl Into<String>) -> Confi
 ///     .kafka("sasl.password", "secret");
 /// config.validate().unwrap();
 /// assert_eq!(config.snapshot_topic("payments"), "payments-ledger.payments.snapshots");
+/// assert_eq!(config.transactional_id("payments", 3), "payments-ledger.payments.3");
+/// // Safe to log: secrets are redacted.
+/// let logged = format!("{config:?}");
+/// assert!(logged.contains(r#""sasl.password": "<redacted>""#), "{logged}");
+/// ```
+///
+/// [`validate`](Self::validate) (which [`App::new`](crate::App::new) calls) needs no broker, and
+/// every error it returns says what to change:
+///
+/// ```
+/// use std::time::Duration;
+/// use exactly::{AppConfig, ConfigError};
+///
+/// // App ids become part of transactional ids and topic names: no '.' in them.
+/// let err = AppConfig::new("payments.ledger", "localhost:9092")
+///     .input_topic("payments")
+///     .validate()
+///     .unwrap_err();
+/// assert!(matches!(&err, ConfigError::Invalid { setting, .. } if setting == "app id"));
+///
+/// // An open transaction must be committed well before the coordinator times it out.
+/// let err = AppConfig::new("ledger", "localhost:9092")
+///     .input_topic("payments")
+///     .commit_interval(Duration::from_secs(40))
+///     .validate()
+///     .unwrap_err();
+/// assert!(err.to_string().contains("at most half of transaction_timeout"), "{err}");
+///
+/// // Properties the framework owns are refused, naming what to use instead.
+/// let err = AppConfig::new("ledger", "localhost:9092")
+///     .input_topic("payments")
+///     .kafka("transaction.timeout.ms", "30000")
+///     .validate()
+///     .unwrap_err();
+/// assert!(matches!(err, ConfigError::ManagedProperty { .. }));
+/// assert!(err.to_string().contains("AppConfig::transaction_timeout"), "{err}");
 /// ```
 ///
 /// # Environment overrides
@@ -154,6 +190,34 @@ fn invalid(setting: &str, value: impl ToString, fix: impl Into<String>) -> Confi
 /// | `EXACTLY_INSTANCE_ID` | [`instance_id`](Self::instance_id) (empty: none) |
 /// | `EXACTLY_KAFKA_<NAME>` | librdkafka property for every client: `<NAME>` lower-cased, `_` → `.` (`EXACTLY_KAFKA_SASL_MECHANISMS=PLAIN` sets `sasl.mechanisms`) |
 /// | `EXACTLY_CONSUMER_KAFKA_<NAME>`, `EXACTLY_PRODUCER_KAFKA_<NAME>` | the same for the consumer / the producers only |
+///
+/// Unknown `EXACTLY_*` variables are logged (with the closest known name) and ignored; a value
+/// that does not parse is an error naming the variable:
+///
+/// ```
+/// use exactly::{AppConfig, ConfigError};
+///
+/// # // Start from a clean slate: the environment that runs the test may set EXACTLY_* itself.
+/// # for (name, _) in std::env::vars_os() {
+/// #     if name.to_string_lossy().starts_with("EXACTLY_") {
+/// #         std::env::remove_var(name);
+/// #     }
+/// # }
+/// // Set by the deployment, e.g. in a Kubernetes manifest:
+/// std::env::set_var("EXACTLY_INPUT_TOPICS", "payments,refunds");
+/// std::env::set_var("EXACTLY_ERROR_POLICY", "dead-letter:payments");
+/// std::env::set_var("EXACTLY_KAFKA_SASL_PASSWORD", "hunter2");
+///
+/// let config = AppConfig::new("ledger", "localhost:9092").from_env().unwrap();
+/// // The overrides took effect: the dead-letter topic is one of the input topics now.
+/// let err = config.validate().unwrap_err();
+/// assert!(err.to_string().contains("the dead-letter topic is an input topic"), "{err}");
+/// assert!(!format!("{config:?}").contains("hunter2"));
+///
+/// std::env::set_var("EXACTLY_COMMIT_INTERVAL_MS", "soon");
+/// let err = AppConfig::new("ledger", "localhost:9092").from_env().unwrap_err();
+/// assert!(matches!(&err, ConfigError::Env { name, .. } if name == "EXACTLY_COMMIT_INTERVAL_MS"));
+/// ```
 #[derive(Debug, Clone)]
 pub struct AppConfig {
     pub(crate) app_id: String,
@@ -1004,7 +1068,6 @@ impl AppConfig {
     }
 }
 
-/// `SASL_MECHANISMS` → `sasl.mechanisms`.
 /// The settings [`AppConfig::from_env`] reads, after `EXACTLY_` (besides the `KAFKA_`,
 /// `CONSUMER_KAFKA_` and `PRODUCER_KAFKA_` prefixes).
 const ENV_SETTINGS: &[&str] = &[
@@ -1043,6 +1106,7 @@ fn closest_setting(setting: &str) -> &'static str {
         .unwrap_or("APP_ID")
 }
 
+/// `SASL_MECHANISMS` → `sasl.mechanisms`.
 fn env_property(name: &str) -> String {
     name.to_ascii_lowercase().replace('_', ".")
 }

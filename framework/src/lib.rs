@@ -10,6 +10,24 @@
 //! crash a partition's state is rebuilt from its latest full snapshot plus a short replay of
 //! the input, and checked against the recorded state fingerprint.
 //!
+//! # Using exactly
+//!
+//! `exactly` is not on crates.io yet: depend on it by git or by path. The quickstart below
+//! also needs `serde` (derive), `tokio` (for `#[tokio::main]`: `macros`, `rt-multi-thread`)
+//! and `tracing-subscriber` (`env-filter`, so that `RUST_LOG` works):
+//!
+//! ```toml
+//! [dependencies]
+//! exactly = { git = "<URL of this repository>" } # or { path = "<clone>/framework" }
+//! serde = { version = "1", features = ["derive"] }
+//! tokio = { version = "1", features = ["macros", "rt-multi-thread"] }
+//! tracing-subscriber = { version = "0.3", features = ["env-filter"] }
+//! ```
+//!
+//! librdkafka is built from source, which needs a C compiler, `make`, `pkg-config` and the
+//! OpenSSL headers. [`App::run`] needs a Tokio runtime with its time and I/O drivers, which
+//! `#[tokio::main]` provides.
+//!
 //! # Quickstart
 //!
 //! A per-user click counter, complete:
@@ -49,16 +67,53 @@
 //! }
 //! ```
 //!
+//! The same processor, run in-process by [`testing::TestDriver`] (no broker): records in,
+//! outputs and state out, and the check that recovery's replay rebuilds both.
+//!
+//! ```
+//! # use std::collections::HashMap;
+//! # use exactly::{Json, Output, ProcessError, Processor, Record, Utf8};
+//! # use serde::{Deserialize, Serialize};
+//! # #[derive(Serialize, Deserialize)]
+//! # struct Click { page: String }
+//! # struct ClickCounter;
+//! # impl Processor for ClickCounter {
+//! #     type State = HashMap<String, u64>;
+//! #     type Key = Utf8;
+//! #     type Value = Json<Click>;
+//! #     fn process(&self, counts: &mut Self::State, click: &Record<'_, String, Click>,
+//! #                out: &mut Output) -> Result<(), ProcessError> {
+//! #         let count = counts.entry(click.key().clone()).or_default();
+//! #         *count += 1;
+//! #         out.send_json("click-counts", click.key(), count)?;
+//! #         Ok(())
+//! #     }
+//! # }
+//! use exactly::testing::TestDriver;
+//!
+//! let mut driver = TestDriver::new(ClickCounter);
+//! for user in ["ada", "bob", "ada"] {
+//!     driver.pipe("clicks", &user.to_string(), &Click { page: "/".into() }).unwrap();
+//! }
+//! let counts: Vec<(String, u64)> = driver.read_json("click-counts").unwrap();
+//! assert_eq!(counts, [("ada".into(), 1), ("bob".into(), 1), ("ada".into(), 2)]);
+//! assert_eq!(driver.state("clicks", 0).unwrap()["ada"], 2);
+//! driver.verify_determinism().unwrap(); // snapshot, restore, replay: same state and outputs
+//! ```
+//!
 //! # The pieces
 //!
 //! - [`Processor`], [`Record`], [`Output`], [`OutputRecord`]: the processing API.
-//! - [`Format`] with [`Raw`], [`Utf8`], [`Json`]: typed keys and values.
+//! - [`Format`] with [`Raw`], [`Utf8`], [`Json`]: typed keys and values (how each treats
+//!   absent, null, keys and values is tabled on [`Format`]).
 //! - [`AppConfig`]: builder, `EXACTLY_*` environment overrides, and any librdkafka property
 //!   passed through to the clients (`security.protocol`, `sasl.*`, `ssl.*`, ...).
 //! - [`ErrorPolicy`]: what happens to records that fail to decode or to process.
 //! - [`Metrics`]: counters (records, transactions, snapshots, recoveries) readable while running.
 //! - [`testing::TestDriver`]: run a processor in-process, without a broker, and check that it
 //!   is deterministic and that its state survives a snapshot.
+//! - [`design`]: how exactly-once and recovery work (snapshot topics, transactions, recovery,
+//!   failure handling), and what is not built yet.
 //!
 //! # Determinism
 //!
@@ -91,6 +146,9 @@ mod runtime;
 pub(crate) mod snapshot;
 mod stuck;
 pub mod testing;
+
+#[doc = include_str!("../DESIGN.md")]
+pub mod design {}
 
 pub use codec::{BoxError, DecodeError, Encode, EncodeError, Format, Json, Raw, Utf8};
 pub use config::{

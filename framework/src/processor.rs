@@ -68,10 +68,21 @@ pub type ValueOf<P> = <<P as Processor>::Value as Encode>::Item;
 ///         Ok(())
 ///     }
 /// }
+///
+/// // Run in-process, as the runtime would run it on one input partition:
+/// let mut driver = exactly::testing::TestDriver::new(Counter);
+/// for key in ["a", "b", "a"] {
+///     driver.pipe("events", &key.to_string(), &serde_json::json!({"n": 1})).unwrap();
+/// }
+/// let counts: Vec<(String, u64)> = driver.read_json("counts").unwrap();
+/// assert_eq!(counts, [("a".into(), 1), ("b".into(), 1), ("a".into(), 2)]);
+/// assert_eq!(driver.state("events", 0).unwrap()["a"], 2);
 /// ```
 pub trait Processor: Send + Sync + 'static {
     /// Per-partition state. Serialized into full snapshots (MessagePack via rmp-serde) and
-    /// fingerprinted after every transaction; starts as `Default::default()`.
+    /// fingerprinted with every transaction while that is cheap, else with every full snapshot
+    /// (see [`AppConfig::state_fingerprint`](crate::AppConfig::state_fingerprint)); starts as
+    /// `Default::default()`.
     type State: Serialize + DeserializeOwned + Default + Send + 'static;
     /// Format of the input keys.
     type Key: Format;
@@ -84,6 +95,36 @@ pub trait Processor: Send + Sync + 'static {
     /// [`ErrorPolicy`](crate::ErrorPolicy); the outputs this call emitted are discarded in
     /// either case. Changes already made to `state` are *not* undone, so validate before you
     /// mutate.
+    ///
+    /// ```
+    /// use exactly::testing::TestDriver;
+    /// use exactly::{ErrorPolicy, Json, Output, ProcessError, Processor, Record, Utf8};
+    ///
+    /// /// Sums amounts per partition; refuses negative ones.
+    /// struct Sum;
+    /// impl Processor for Sum {
+    ///     type State = i64;
+    ///     type Key = Utf8;
+    ///     type Value = Json<i64>;
+    ///     fn process(&self, sum: &mut i64, record: &Record<'_, String, i64>,
+    ///                out: &mut Output) -> Result<(), ProcessError> {
+    ///         out.send_json("seen", record.key(), record.value())?;
+    ///         if *record.value() < 0 {
+    ///             return Err(format!("negative amount {}", record.value()).into());
+    ///         }
+    ///         *sum += record.value(); // only after validating
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// let mut driver = TestDriver::new(Sum).with_error_policy(ErrorPolicy::Skip);
+    /// driver.pipe("amounts", &"a".to_string(), &5).unwrap();
+    /// driver.pipe("amounts", &"a".to_string(), &-3).unwrap(); // skipped
+    /// assert_eq!(driver.state("amounts", 0), Some(&5));
+    /// // The failed call's output was discarded with it.
+    /// assert_eq!(driver.read_json::<String, i64>("seen").unwrap(), [("a".into(), 5)]);
+    /// assert_eq!(driver.errors()[0].kind(), "processor");
+    /// ```
     fn process(
         &self,
         state: &mut Self::State,

@@ -259,6 +259,60 @@ struct PartitionState<S> {
 }
 
 /// Runs a [`Processor`] on records in-process. See the [module docs](self).
+///
+/// ```
+/// use std::time::Duration;
+/// use exactly::testing::{RawInput, TestDriver, TestError};
+/// use exactly::{
+///     dead_letter_headers, ErrorPolicy, Json, Output, ProcessError, Processor, Record, Utf8,
+/// };
+///
+/// /// The largest amount so far, with a time: the record's, or (a bug) the wall clock's.
+/// struct Max { use_clock: bool }
+///
+/// impl Processor for Max {
+///     type State = u64;
+///     type Key = Utf8;
+///     type Value = Json<u64>;
+///     fn process(&self, max: &mut u64, record: &Record<'_, String, u64>,
+///                out: &mut Output) -> Result<(), ProcessError> {
+///         *max = (*max).max(*record.value());
+///         let at = if self.use_clock {
+///             let now = std::time::SystemTime::now();
+///             now.duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64
+///         } else {
+///             record.timestamp().unwrap_or_default()
+///         };
+///         out.send_json("max", record.key(), &(*max, at))?;
+///         Ok(())
+///     }
+/// }
+///
+/// let mut driver = TestDriver::new(Max { use_clock: false })
+///     .with_error_policy(ErrorPolicy::DeadLetter { topic: "amounts.dlq".into() });
+/// driver.pipe("amounts", &"a".to_string(), &7).unwrap();
+/// // A value that is not JSON goes to the dead-letter topic, the error in its headers.
+/// driver.pipe_raw(RawInput::new("amounts").key("a").value("seven")).unwrap();
+/// let dead = driver.outputs_to("amounts.dlq").next().unwrap();
+/// assert_eq!(dead.value.as_deref(), Some(&b"seven"[..]));
+/// assert!(dead.headers.iter().any(|(name, value)| {
+///     name == dead_letter_headers::ERROR_KIND && value == b"decode-value"
+/// }));
+/// assert_eq!(driver.errors().len(), 1);
+///
+/// // Recovery replays the records since the last full snapshot, and so does this check.
+/// driver.full_snapshot().unwrap();
+/// driver.advance_time(Duration::from_secs(1));
+/// driver.pipe("amounts", &"b".to_string(), &3).unwrap();
+/// assert_eq!(driver.verify_determinism().unwrap(), 1);
+/// assert_eq!(driver.read_json::<String, (u64, i64)>("max").unwrap().len(), 2);
+///
+/// // Reading the clock gives other outputs on replay: caught.
+/// let mut clocked = TestDriver::new(Max { use_clock: true });
+/// clocked.pipe("amounts", &"a".to_string(), &7).unwrap();
+/// let err = clocked.verify_determinism().unwrap_err();
+/// assert!(matches!(err, TestError::NotDeterministic { .. }), "{err}");
+/// ```
 pub struct TestDriver<P: Processor> {
     processor: P,
     error_policy: ErrorPolicy,

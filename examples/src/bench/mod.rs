@@ -38,7 +38,7 @@ use workload::CountProcessor;
 
 /// Topic configs every benchmark topic gets. Quix reads `retention.ms` and `retention.bytes`
 /// of its input topic to configure its changelog topics, and the local broker does not report
-/// defaults (DESIGN.md §6).
+/// defaults (framework/DESIGN.md §6).
 pub const TOPIC_CONFIG: [(&str, &str); 2] =
     [("retention.ms", "604800000"), ("retention.bytes", "-1")];
 

@@ -22,14 +22,15 @@ async fn exactly_cli(s: &Setup, args: &[&str]) -> Result<String, (CliError, Stri
         "--app".into(),
         s.app.clone(),
     ]);
-    tokio::task::spawn_blocking(move || {
+    let (result, out) = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         let result = exactly::cli::run(&argv, &mut out);
-        let text = String::from_utf8_lossy(&out).into_owned();
-        result.map(|()| text.clone()).map_err(|e| (e, text))
+        (result, out)
     })
     .await
-    .expect("cli thread")
+    .expect("cli thread");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    result.map(|()| text.clone()).map_err(|e| (e, text))
 }
 
 /// The whitespace-separated fields of partition 0's row in `inspect` output.

@@ -57,6 +57,10 @@ pub struct CommonArgs {
     /// How often to log the service's metrics, in ms (0 = never).
     #[arg(long, env = "PAYMENTS_METRICS_INTERVAL_MS", default_value_t = 10_000)]
     pub metrics_interval_ms: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free port; the address is
+    /// logged as `metrics endpoint listening`). EXACTLY_METRICS_ADDR sets it too.
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Installs the `tracing` subscriber: `RUST_LOG` (default `info`), no colours unless stdout is
@@ -86,9 +90,13 @@ pub async fn run<P: Processor>(
         .commit_interval(Duration::from_millis(common.commit_interval_ms))
         .full_snapshot_every_records(common.snapshot_every_records)
         .full_snapshot_interval(Duration::from_millis(common.snapshot_interval_ms))
-        .error_policy(error_policy)
-        // Any EXACTLY_* variable (e.g. EXACTLY_KAFKA_SECURITY_PROTOCOL) applies last.
-        .from_env()?;
+        .error_policy(error_policy);
+    let config = match common.metrics_addr {
+        Some(addr) => config.metrics_addr(addr),
+        None => config,
+    }
+    // Any EXACTLY_* variable (e.g. EXACTLY_KAFKA_SECURITY_PROTOCOL) applies last.
+    .from_env()?;
     tracing::info!(
         service = name,
         app_id = config.app_id(),

@@ -249,6 +249,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
         let mut spec = ProcessSpec::new(&exe)
             .arg(subcommand)
             .args(["--brokers", &bootstrap, "--app-id", app])
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
             .env_remove("EXACTLY_APP_ID")
             .env_remove("EXACTLY_BROKERS")
@@ -432,7 +433,9 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
             ),
         }
     }
+    let mut operated = true;
     if drained {
+        operated = show_operations(started, &mut services, &bootstrap, &names.ledger_app).await;
         say(started, "chain drained; stopping the services (SIGTERM)");
     }
     let mut stop_statuses = Vec::new();
@@ -546,7 +549,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
     }
     drop(services);
     drop(cluster);
-    Ok(drained && verdict.is_clean())
+    Ok(drained && verdict.is_clean() && operated)
 }
 
 fn count_intents(commands: &[InputCommand]) -> BTreeMap<Intent, usize> {
@@ -964,6 +967,83 @@ impl Recoveries {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// Scrapes every service's Prometheus endpoint once and prints
+/// `METRICS services=S series=N lag_max=L`, then `exactly inspect` of `app`. False when a
+/// scrape or the inspection failed (each failure is said).
+async fn show_operations(
+    started: Instant,
+    services: &mut Supervisor,
+    bootstrap: &str,
+    app: &str,
+) -> bool {
+    let mut ok = true;
+    let (mut scraped, mut series, mut lag_max) = (0usize, 0usize, 0u64);
+    let names: Vec<String> = services.names().map(str::to_owned).collect();
+    for name in names {
+        match scrape_service(services, &name).await {
+            Ok(text) => {
+                scraped += 1;
+                let samples = text
+                    .lines()
+                    .filter(|l| !l.starts_with('#') && !l.is_empty());
+                series += samples.clone().count();
+                for line in samples.filter(|l| l.starts_with("exactly_partition_lag_records{")) {
+                    let lag = line.rsplit(' ').next().and_then(|v| v.parse().ok());
+                    lag_max = lag_max.max(lag.unwrap_or(0));
+                }
+            }
+            Err(error) => {
+                ok = false;
+                say(
+                    started,
+                    format_args!("scraping {name}'s metrics failed: {error:#}"),
+                );
+            }
+        }
+    }
+    println!("METRICS services={scraped} series={series} lag_max={lag_max}");
+    say(started, format_args!("exactly inspect --app {app}:"));
+    let argv = ["exactly", "inspect", "--brokers", bootstrap, "--app", app].map(str::to_owned);
+    let inspected = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let result = exactly::cli::run(argv, &mut out);
+        (result, out)
+    })
+    .await;
+    match inspected {
+        Ok((result, out)) => {
+            print!("{}", String::from_utf8_lossy(&out));
+            if let Err(error) = result {
+                ok = false;
+                say(started, format_args!("exactly inspect failed: {error}"));
+            }
+        }
+        Err(error) => {
+            ok = false;
+            say(
+                started,
+                format_args!("exactly inspect did not finish: {error}"),
+            );
+        }
+    }
+    ok
+}
+
+/// The metrics text of service `name`, at the address its current run logged.
+async fn scrape_service(services: &mut Supervisor, name: &str) -> anyhow::Result<String> {
+    let log = services.child(name)?.run_log_text()?;
+    let addr = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("metrics endpoint listening"))
+        .and_then(|l| field(l, "addr"))
+        .context("no `metrics endpoint listening` line in its log")?;
+    let addr: std::net::SocketAddr = addr.parse().context("its metrics address")?;
+    exactly_tests::scrape::scrape(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// The value of `name=value` in a `tracing` fmt line.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::process::ChildProcess;
+use exactly_tests::scrape::{sample, scrape};
 use framework_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,11 +459,50 @@ async fn snapshot_topics_are_trimmed_below_the_latest_full_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_recovery_logs_its_progress() {
     let s = Setup::new("progress").await;
-    let slow = ["--full-snapshots", "false", "--per-record-delay-ms", "2"];
+    let slow = [
+        "--full-snapshots",
+        "false",
+        "--per-record-delay-ms",
+        "2",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ];
     let records = inputs(0..3000, 1);
     let mut service = s.process(&records, &slow).await;
     service.kill_hard().await.expect("kill -9");
     service.restart().expect("restart");
+    // The metrics endpoint shows the replay while it runs.
+    let addr = metrics_addr_of(&service).await;
+    let partition = format!(r#"topic="{}",partition="0""#, s.input);
+    let replay = format!(r#"{{{partition},step="replay"}}"#);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = scrape(addr).await.unwrap_or_default();
+        let recovering = sample(
+            &text,
+            &format!("exactly_partition_recovering{{{partition}}}"),
+        );
+        let done = sample(&text, &format!("exactly_recovery_done{replay}")).unwrap_or(0.0);
+        let total = sample(&text, &format!("exactly_recovery_total{replay}"));
+        if recovering == Some(1.0) && done > 0.0 {
+            assert_eq!(total, Some(3000.0), "{text}");
+            assert!(
+                sample(
+                    &text,
+                    &format!("exactly_recovery_eta_seconds{{{partition}}}")
+                )
+                .is_some(),
+                "{text}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replay never showed in the metrics:\n{text}\n{}",
+            service.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let m = wait_for_metrics(&service, "the replay", Duration::from_secs(60), |m| {
         metric(m, "recoveries") >= 1
     })

@@ -153,23 +153,6 @@ async fn the_cli_says_what_is_wrong() {
     );
 }
 
-/// The address the service printed as `METRICS_ADDR <addr>`.
-async fn metrics_addr_of(service: &exactly_tests::process::ChildProcess) -> std::net::SocketAddr {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = service.run_log_text().unwrap_or_default();
-        if let Some(addr) = log.lines().find_map(|l| l.strip_prefix("METRICS_ADDR ")) {
-            return addr.trim().parse().expect("an address");
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no METRICS_ADDR line:\n{}",
-            service.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_endpoint_is_scraped_while_the_app_runs() {
     use exactly_tests::scrape::{sample, scrape};

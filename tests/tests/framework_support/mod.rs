@@ -130,3 +130,22 @@ pub async fn stop_cleanly(service: &mut ChildProcess) {
         .expect("stop");
     assert!(status.success(), "{}", service.log_tail(40));
 }
+
+/// The address the service printed as `METRICS_ADDR <addr>`.
+pub async fn metrics_addr_of(
+    service: &exactly_tests::process::ChildProcess,
+) -> std::net::SocketAddr {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = service.run_log_text().unwrap_or_default();
+        if let Some(addr) = log.lines().find_map(|l| l.strip_prefix("METRICS_ADDR ")) {
+            return addr.trim().parse().expect("an address");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no METRICS_ADDR line:\n{}",
+            service.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -8,11 +8,14 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::metadata::Metadata;
+use rdkafka::ClientConfig;
 
 use crate::config::AppConfig;
 use crate::error::Error;
+use crate::security::ProblemWatch;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a freshly created snapshot topic may take to show up in the metadata.
@@ -58,15 +61,51 @@ async fn fetch_metadata(config: &AppConfig) -> Result<Metadata, Error> {
 
 async fn fetch_metadata_once(config: &AppConfig) -> Result<Metadata, Error> {
     let client_config = config.admin_config();
-    tokio::task::spawn_blocking(move || {
-        let consumer: rdkafka::consumer::BaseConsumer = client_config
-            .create()
-            .map_err(|source| Error::kafka("creating a metadata client", source))?;
-        rdkafka::consumer::Consumer::fetch_metadata(&consumer, None, METADATA_TIMEOUT)
-            .map_err(|source| Error::kafka("fetching cluster metadata", source))
-    })
-    .await
-    .map_err(|_| Error::RuntimeStopped)?
+    let brokers = config.bootstrap_servers.clone();
+    tokio::task::spawn_blocking(move || metadata(&client_config, &brokers, METADATA_TIMEOUT))
+        .await
+        .map_err(|_| Error::RuntimeStopped)?
+}
+
+/// Cluster metadata through a new client of `client_config`. When the cluster refuses the
+/// connection (authentication, TLS, a protocol mismatch), [`Error::Connection`] as soon as
+/// the client reports it, not after `timeout`. Blocking.
+pub(crate) fn metadata(
+    client_config: &ClientConfig,
+    brokers: &str,
+    timeout: Duration,
+) -> Result<Metadata, Error> {
+    let consumer: BaseConsumer<ProblemWatch> = client_config
+        .create_with_context(ProblemWatch::default())
+        .map_err(|source| Error::kafka("creating a metadata client", source))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let slice = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(1));
+        let failed = match consumer.fetch_metadata(None, slice) {
+            Ok(metadata) => return Ok(metadata),
+            Err(error) => error,
+        };
+        // Error events reach the context only when the client's queue is served.
+        for _ in 0..64 {
+            if consumer.poll(Duration::ZERO).is_none() {
+                break;
+            }
+        }
+        if let Some(problem) = consumer.context().problem() {
+            return Err(Error::Connection {
+                brokers: brokers.to_owned(),
+                what: problem.what.to_owned(),
+                detail: problem.detail,
+                fix: problem.fix.to_owned(),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::kafka("fetching cluster metadata", failed));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Checks the input topics and creates missing snapshot topics.

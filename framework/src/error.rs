@@ -293,6 +293,27 @@ pub enum Error {
         /// What to check.
         fix: String,
     },
+    /// The cluster refused the connection: authentication, TLS, or a protocol mismatch.
+    #[error("cannot connect to Kafka at {brokers}: {what} ({detail}); {fix}")]
+    Connection {
+        /// The bootstrap servers.
+        brokers: String,
+        /// What went wrong.
+        what: String,
+        /// librdkafka's description.
+        detail: String,
+        /// The settings to check.
+        fix: String,
+    },
+    /// The app's principal lacks an ACL for what it was doing.
+    #[error("not authorized: {context}: {source}; grant the app's principal that ACL (the README's Security section lists every ACL an app needs)")]
+    NotAuthorized {
+        /// What the app was doing, naming the resource (topic, group, transactional id).
+        context: String,
+        /// The broker's answer.
+        #[source]
+        source: Box<rdkafka::error::KafkaError>,
+    },
     /// The runtime's consumer thread ended without reporting a result (it panicked).
     #[error("the exactly runtime thread stopped unexpectedly")]
     RuntimeStopped,
@@ -306,9 +327,18 @@ impl Error {
         matches!(self, Error::Kafka { .. } | Error::ReadStalled { .. })
     }
 
+    /// A failed Kafka call; an authorization failure becomes [`Error::NotAuthorized`] (not
+    /// transient: retrying cannot grant an ACL).
     pub(crate) fn kafka(context: impl Into<String>, source: rdkafka::error::KafkaError) -> Self {
+        let context = context.into();
+        if crate::security::authorization_code(&source).is_some() {
+            return Error::NotAuthorized {
+                context,
+                source: Box::new(source),
+            };
+        }
         Error::Kafka {
-            context: context.into(),
+            context,
             source: Box::new(source),
         }
     }

@@ -143,6 +143,7 @@ mod processor;
 mod progress;
 mod recovery;
 mod runtime;
+mod security;
 pub(crate) mod snapshot;
 mod stuck;
 pub mod testing;

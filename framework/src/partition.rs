@@ -34,6 +34,7 @@ use crate::processor::{
 };
 use crate::proto::{FullSnapshotRef, IncrementalSnapshot};
 use crate::recovery::{recover, Recovered, RecoveryCost, RecoveryTarget, READ_STALL_TIMEOUT};
+use crate::security::authorization_code;
 use crate::snapshot::fingerprint::Cadence;
 use crate::snapshot::store::{
     flush_promptly, send_blocking, write_incremental, write_snapshot_chunks, PartitionReader,
@@ -439,8 +440,19 @@ impl<P: Processor> PartitionWorker<P> {
                     }
                     LiveExit::Abort(reason) => {
                         // The record the broker refused says more than the failed commit.
-                        let cause = match producer.context().take_first_error() {
-                            Some(delivery) => format!("{delivery} (then: {reason})"),
+                        let delivery = producer.context().take_first_error();
+                        let refused = self
+                            .not_authorized(delivery.as_ref(), &reason)
+                            .or_else(|| self.refused_transaction(&producer, &reason));
+                        if let Some(error) = refused {
+                            let _ = abort(&producer, self.txn_timeout());
+                            self.metrics.transaction_aborted(AbortCause::Error);
+                            return WorkerOutcome::Failed(error);
+                        }
+                        let cause = match delivery {
+                            Some((topic, delivery)) => {
+                                format!("producing to {topic}: {delivery} (then: {reason})")
+                            }
                             None => reason.to_string(),
                         };
                         tracing::warn!(error = %cause, aborts_in_a_row = streak.aborts + 1, "aborting the transaction; rebuilding state through recovery");
@@ -520,6 +532,16 @@ impl<P: Processor> PartitionWorker<P> {
             // Fencing first, then reading state.
             match producer.init_transactions(self.txn_timeout()) {
                 Ok(()) => return Ok(Arc::new(producer)),
+                // No retry can grant an ACL.
+                Err(e) if authorization_code(&e).is_some() => {
+                    return Err(ProducerStart::Failed(Error::kafka(
+                        format!(
+                            "init_transactions of transactional id {} (needs WRITE and DESCRIBE on it)",
+                            self.transactional_id
+                        ),
+                        e,
+                    )))
+                }
                 Err(e) => match classify(&e) {
                     TxnErrorClass::Fenced => return Err(ProducerStart::Fenced),
                     TxnErrorClass::Retriable | TxnErrorClass::Abortable
@@ -539,6 +561,62 @@ impl<P: Processor> PartitionWorker<P> {
                 },
             }
         }
+    }
+
+    /// When librdkafka refused a call because the open transaction failed underneath
+    /// ("erroneous state"), the failure behind it if that is an authorization failure (e.g. no
+    /// WRITE on an output topic). librdkafka hands that error out from `commit_transaction`,
+    /// which commits nothing once the transaction failed.
+    fn refused_transaction(&self, producer: &TxnProducer, reason: &KafkaError) -> Option<Error> {
+        if reason.rdkafka_error_code() != Some(RDKafkaErrorCode::State) {
+            return None;
+        }
+        let cause = producer.commit_transaction(Duration::from_secs(5)).err()?;
+        authorization_code(&cause)?;
+        let context = match producer.context().take_refused_topic() {
+            Some(topic) => format!(
+                "adding topic {topic} to the transaction of {} (needs WRITE on it)",
+                self.transactional_id
+            ),
+            None => format!("the transaction of {}", self.transactional_id),
+        };
+        Some(Error::kafka(context, cause))
+    }
+
+    /// An authorization failure behind an aborted transaction, as the error that stops the
+    /// partition: aborting and recovering would only meet it again.
+    fn not_authorized(
+        &self,
+        delivery: Option<&(String, KafkaError)>,
+        reason: &KafkaError,
+    ) -> Option<Error> {
+        if let Some((topic, error)) = delivery.filter(|(_, e)| authorization_code(e).is_some()) {
+            return Some(Error::kafka(
+                format!("producing to topic {topic} (needs WRITE on it)"),
+                error.clone(),
+            ));
+        }
+        authorization_code(reason).map(|code| {
+            let needs = match code {
+                rdkafka::error::RDKafkaErrorCode::GroupAuthorizationFailed => {
+                    format!("READ on group {}", self.config.app_id)
+                }
+                rdkafka::error::RDKafkaErrorCode::TransactionalIdAuthorizationFailed => {
+                    format!("WRITE on transactional id {}", self.transactional_id)
+                }
+                _ => format!(
+                    "WRITE on the output topics and on snapshot topic {}",
+                    self.snapshot_topic
+                ),
+            };
+            Error::kafka(
+                format!(
+                    "committing the transaction of {} (needs {needs})",
+                    self.transactional_id
+                ),
+                reason.clone(),
+            )
+        })
     }
 
     fn recover(&self) -> Result<Option<Live<P::State>>, Error> {
@@ -1021,10 +1099,10 @@ impl<P: Processor> PartitionWorker<P> {
         send_offsets_bounded(producer, offsets, group_metadata, txn_timeout)?;
         let offsets_sent = commit_started.elapsed();
         retry(|| producer.commit_transaction(txn_timeout))?;
-        if let Some(error) = producer.context().take_first_error() {
+        if let Some((topic, error)) = producer.context().take_first_error() {
             // Cannot happen after a successful commit (librdkafka fails the commit), but a
             // failed output delivery must never pass silently.
-            tracing::error!(error = %error, "an output delivery failed in a committed transaction");
+            tracing::error!(topic, error = %error, "an output delivery failed in a committed transaction");
         }
         tracing::debug!(
             next_offset = live.next_offset,

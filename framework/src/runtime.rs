@@ -369,23 +369,7 @@ impl<P: Processor> ClientContext for RebalanceContext<P> {
         if fac == "REQTMOUT" && log_message.contains("GroupCoordinator") {
             self.coordinator_timed_out.store(true, Ordering::Release);
         }
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                tracing::error!(target: "librdkafka", "librdkafka: {fac} {log_message}")
-            }
-            RDKafkaLogLevel::Warning => {
-                tracing::warn!(target: "librdkafka", "librdkafka: {fac} {log_message}")
-            }
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(target: "librdkafka", "librdkafka: {fac} {log_message}")
-            }
-            RDKafkaLogLevel::Debug => {
-                tracing::debug!(target: "librdkafka", "librdkafka: {fac} {log_message}")
-            }
-        }
+        log_librdkafka(level, fac, log_message);
     }
 }
 
@@ -1040,6 +1024,27 @@ fn service_slots<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, sha
     }
 }
 
+/// A librdkafka log line, as rdkafka's default context logs it (through `tracing`).
+pub(crate) fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+        }
+        RDKafkaLogLevel::Warning => {
+            tracing::warn!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+        }
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+        }
+        RDKafkaLogLevel::Debug => {
+            tracing::debug!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+        }
+    }
+}
+
 /// Each assigned partition's end as the consumer last fetched it (cached: no request), for
 /// the lag metric.
 fn publish_input_ends<P: Processor>(
@@ -1071,14 +1076,19 @@ fn handle_consumer_error<P: Processor>(
         }
         Some(RDKafkaErrorCode::FencedInstanceId | RDKafkaErrorCode::UnreleasedInstanceId) => {
             "another instance uses the same group.instance.id: give every instance its own"
+                .to_owned()
         }
-        _ if fatal => "librdkafka reported it as fatal: the consumer cannot be used any more",
-        Some(RDKafkaErrorCode::TopicAuthorizationFailed) => {
-            "the app's principal lacks READ (and DESCRIBE) on an input topic: grant the ACL"
+        _ if fatal => {
+            "librdkafka reported it as fatal: the consumer cannot be used any more".to_owned()
         }
-        Some(RDKafkaErrorCode::GroupAuthorizationFailed) => {
-            "the app's principal lacks READ on its consumer group (the app id): grant the ACL"
-        }
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed) => format!(
+            "not authorized: the app's principal lacks READ (and DESCRIBE) on an input topic ({}): grant the ACL",
+            shared.config.input_topics.join(", ")
+        ),
+        Some(RDKafkaErrorCode::GroupAuthorizationFailed) => format!(
+            "not authorized: the app's principal lacks READ on its consumer group {}: grant the ACL",
+            shared.config.app_id
+        ),
         _ => {
             tracing::warn!(error = %error, "consumer error");
             return;
@@ -1088,7 +1098,7 @@ fn handle_consumer_error<P: Processor>(
     shared.lock().failure.get_or_insert(Error::ConsumerFailed {
         group: shared.config.app_id.clone(),
         source: Box::new(error),
-        fix: fix.to_owned(),
+        fix,
     });
 }
 

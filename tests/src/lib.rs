@@ -11,6 +11,7 @@ pub mod process;
 pub mod proxy;
 pub mod rebalance;
 pub mod scrape;
+pub mod security;
 
 pub use cluster::{unique_name, TestCluster};
 pub use error::HarnessError;

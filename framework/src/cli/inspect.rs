@@ -73,7 +73,7 @@ pub(super) fn run(
         }
         writeln!(
             out,
-            "  total: lag {lag} records; the snapshot topic keeps {kept} records (offsets)"
+            "  total: lag {lag} offsets; the snapshot topics keep {kept} offsets"
         )?;
     }
     Ok(())

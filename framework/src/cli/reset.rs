@@ -73,6 +73,18 @@ impl FromStr for ResetTo {
     }
 }
 
+impl std::fmt::Display for ResetTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResetTo::Earliest => f.write_str("earliest"),
+            ResetTo::Latest => f.write_str("latest"),
+            ResetTo::Timestamp(ms) => {
+                write!(f, "the first record at or after {ms} ms since the epoch")
+            }
+        }
+    }
+}
+
 /// One partition's move.
 struct Move {
     topic: String,
@@ -92,7 +104,7 @@ pub(super) fn run(
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     let moves = plan(config, inputs, to)?;
-    writeln!(out, "reset of app {} to {to:?}:", config.app_id)?;
+    writeln!(out, "reset of app {} to {to}:", config.app_id)?;
     for m in &moves {
         let from = m.from.map_or_else(|| "-".to_owned(), |o| o.to_string());
         writeln!(

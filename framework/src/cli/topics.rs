@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::metadata::Metadata;
 
 use super::CliError;
@@ -70,17 +69,15 @@ pub(super) fn resolve(config: &mut AppConfig) -> Result<Vec<InputTopic>, CliErro
 }
 
 fn fetch_metadata(config: &AppConfig) -> Result<Metadata, CliError> {
-    let no_connection = |source| CliError::NoConnection {
-        brokers: config.bootstrap_servers.clone(),
-        source,
-    };
-    let consumer: BaseConsumer = config
-        .consumer_config(false)
-        .create()
-        .map_err(no_connection)?;
-    consumer
-        .fetch_metadata(None, METADATA_TIMEOUT)
-        .map_err(no_connection)
+    let client_config = config.consumer_config(false);
+    match crate::admin::metadata(&client_config, &config.bootstrap_servers, METADATA_TIMEOUT) {
+        Ok(metadata) => Ok(metadata),
+        Err(Error::Kafka { source, .. }) => Err(CliError::NoConnection {
+            brokers: config.bootstrap_servers.clone(),
+            source: *source,
+        }),
+        Err(other) => Err(other.into()),
+    }
 }
 
 /// Input topic names whose snapshot topic, by `pattern` for `app`, is among `names`, sorted.

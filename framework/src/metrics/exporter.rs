@@ -207,7 +207,7 @@ struct AppCounters(Metrics);
 impl Collector for AppCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.0.snapshot();
-        let counters: [(&str, &str, u64); 19] = [
+        let counters: [(&str, &str, u64); 18] = [
             (
                 "records_processed",
                 "Input records processed live (all partitions)",
@@ -294,17 +294,17 @@ impl Collector for AppCounters {
                 "Partitions stopped by an error",
                 s.partitions_failed,
             ),
-            (
-                "max_buffered_bytes_observed",
-                "Most input bytes one partition had buffered (a high-water mark)",
-                s.max_buffered_bytes,
-            ),
         ];
         for (name, help, value) in counters {
             let metric = ConstCounter::new(value);
             metric.encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
         }
-        let gauges: [(&str, &str, f64); 6] = [
+        let gauges: [(&str, &str, f64); 7] = [
+            (
+                "max_buffered_bytes",
+                "Most input bytes one partition had buffered (a high-water mark)",
+                s.max_buffered_bytes as f64,
+            ),
             (
                 "partitions_assigned",
                 "Input partitions assigned to this instance",

@@ -40,6 +40,15 @@ impl ClientContext for ReaderContext {
         match error {
             KafkaError::PartitionEOF(_) => {}
             KafkaError::Global(RDKafkaErrorCode::PartitionEOF) => {}
+            // The reader only assigns, and librdkafka looks up its (never joined) group's
+            // coordinator anyway: an app whose principal has no ACL on that group loses
+            // nothing.
+            KafkaError::Global(RDKafkaErrorCode::GroupAuthorizationFailed) => {
+                tracing::debug!(
+                    reason,
+                    "the recovery reader's group lookup was not authorized (not needed)"
+                )
+            }
             other => tracing::warn!(error = %other, reason, "recovery consumer error"),
         }
     }
@@ -325,11 +334,27 @@ pub(crate) fn load_full_snapshot(
 pub(crate) struct TxnProducerContext {
     /// Delivery opaque (> 0) -> offset or error, for records sent with a tracking id.
     tracked: Mutex<HashMap<usize, Result<i64, KafkaError>>>,
-    /// First delivery error of an untracked record (an output) since the last reset.
-    first_error: Mutex<Option<KafkaError>>,
+    /// First delivery error of an untracked record (an output) since the last reset, with
+    /// the record's topic.
+    first_error: Mutex<Option<(String, KafkaError)>>,
+    /// A topic librdkafka could not add to the open transaction for lack of an ACL. Only its
+    /// ADDPARTS log line names it; the error it reports does not.
+    refused_topic: Mutex<Option<String>>,
 }
 
-impl ClientContext for TxnProducerContext {}
+impl ClientContext for TxnProducerContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if fac == "ADDPARTS" && log_message.contains("authorization failed") {
+            // `... Failed to add partition "TOPIC" [P] to transaction: Broker: Topic authorization failed`
+            if let Some(topic) = log_message.split('"').nth(1) {
+                if let Ok(mut refused) = self.refused_topic.lock() {
+                    *refused = Some(topic.to_owned());
+                }
+            }
+        }
+        crate::runtime::log_librdkafka(level, fac, log_message);
+    }
+}
 
 impl ProducerContext for TxnProducerContext {
     type DeliveryOpaque = usize;
@@ -338,6 +363,10 @@ impl ProducerContext for TxnProducerContext {
         let outcome = match result {
             Ok(message) => Ok(message.offset()),
             Err((error, _)) => Err(error.clone()),
+        };
+        let topic = || match result {
+            Ok(message) => message.topic().to_owned(),
+            Err((_, message)) => message.topic().to_owned(),
         };
         if id > 0 {
             if let Ok(mut tracked) = self.tracked.lock() {
@@ -351,7 +380,7 @@ impl ProducerContext for TxnProducerContext {
             );
             if !purged {
                 if let Ok(mut first) = self.first_error.lock() {
-                    first.get_or_insert(error);
+                    first.get_or_insert_with(|| (topic(), error));
                 }
             }
         }
@@ -374,7 +403,13 @@ impl TxnProducerContext {
     }
 
     /// The first failed delivery of an output since the last reset.
-    pub(crate) fn take_first_error(&self) -> Option<KafkaError> {
+    /// The topic librdkafka could not add to the transaction for lack of an ACL, if any.
+    pub(crate) fn take_refused_topic(&self) -> Option<String> {
+        self.refused_topic.lock().ok().and_then(|mut t| t.take())
+    }
+
+    /// The first failed output delivery since the last reset: (topic, error).
+    pub(crate) fn take_first_error(&self) -> Option<(String, KafkaError)> {
         self.first_error.lock().ok().and_then(|mut f| f.take())
     }
 }

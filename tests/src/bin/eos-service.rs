@@ -375,6 +375,14 @@ async fn main() {
         Some(bytes) => config.max_buffered_bytes(bytes),
         None => config,
     };
+    // EXACTLY_KAFKA_* (security settings, ...) apply last, as in a real service.
+    let config = match config.from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("eos-service: {e}");
+            std::process::exit(2);
+        }
+    };
     let slow_once = match args.slow_once.as_deref().map(parse_slow_once).transpose() {
         Ok(slow) => slow,
         Err(e) => {

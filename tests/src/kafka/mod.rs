@@ -26,9 +26,11 @@
 //! # Ok(()) }
 //! ```
 
+pub mod acl;
 pub mod inspect;
 pub mod install;
 mod node;
+pub mod security;
 
 use std::io::{Read, Seek, SeekFrom};
 use std::net::TcpListener;
@@ -62,6 +64,8 @@ pub struct ClusterOptions {
     pub broker_config: Vec<(String, String)>,
     /// Broker ports of the nodes in id order; empty (the default): free ports.
     pub broker_ports: Vec<u16>,
+    /// Also listen with SASL, SSL and mTLS, and authorize with ACLs ([`security`]).
+    pub secured: bool,
 }
 
 impl Default for ClusterOptions {
@@ -71,6 +75,7 @@ impl Default for ClusterOptions {
             heap: "768m".into(),
             broker_config: Vec::new(),
             broker_ports: Vec::new(),
+            secured: false,
         }
     }
 }
@@ -114,6 +119,8 @@ pub struct KafkaCluster {
     options: ClusterOptions,
     dir: PathBuf,
     nodes: Vec<KafkaNode>,
+    /// The certificates of a secured cluster.
+    pki: Option<security::Pki>,
 }
 
 impl KafkaCluster {
@@ -129,6 +136,11 @@ impl KafkaCluster {
         let installation = installation()?;
         remove_abandoned_data();
         let dir = new_cluster_dir()?;
+        let pki = if options.secured {
+            Some(security::Pki::make(installation, &dir.join("pki"))?)
+        } else {
+            None
+        };
         let ports: Vec<NodePorts> = (0..options.nodes as usize)
             .map(|i| {
                 Ok(NodePorts {
@@ -137,6 +149,15 @@ impl KafkaCluster {
                         None => free_port()?,
                     },
                     controller: free_port()?,
+                    secured: if options.secured {
+                        Some(security::SecuredPorts {
+                            sasl: free_port()?,
+                            ssl: free_port()?,
+                            mtls: free_port()?,
+                        })
+                    } else {
+                        None
+                    },
                 })
             })
             .collect::<Result<_, HarnessError>>()?;
@@ -152,21 +173,47 @@ impl KafkaCluster {
             let formatted = install::formatted_storage(installation, id)?;
             let node_dir = dir.join(format!("node-{id}"));
             nodes.push(KafkaNode::prepare(
-                id, ports, &voters, node_dir, &formatted, &options,
+                id,
+                ports,
+                &voters,
+                node_dir,
+                &formatted,
+                &options,
+                pki.as_ref(),
             )?);
         }
         let mut cluster = KafkaCluster {
             options,
             dir,
             nodes,
+            pki,
         };
         let started = Instant::now();
         for id in cluster.node_ids() {
             cluster.spawn(id)?;
         }
         cluster.wait_until_serving(&cluster.node_ids())?;
+        if cluster.pki.is_some() {
+            let (user, password) = security::SCRAM_USER;
+            acl::create_scram_user(&cluster.bootstrap_servers(), user, password)?;
+        }
         tracing::info!(nodes = cluster.nodes.len(), bootstrap = %cluster.bootstrap_servers(), elapsed = ?started.elapsed(), "Kafka cluster ready");
         Ok(cluster)
+    }
+
+    /// The certificates of a secured cluster ([`ClusterOptions::secured`]).
+    pub fn pki(&self) -> Option<&security::Pki> {
+        self.pki.as_ref()
+    }
+
+    /// `bootstrap.servers` of a secured cluster's listener `kind` (`sasl`, `ssl` or `mtls`).
+    pub fn secured_bootstrap(&self, kind: &str) -> Option<String> {
+        let addresses: Option<Vec<String>> = self
+            .nodes
+            .iter()
+            .map(|node| node.secured_address(kind).map(|a| a.to_string()))
+            .collect();
+        addresses.map(|a| a.join(","))
     }
 
     /// `bootstrap.servers` of the cluster: every node's broker listener.

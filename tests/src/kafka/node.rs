@@ -10,6 +10,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::install::Installation;
+use super::security::{Pki, SecuredPorts};
 use super::ClusterOptions;
 use crate::error::HarnessError;
 
@@ -22,6 +23,8 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 pub(crate) struct NodePorts {
     pub broker: u16,
     pub controller: u16,
+    /// The SASL, SSL and mTLS listeners of a secured cluster.
+    pub secured: Option<SecuredPorts>,
 }
 
 /// One node of a [`KafkaCluster`](super::KafkaCluster).
@@ -43,6 +46,7 @@ impl KafkaNode {
         dir: PathBuf,
         formatted: &Path,
         options: &ClusterOptions,
+        pki: Option<&Pki>,
     ) -> Result<KafkaNode, HarnessError> {
         let node = KafkaNode {
             id,
@@ -51,7 +55,11 @@ impl KafkaNode {
             child: None,
         };
         super::install::copy_tree(formatted, &node.data_dir())?;
-        let properties = server_properties(id, ports, voters, &node.data_dir(), options);
+        let mut properties = server_properties(id, ports, voters, &node.data_dir(), options);
+        if let (Some(pki), Some(secured)) = (pki, ports.secured) {
+            // Later lines win: the secured listeners replace the plain ones.
+            properties.push_str(&pki.listener_properties(ports.broker, ports.controller, secured));
+        }
         let config = node.config_path();
         std::fs::write(&config, properties)
             .map_err(|e| HarnessError::io(format!("writing {}", config.display()), e))?;
@@ -66,6 +74,18 @@ impl KafkaNode {
     /// The broker listener clients use (loopback).
     pub fn address(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.ports.broker))
+    }
+
+    /// A secured listener (`sasl`, `ssl` or `mtls`) of a secured cluster's node.
+    pub fn secured_address(&self, kind: &str) -> Option<SocketAddr> {
+        let ports = self.ports.secured?;
+        let port = match kind {
+            "sasl" => ports.sasl,
+            "ssl" => ports.ssl,
+            "mtls" => ports.mtls,
+            _ => return None,
+        };
+        Some(SocketAddr::from(([127, 0, 0, 1], port)))
     }
 
     /// The node's log file: the JVM's output of every run, appended.
@@ -221,7 +241,9 @@ fn server_properties(
     let replication = options.replication_factor();
     let min_isr = options.min_insync_replicas();
     let coordinator_partitions = options.coordinator_partitions();
-    let NodePorts { broker, controller } = ports;
+    let NodePorts {
+        broker, controller, ..
+    } = ports;
     let mut properties = format!(
         "\
 process.roles=broker,controller

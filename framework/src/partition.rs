@@ -325,9 +325,24 @@ impl<P: Processor> PartitionWorker<P> {
                 }
                 let recovered = match self.advance_snapshot_partition_end(&producer) {
                     Ok(()) => self.recover(),
+                    Err(e)
+                        if producer.context().take_refused_topic().is_some()
+                            || authorization_code(&e).is_some() =>
+                    {
+                        return WorkerOutcome::Failed(Error::NotAuthorized {
+                            context: format!(
+                                "writing to snapshot topic {} (needs WRITE on it)",
+                                self.snapshot_topic
+                            ),
+                            source: Box::new(e),
+                        })
+                    }
                     Err(e) => match classify(&e) {
                         TxnErrorClass::Fenced => return WorkerOutcome::Fenced,
                         TxnErrorClass::Fatal => {
+                            if streak.exhausted(e.to_string(), self.config.max_consecutive_aborts) {
+                                return self.abort_budget_exhausted(streak);
+                            }
                             tracing::warn!(error = %e, "fatal producer error before recovery; recreating the producer");
                             std::thread::sleep(backoff);
                             backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -251,6 +251,8 @@ impl<'a> Bench<'a> {
         let exit = service.wait_exit(FAIL_WITHIN).await;
         let took = started.elapsed();
         if exit.is_err() {
+            self.errors
+                .push(format!("(still running after {FAIL_WITHIN:?})"));
             let _ = service.terminate(Duration::from_secs(30)).await;
         }
         self.keep_log(&service);
@@ -267,6 +269,7 @@ impl<'a> Bench<'a> {
                 service.log_tail(40)
             )),
             Ok(status) if status.success() => {
+                self.errors.push("(exited cleanly)".into());
                 Outcome::Failed(format!("exited cleanly\n{}", service.log_tail(40)))
             }
             Ok(_) => {
@@ -347,6 +350,8 @@ pub struct Report {
     pub untrusted_cert: Option<Outcome>,
     /// One per missing ACL: (what was missing, outcome).
     pub missing_acl: Vec<(String, Outcome)>,
+    /// Other misconfigurations that must fail clearly too (not on the line; in the verdict).
+    pub other_failures: Vec<(String, Outcome)>,
     pub secrets_in_logs: Vec<String>,
 }
 
@@ -375,6 +380,7 @@ impl Report {
         .iter()
         .all(|o| o.as_ref().is_some_and(Outcome::is_ok))
             && self.missing_acl_clear()
+            && self.other_failures.iter().all(|(_, o)| o.is_ok())
             && self.secrets_in_logs.is_empty()
     }
 
@@ -474,6 +480,52 @@ pub async fn run_checks(
     ));
     report.untrusted_cert = Some(outcome);
 
+    let none = |_: &str, _: &str, _: &str| Vec::new();
+    let unknown_user = bench.plain("nobody", WRONG_PASSWORD);
+    let mut scram_unknown = bench.scram();
+    scram_unknown.env[2].1 = "nobody".into();
+    let mut plaintext_on_tls = bench.tls(&bench.pki().ca_pem.clone());
+    plaintext_on_tls
+        .env
+        .retain(|(k, _)| !k.ends_with("SECURITY_PROTOCOL"));
+    let expired = bench.mtls(&bench.pki().expired_client_keystore.clone());
+    let others: [(&str, &str, Connection, [&str; 2]); 4] = [
+        (
+            "an unknown PLAIN user",
+            "sec-unknown",
+            unknown_user,
+            ["authentication failed", "sasl.username"],
+        ),
+        (
+            "an unknown SCRAM user",
+            "sec-scram-unknown",
+            scram_unknown,
+            ["authentication failed", "SCRAM user"],
+        ),
+        (
+            "a plaintext client on the TLS port",
+            "sec-plain-on-tls",
+            plaintext_on_tls,
+            ["another protocol", "security.protocol"],
+        ),
+        (
+            "an expired client certificate (mTLS)",
+            "sec-expired",
+            expired,
+            [
+                "refused this client's TLS certificate",
+                "ssl.keystore.location",
+            ],
+        ),
+    ];
+    for (what, name, connection, words) in others {
+        let says = move |_: &str, _: &str, _: &str| words.iter().map(|w| (*w).to_owned()).collect();
+        let outcome = bench.fails_clearly(name, &connection, none, says).await;
+        say(describe(&format!("{what} fails clearly"), &outcome));
+        say(format!("  {}", last_error(&bench)));
+        report.other_failures.push((what.to_owned(), outcome));
+    }
+
     let checks = missing_acl_checks(&mut bench).await;
     let errors = bench.errors.iter().rev().take(checks.len()).rev();
     for (index, ((what, outcome), error)) in checks.into_iter().zip(errors).enumerate() {
@@ -495,7 +547,7 @@ async fn missing_acl_checks(bench: &mut Bench<'_>) -> Vec<(String, Outcome)> {
     use Operation::*;
     type Matches = fn(&Acl, &str, &str, &str) -> bool;
     type Names = fn(&str, &str, &str) -> String;
-    let cases: [(&str, Matches, Names); 5] = [
+    let cases: [(&str, Matches, Names); 6] = [
         (
             "READ on the input topic",
             |a, _, i, _| a.name == i && a.operation == Read,
@@ -514,6 +566,16 @@ async fn missing_acl_checks(bench: &mut Bench<'_>) -> Vec<(String, Outcome)> {
         (
             "CREATE on the snapshot topics",
             |a, _, _, _| a.resource == Resource::Topic && a.operation == Create,
+            |app, i, _| format!("{app}.{i}.snapshots"),
+        ),
+        (
+            "WRITE on the snapshot topics",
+            |a, app, _, _| {
+                a.resource == Resource::Topic
+                    && a.prefixed
+                    && a.name.starts_with(app)
+                    && a.operation == Write
+            },
             |app, i, _| format!("{app}.{i}.snapshots"),
         ),
         (
@@ -541,4 +603,34 @@ async fn missing_acl_checks(bench: &mut Bench<'_>) -> Vec<(String, Outcome)> {
         results.push((what.to_owned(), outcome));
     }
     results
+}
+
+/// How a service connects to a secured cluster through `mechanism` (`plain`, `scram`, `tls`
+/// or `mtls`), as the checks do; `None` for another name or a cluster that is not secured.
+pub fn connection(kafka: &KafkaCluster, mechanism: &str) -> Option<Connection> {
+    let pki = kafka.pki()?.clone();
+    let bench = Bench::new(kafka, PathBuf::new());
+    let (alice, password) = PLAIN_USERS[0];
+    Some(match mechanism {
+        "plain" => bench.plain(alice, password),
+        "scram" => bench.scram(),
+        "tls" => bench.tls(&pki.ca_pem),
+        "mtls" => bench.mtls(&pki.client_keystore),
+        _ => return None,
+    })
+}
+
+/// ACLs that let a principal run every app whose ids, topics and transactional ids start
+/// with `prefix` (the demo's run name): the same operations as [`service_acls`], by prefix.
+pub fn prefix_acls(prefix: &str) -> Vec<Acl> {
+    use Operation::*;
+    let mut acls = vec![
+        Acl::prefixed(Resource::Group, prefix, Read),
+        Acl::prefixed(Resource::TransactionalId, prefix, Write),
+        Acl::prefixed(Resource::TransactionalId, prefix, Describe),
+    ];
+    for operation in [Create, Read, Write, Describe, DescribeConfigs] {
+        acls.push(Acl::prefixed(Resource::Topic, prefix, operation));
+    }
+    acls
 }

@@ -36,7 +36,9 @@ use exactly_examples::verify::{verify_chain, OutputTopics, TopicCheck};
 use exactly_tests::chaos::ChainTopics;
 use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::eos::CheckOptions;
+use exactly_tests::kafka::ClusterOptions;
 use exactly_tests::process::{ProcessSpec, Supervisor};
+use exactly_tests::security::Connection;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, Producer};
@@ -94,6 +96,11 @@ struct DemoArgs {
     /// Directory for the services' logs (default: a fresh one under the temp directory).
     #[arg(long)]
     log_dir: Option<PathBuf>,
+    /// Start a secured local Kafka and run the services through it by configuration alone
+    /// (EXACTLY_KAFKA_*): plain (SASL/PLAIN), scram (SASL/SCRAM-SHA-512), tls or mtls. The
+    /// demo's own clients use the cluster's super user.
+    #[arg(long, conflicts_with = "brokers", value_parser = ["plain", "scram", "tls", "mtls"])]
+    security: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -225,15 +232,41 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
                 started,
                 "starting a local Apache Kafka behind the fault-injecting proxy",
             );
-            let cluster = TestCluster::start()
-                .await
-                .context("starting the local Apache Kafka")?;
+            let cluster = match &args.security {
+                None => TestCluster::start().await,
+                Some(_) => {
+                    TestCluster::start_owned(ClusterOptions {
+                        secured: true,
+                        ..ClusterOptions::default()
+                    })
+                    .await
+                }
+            }
+            .context("starting the local Apache Kafka")?;
             let bootstrap = cluster.bootstrap_servers();
             (Some(cluster), bootstrap)
         }
     };
     let names = Names::new(&run);
     say(started, format_args!("brokers {bootstrap}; run {run}"));
+    let access = match (&args.security, &cluster) {
+        (Some(mechanism), Some(cluster)) => {
+            let access = secured_access(cluster, mechanism, &run)?;
+            say(
+                started,
+                format_args!(
+                    "services connect with {mechanism} to {} as {}, with prefix ACLs on {run}",
+                    access.bootstrap, access.principal
+                ),
+            );
+            access
+        }
+        _ => Connection {
+            bootstrap: bootstrap.clone(),
+            env: Vec::new(),
+            principal: String::new(),
+        },
+    };
 
     let commands = generator::generate(args.seed, args.count, args.accounts);
     let expectation = model::expect(&commands).context("the reference model refused the input")?;
@@ -248,7 +281,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
     let service_spec = |name: &str, subcommand: &str, app: &str, topics: &[(&str, &str)]| {
         let mut spec = ProcessSpec::new(&exe)
             .arg(subcommand)
-            .args(["--brokers", &bootstrap, "--app-id", app])
+            .args(["--brokers", &access.bootstrap, "--app-id", app])
             .args(["--metrics-addr", "127.0.0.1:0"])
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
             .env_remove("EXACTLY_APP_ID")
@@ -258,6 +291,9 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
             .log_file(log_dir.join(format!("{name}.log")));
         for (flag, topic) in topics {
             spec = spec.args([*flag, *topic]);
+        }
+        for (name, value) in &access.env {
+            spec = spec.env(name, value);
         }
         spec
     };
@@ -967,6 +1003,25 @@ impl Recoveries {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// How the services reach a secured local cluster through `mechanism`, with ACLs for every
+/// app, topic and transactional id of this run (whose names start with `run`).
+fn secured_access(cluster: &TestCluster, mechanism: &str, run: &str) -> anyhow::Result<Connection> {
+    let kafka = cluster
+        .kafka()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the cluster lock is poisoned"))?;
+    let access = exactly_tests::security::connection(&kafka, mechanism)
+        .with_context(|| format!("no {mechanism} listener on the local Kafka"))?;
+    if access.principal != "User:ANONYMOUS" {
+        exactly_tests::kafka::acl::create_acls(
+            &kafka.bootstrap_servers(),
+            &access.principal,
+            &exactly_tests::security::prefix_acls(run),
+        )?;
+    }
+    Ok(access)
 }
 
 /// Scrapes every service's Prometheus endpoint once and prints

@@ -141,19 +141,20 @@ impl KafkaCluster {
         } else {
             None
         };
+        let mut free = FreePorts::default();
         let ports: Vec<NodePorts> = (0..options.nodes as usize)
             .map(|i| {
                 Ok(NodePorts {
                     broker: match options.broker_ports.get(i) {
                         Some(port) => *port,
-                        None => free_port()?,
+                        None => free.next()?,
                     },
-                    controller: free_port()?,
+                    controller: free.next()?,
                     secured: if options.secured {
                         Some(security::SecuredPorts {
-                            sasl: free_port()?,
-                            ssl: free_port()?,
-                            mtls: free_port()?,
+                            sasl: free.next()?,
+                            ssl: free.next()?,
+                            mtls: free.next()?,
                         })
                     } else {
                         None
@@ -161,6 +162,8 @@ impl KafkaCluster {
                 })
             })
             .collect::<Result<_, HarnessError>>()?;
+        // Released just before the nodes bind them.
+        drop(free);
         let voters = ports
             .iter()
             .enumerate()
@@ -422,13 +425,22 @@ fn quorum_leader(json: &str) -> Option<(u32, u64)> {
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> Result<u16, HarnessError> {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| HarnessError::io("binding 127.0.0.1:0 to find a free port", e))?;
-    listener
-        .local_addr()
-        .map(|address| address.port())
-        .map_err(|e| HarnessError::io("reading a free port", e))
+/// Distinct free loopback ports: each stays bound until the picker is dropped, so the system
+/// cannot hand one out twice (a node with 5 listeners got the same port for two of them).
+#[derive(Default)]
+struct FreePorts(Vec<TcpListener>);
+
+impl FreePorts {
+    fn next(&mut self) -> Result<u16, HarnessError> {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .map_err(|e| HarnessError::io("binding 127.0.0.1:0 to find a free port", e))?;
+        let port = listener
+            .local_addr()
+            .map(|address| address.port())
+            .map_err(|e| HarnessError::io("reading a free port", e))?;
+        self.0.push(listener);
+        Ok(port)
+    }
 }
 
 /// A fresh `$TMPDIR/exactly-kafka-*` directory with an `owner.pid` naming this process.

@@ -108,8 +108,25 @@ pub(crate) fn metadata(
     }
 }
 
-/// Checks the input topics and creates missing snapshot topics.
+/// Checks the input topics and creates missing snapshot topics. A step that fails for a
+/// transient reason (a request timed out during a broker outage) is retried, all steps again,
+/// for up to [`METADATA_RETRY_BUDGET`]; a wrong setting, a missing ACL or topic fails at once.
 pub(crate) async fn prepare_topics(config: &AppConfig) -> Result<(), Error> {
+    let deadline = Instant::now() + METADATA_RETRY_BUDGET;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match prepare_topics_once(config).await {
+            Err(error) if error.is_transient() && Instant::now() + backoff < deadline => {
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "checking the topics failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+async fn prepare_topics_once(config: &AppConfig) -> Result<(), Error> {
     let metadata = fetch_metadata(config).await?;
     let mut to_create: Vec<(String, usize, usize)> = Vec::new();
     let mut to_check: Vec<String> = Vec::new();

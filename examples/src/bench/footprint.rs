@@ -1,5 +1,6 @@
-//! What each assigned partition costs: threads and resident memory of an app process with
-//! 1, 8 and 32 partitions (one transactional producer and one worker thread per partition).
+//! The partition scaling curve: throughput, threads and resident memory of an app process with
+//! 1, 8, 32 and 128 partitions (one transactional producer and one worker thread per
+//! partition), on the same number of records.
 //!
 //! Each measurement is a separate process (the benchmark binary's hidden `footprint-child`
 //! command), so nothing else of the benchmark is counted: it runs the counting app on a topic
@@ -28,6 +29,11 @@ pub struct Footprint {
     pub threads: u64,
     /// Resident set size in KiB.
     pub rss_kib: u64,
+    /// Records per second from the first record processed to the last.
+    pub records_per_s: f64,
+    /// From the app's start to its first processed record (assignment, one
+    /// `init_transactions` and recovery per partition).
+    pub first_record_ms: u64,
 }
 
 /// The child's side: runs the app on `topic` until `records` are processed and all
@@ -46,23 +52,36 @@ pub async fn child(
             output_topic: output.to_owned(),
         },
     )?;
-    blocking_with(&app, |app| {
-        app.wait_for_metrics(
+    let (first_record, all_processed) = blocking_with(&app, |app| {
+        let first =
+            app.wait_for_metrics("a first record processed", Duration::from_secs(180), |m| {
+                m.records_processed > 0
+            })?;
+        let all = app.wait_for_metrics(
             "all records processed on all partitions",
-            Duration::from_secs(180),
+            Duration::from_secs(300),
             |m| {
                 m.records_processed >= records
                     && m.partitions_assigned == partitions as u64
                     && m.transactions_committed >= partitions as u64
             },
-        )
+        )?;
+        Ok::<_, anyhow::Error>((first, all))
     })
     .await?;
+    let processing = all_processed
+        .saturating_sub(first_record)
+        .as_secs_f64()
+        .max(1e-3);
+    let records_per_s = records as f64 / processing;
     let status =
         std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let threads = status_field(&status, "Threads:")?;
     let rss_kib = status_field(&status, "VmRSS:")?;
-    println!("{REPORT} partitions={partitions} threads={threads} rss_kib={rss_kib}");
+    println!(
+        "{REPORT} partitions={partitions} threads={threads} rss_kib={rss_kib} records_per_s={records_per_s:.0} first_record_ms={}",
+        first_record.as_millis()
+    );
     app.stop().await?;
     Ok(())
 }
@@ -112,7 +131,7 @@ pub async fn measure(case: &FootprintCase<'_>) -> anyhow::Result<Footprint> {
     let mut child = ChildProcess::spawn(format!("footprint-{partitions}"), spec)
         .context("starting the footprint child")?;
     let line = child
-        .wait_for_log(REPORT, Duration::from_secs(240))
+        .wait_for_log(REPORT, Duration::from_secs(540))
         .await
         .map_err(|e| anyhow!("{e}; its log ends with:\n{}", child.log_tail(20)))?;
     // It stops by itself after reporting (a graceful shutdown: commit, final snapshots).
@@ -136,6 +155,8 @@ pub async fn measure(case: &FootprintCase<'_>) -> anyhow::Result<Footprint> {
         partitions,
         threads: field("threads=")?,
         rss_kib: field("rss_kib=")?,
+        records_per_s: field("records_per_s=")? as f64,
+        first_record_ms: field("first_record_ms=")?,
     })
 }
 

@@ -301,7 +301,7 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         latency.p99.as_millis()
     ));
 
-    say("case 6: per-partition cost");
+    say("case 7: partition scaling (throughput, threads, memory)");
     let mut footprints = Vec::new();
     for &partitions in &o.footprint_partitions {
         let fp_input = topic(&format!("footprint-{partitions}"));
@@ -313,12 +313,12 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
             &TOPIC_CONFIG,
         )
         .await?;
-        // Enough records that every partition has some.
-        let records = 100 * partitions as u64;
+        // The same records (and keys) at every partition count: only the partitioning differs.
+        let records = o.records;
         {
-            let (bootstrap, fp_input) = (o.bootstrap.clone(), fp_input.clone());
+            let (bootstrap, fp_input, keys) = (o.bootstrap.clone(), fp_input.clone(), o.keys);
             tokio::task::spawn_blocking(move || {
-                workload::produce_input(&bootstrap, &fp_input, records, records)
+                workload::produce_input(&bootstrap, &fp_input, records, keys)
             })
             .await
             .context("the footprint input producer panicked")??;
@@ -336,7 +336,9 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         .await
         .with_context(|| format!("the footprint with {partitions} partitions"))?;
         say(&format!(
-            "  {partitions} partitions: {} threads, {:.1} MiB",
+            "  {partitions} partitions: {:.0} records/s, first record after {} ms, {} threads, {:.1} MiB",
+            footprint.records_per_s,
+            footprint.first_record_ms,
             footprint.threads,
             footprint.rss_kib as f64 / 1024.0
         ));

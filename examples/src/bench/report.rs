@@ -242,18 +242,21 @@ impl Results {
         let _ = writeln!(t);
         let _ = writeln!(
             t,
-            "Per-partition cost (one process, counting app, all partitions live)"
+            "Partition scaling (one process, counting app, the same {} records at each count)",
+            self.records
         );
         let _ = writeln!(
             t,
-            "  {:>10} {:>8} {:>9}",
-            "partitions", "threads", "RSS MiB"
+            "  {:>10} {:>10} {:>15} {:>8} {:>9}",
+            "partitions", "records/s", "first record ms", "threads", "RSS MiB"
         );
         for f in &self.footprints {
             let _ = writeln!(
                 t,
-                "  {:>10} {:>8} {:>9.1}",
+                "  {:>10} {:>10.0} {:>15} {:>8} {:>9.1}",
                 f.partitions,
+                f.records_per_s,
+                f.first_record_ms,
                 f.threads,
                 f.rss_kib as f64 / 1024.0
             );

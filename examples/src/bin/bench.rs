@@ -147,7 +147,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         } else {
             30
         })),
-        footprint_partitions: vec![1, 8, 32],
+        footprint_partitions: vec![1, 8, 32, 128],
         skip_quix: args.skip_quix.then(|| "skipped (--skip-quix)".to_owned()),
         bench_exe: std::env::current_exe().context("locating the bench binary")?,
         log_dir: log_dir.clone(),

@@ -214,10 +214,11 @@ impl Keytool {
         Ok(())
     }
 
-    /// A self-signed CA key pair in `<alias>.p12`.
-    fn certificate_authority(&self, alias: &str, dname: &str) -> Result<(), HarnessError> {
+    /// A new RSA key pair with a self-signed certificate in `<alias>.p12`; `extra` adds
+    /// keytool options (e.g. `-ext bc:c` for a CA).
+    fn key_pair(&self, alias: &str, dname: &str, extra: &[&str]) -> Result<(), HarnessError> {
         let store = format!("{alias}.p12");
-        self.run(&[
+        let mut args = vec![
             "-genkeypair",
             "-alias",
             alias,
@@ -229,13 +230,18 @@ impl Keytool {
             "2048",
             "-validity",
             "30",
-            "-ext",
-            "bc:c",
             "-keystore",
             &store,
             "-keypass",
             STORE_PASSWORD,
-        ])
+        ];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
+    /// A self-signed CA key pair in `<alias>.p12`.
+    fn certificate_authority(&self, alias: &str, dname: &str) -> Result<(), HarnessError> {
+        self.key_pair(alias, dname, &["-ext", "bc:c"])
     }
 
     /// A key pair in `<alias>.p12` with a certificate signed by the `ca` CA, the CA
@@ -252,23 +258,7 @@ impl Keytool {
         let csr = format!("{alias}.csr");
         let pem = format!("{alias}.pem");
         let eku = format!("EKU={usage}");
-        self.run(&[
-            "-genkeypair",
-            "-alias",
-            alias,
-            "-dname",
-            dname,
-            "-keyalg",
-            "RSA",
-            "-keysize",
-            "2048",
-            "-validity",
-            "30",
-            "-keystore",
-            &store,
-            "-keypass",
-            STORE_PASSWORD,
-        ])?;
+        self.key_pair(alias, dname, &[])?;
         self.run(&[
             "-certreq",
             "-alias",

@@ -87,16 +87,7 @@ impl Pki {
             "-file",
             "rogue-ca.pem",
         ])?;
-        keytool.run(&[
-            "-importcert",
-            "-noprompt",
-            "-alias",
-            "ca",
-            "-file",
-            "ca.pem",
-            "-keystore",
-            "truststore.p12",
-        ])?;
+        keytool.import("ca", "ca.pem", "truststore.p12")?;
         keytool.signed(
             "broker",
             "CN=localhost",
@@ -239,6 +230,20 @@ impl Keytool {
         self.run(&args)
     }
 
+    /// Adds the certificate in `file` to `store` as `alias` (trusted as is).
+    fn import(&self, alias: &str, file: &str, store: &str) -> Result<(), HarnessError> {
+        self.run(&[
+            "-importcert",
+            "-noprompt",
+            "-alias",
+            alias,
+            "-file",
+            file,
+            "-keystore",
+            store,
+        ])
+    }
+
     /// A self-signed CA key pair in `<alias>.p12`.
     fn certificate_authority(&self, alias: &str, dname: &str) -> Result<(), HarnessError> {
         self.key_pair(alias, dname, &["-ext", "bc:c"])
@@ -291,25 +296,7 @@ impl Keytool {
             None => gencert.extend(["-validity", "30"]),
         }
         self.run(&gencert)?;
-        self.run(&[
-            "-importcert",
-            "-noprompt",
-            "-alias",
-            "ca",
-            "-file",
-            "ca.pem",
-            "-keystore",
-            &store,
-        ])?;
-        self.run(&[
-            "-importcert",
-            "-noprompt",
-            "-alias",
-            alias,
-            "-file",
-            &pem,
-            "-keystore",
-            &store,
-        ])
+        self.import("ca", "ca.pem", &store)?;
+        self.import(alias, &pem, &store)
     }
 }

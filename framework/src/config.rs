@@ -180,6 +180,7 @@ fn invalid(setting: &str, value: impl ToString, fix: impl Into<String>) -> Confi
 /// | `EXACTLY_STATE_FINGERPRINT` | [`state_fingerprint`](Self::state_fingerprint) (`true`/`false`) |
 /// | `EXACTLY_SNAPSHOT_TOPIC_PATTERN` | [`snapshot_topic_pattern`](Self::snapshot_topic_pattern) |
 /// | `EXACTLY_SNAPSHOT_TRIMMING` | [`snapshot_trimming`](Self::snapshot_trimming) (`true`/`false`) |
+/// | `EXACTLY_STATE_DIR` | [`state_dir`](Self::state_dir) |
 /// | `EXACTLY_MAX_CHUNK_BYTES` | [`max_chunk_bytes`](Self::max_chunk_bytes) |
 /// | `EXACTLY_ERROR_POLICY` | `fail`, `skip` or `dead-letter:<topic>` |
 /// | `EXACTLY_AUTO_OFFSET_RESET` | `earliest` or `latest` |
@@ -234,6 +235,7 @@ pub struct AppConfig {
     pub(crate) state_fingerprint: bool,
     pub(crate) snapshot_topic_pattern: String,
     pub(crate) snapshot_trimming: bool,
+    pub(crate) state_dir: std::path::PathBuf,
     pub(crate) max_chunk_bytes: usize,
     pub(crate) error_policy: ErrorPolicy,
     pub(crate) auto_offset_reset: StartFrom,
@@ -330,6 +332,7 @@ impl AppConfig {
             state_fingerprint: true,
             snapshot_topic_pattern: DEFAULT_SNAPSHOT_TOPIC_PATTERN.to_owned(),
             snapshot_trimming: true,
+            state_dir: std::env::temp_dir().join("exactly-state"),
             max_chunk_bytes: 512 * 1024,
             error_policy: ErrorPolicy::Fail,
             auto_offset_reset: StartFrom::Earliest,
@@ -463,6 +466,18 @@ impl AppConfig {
     /// next full snapshot trims again. Turn it off to keep the history, e.g. for debugging.
     pub fn snapshot_trimming(mut self, enabled: bool) -> Self {
         self.snapshot_trimming = enabled;
+        self
+    }
+
+    /// Where partitions keep their [`Store`](crate::Store)s: RocksDB databases in
+    /// `<state_dir>/<app id>/<topic>-<partition>` (default `<temp dir>/exactly-state`, like
+    /// Kafka Streams' `state.dir`). Local state is a cache of what Kafka holds: after a crash
+    /// or restart on the same machine a partition resumes from it and replays only the input
+    /// since its last commit; without it (a new machine, a wiped disk) the partition restores
+    /// its stores from their full snapshot on Kafka. Give each instance on one machine its
+    /// own directory. Apps whose state holds no `Store` never create it.
+    pub fn state_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.state_dir = dir.into();
         self
     }
 
@@ -665,6 +680,12 @@ impl AppConfig {
                 "STATE_FINGERPRINT" => self.state_fingerprint = flag()?,
                 "SNAPSHOT_TOPIC_PATTERN" => self.snapshot_topic_pattern = value.trim().to_owned(),
                 "SNAPSHOT_TRIMMING" => self.snapshot_trimming = flag()?,
+                "STATE_DIR" => {
+                    if value.trim().is_empty() {
+                        return Err(env_err("expected a directory"));
+                    }
+                    self.state_dir = value.trim().into();
+                }
                 "MAX_CHUNK_BYTES" => {
                     self.max_chunk_bytes =
                         usize::try_from(number()?).map_err(|_| env_err("number too large"))?
@@ -1086,6 +1107,7 @@ const ENV_SETTINGS: &[&str] = &[
     "STATE_FINGERPRINT",
     "SNAPSHOT_TOPIC_PATTERN",
     "SNAPSHOT_TRIMMING",
+    "STATE_DIR",
     "MAX_CHUNK_BYTES",
     "ERROR_POLICY",
     "AUTO_OFFSET_RESET",

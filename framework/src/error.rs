@@ -73,6 +73,17 @@ pub enum Error {
         #[source]
         source: SnapshotError,
     },
+    /// The partition's local state store (its RocksDB under the state dir) failed.
+    #[error("local state of {topic}/{partition}: {source}")]
+    LocalState {
+        /// The input topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// What failed.
+        #[source]
+        source: crate::state::StoreError,
+    },
     /// The snapshot partition's log start is past zero and no incremental snapshot record is
     /// left: the state cannot be recovered (retention deleted it).
     #[error("snapshot partition {topic}/{partition} starts at offset {log_start_offset} and holds no incremental snapshot record: its state was deleted by retention; refusing to start from an empty state")]

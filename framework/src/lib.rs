@@ -145,6 +145,7 @@ mod recovery;
 mod runtime;
 mod security;
 pub(crate) mod snapshot;
+mod state;
 mod stuck;
 pub mod testing;
 
@@ -163,3 +164,4 @@ pub use processor::{
 };
 pub use runtime::App;
 pub use snapshot::SnapshotError;
+pub use state::{Store, StoreError};

@@ -41,7 +41,8 @@ use crate::snapshot::store::{
     TxnProducer, TxnProducerContext,
 };
 use crate::snapshot::trim::Trimmer;
-use crate::snapshot::{encode_state, full_snapshot_ref, split_into_chunks, OutputDigest};
+use crate::snapshot::{full_snapshot_ref, split_into_chunks, OutputDigest};
+use crate::state::{encode_image, Committed, Image, LocalState, StoreSet};
 
 /// A record forwarded by the consumer thread, tagged with the seek epoch it was fetched under.
 pub(crate) struct Forwarded {
@@ -132,6 +133,8 @@ pub(crate) struct PartitionWorker<P: Processor> {
     pub(crate) commits: std::cell::Cell<u64>,
     /// When the state is fingerprinted (per commit while cheap); kept across recoveries.
     pub(crate) fingerprints: std::cell::RefCell<Cadence>,
+    /// The partition's local store directory (for states that hold stores).
+    pub(crate) local: LocalState,
 }
 
 /// Aborts in a row without a commit in between, and the error behind the first of them.
@@ -170,6 +173,8 @@ fn full_snapshot_due<S>(config: &AppConfig, live: &Live<S>, final_snapshot: bool
 /// The in-memory side of a live partition.
 struct Live<S> {
     state: S,
+    /// The stores `state` holds.
+    stores: StoreSet,
     next_offset: i64,
     base: Option<FullSnapshotRef>,
     base_input_offset: i64,
@@ -185,6 +190,7 @@ impl<S> From<Recovered<S>> for Live<S> {
     fn from(r: Recovered<S>) -> Self {
         Live {
             state: r.state,
+            stores: r.stores,
             next_offset: r.next_offset,
             base: r.base,
             base_input_offset: r.base_input_offset,
@@ -652,6 +658,7 @@ impl<P: Processor> PartitionWorker<P> {
             group: &self.config.app_id,
             committed_offset: &committed_offset,
             progress: Some(&self.partition_metrics),
+            local: &self.local,
         };
         self.partition_metrics.recovering(true);
         let recovered =
@@ -813,9 +820,18 @@ impl<P: Processor> PartitionWorker<P> {
         out: &mut Output,
     ) -> Result<(), LiveExit> {
         let started = Instant::now();
-        let processed = process_raw(&*self.processor, &mut live.state, raw, out);
+        live.stores.begin_record();
+        let (processor, state) = (&*self.processor, &mut live.state);
+        let processed = live.stores.build(|| process_raw(processor, state, raw, out));
         // Replaying the record costs about as much again.
         live.recovery_cost.replay += started.elapsed();
+        if let Some(reason) = self.local.take_failure() {
+            return Err(LiveExit::Failed(self.local_failure("processing", reason)));
+        }
+        if processed.is_err() {
+            // Skipped or dead-lettered: its writes to the stores go with it.
+            live.stores.rollback_record();
+        }
         match processed {
             Ok(()) => {}
             Err(error) => match &self.config.error_policy {
@@ -957,7 +973,7 @@ impl<P: Processor> PartitionWorker<P> {
         live: &mut Live<P::State>,
     ) -> Result<(), LiveExit> {
         let started = Instant::now();
-        let data = encode_state(&live.state).map_err(|source| {
+        let Image { encoding, data } = encode_image(&live.state, &live.stores).map_err(|source| {
             LiveExit::Failed(Error::PartitionSnapshot {
                 topic: self.snapshot_topic.clone(),
                 partition: self.partition,
@@ -978,6 +994,7 @@ impl<P: Processor> PartitionWorker<P> {
             live.next_offset,
             &data,
             self.config.max_chunk_bytes,
+            encoding,
         );
         let chunk_count = chunks.len() as u32;
         let first_chunk_offset = self.write_chunks(producer, chunks)?;
@@ -1128,6 +1145,7 @@ impl<P: Processor> PartitionWorker<P> {
             end_ms = (commit_started.elapsed() - offsets_sent).as_millis() as u64,
             "transaction committed"
         );
+        self.commit_local(live, seq, &base, base_input_offset, digest, records_since_base)?;
         self.metrics.transaction_committed();
         self.partition_metrics
             .transaction_committed(commit_started.elapsed());
@@ -1139,6 +1157,54 @@ impl<P: Processor> PartitionWorker<P> {
         live.digest = digest;
         live.records_since_base = records_since_base;
         Ok(())
+    }
+}
+
+impl<P: Processor> PartitionWorker<P> {
+    /// After the Kafka transaction committed: its store changes and position go to the local
+    /// store. A failure stops the partition (the transaction stands; the local store stays at
+    /// its previous position, which a restart replays from).
+    fn commit_local(
+        &self,
+        live: &Live<P::State>,
+        seq: u64,
+        base: &Option<FullSnapshotRef>,
+        base_input_offset: i64,
+        digest: OutputDigest,
+        records_since_base: u64,
+    ) -> Result<(), LiveExit> {
+        let at = Committed {
+            input_topic: &self.topic,
+            input_partition: self.partition,
+            transaction_seq: seq,
+            next_offset: live.next_offset,
+            base_snapshot_id: base.as_ref().map_or("", |b| b.snapshot_id.as_str()),
+            base_input_offset,
+            output_digest: digest.value(),
+            records_since_base,
+            processor_version: self.processor.version(),
+        };
+        self.local
+            .commit(&live.stores, at, &live.state)
+            .map_err(|source| {
+                LiveExit::Failed(Error::LocalState {
+                    topic: self.topic.to_string(),
+                    partition: self.partition,
+                    source,
+                })
+            })
+    }
+
+    fn local_failure(&self, what: &'static str, reason: String) -> Error {
+        Error::LocalState {
+            topic: self.topic.to_string(),
+            partition: self.partition,
+            source: crate::state::StoreError::Local {
+                dir: self.local.dir().to_owned(),
+                what,
+                reason,
+            },
+        }
     }
 }
 
@@ -1280,6 +1346,7 @@ mod tests {
     fn live(records_since_base: u64, replay: Duration) -> Live<()> {
         Live {
             state: (),
+            stores: StoreSet::in_memory(),
             next_offset: 0,
             base: None,
             base_input_offset: 0,

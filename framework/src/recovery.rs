@@ -3,12 +3,17 @@
 //!
 //! 1. [`find_latest_incremental`]: the last committed incremental record on the snapshot
 //!    partition;
-//! 2. [`load_base`]: the full snapshot it points to (chunk checksums verified), or the default
-//!    state at the record's base offset;
-//! 3. [`check_input_holds`]: the input still holds `[offsetSTART, offsetEND)` (not deleted by
+//! 2. [`warm_base`]: the partition's local store, when its committed position lies on the
+//!    record's history (a restart on the same machine), else
+//!    [`load_base`]: the full snapshot the record points to (chunk checksums verified; its
+//!    stores restored into a fresh local store), or the default state at the record's base
+//!    offset;
+//! 3. [`check_input_holds`]: the input still holds `[base offset, offsetEND)` (not deleted by
 //!    retention, not replaced by a shorter log);
 //! 4. [`replay`]: that range through the processor, outputs discarded (fed into a digest);
-//! 5. [`verify_replay`]: record count, state fingerprint and output digest against the record.
+//! 5. [`verify_replay`]: record count, state fingerprint and output digest against the record
+//!    (a warm base that fails them is discarded, and recovery starts over from Kafka);
+//! 6. [`commit_local`]: the local store's position moves to the record.
 //!
 //! Without any incremental record the partition starts from the default state at the
 //! configured reset position ([`fresh_start`]) — unless the group has committed offsets for
@@ -30,6 +35,7 @@ use crate::progress::Progress;
 use crate::proto::{FullSnapshotRef, IncrementalSnapshot};
 use crate::snapshot::store::{find_latest_incremental, load_full_snapshot, Flow, PartitionReader};
 use crate::snapshot::{fingerprint, OutputDigest};
+use crate::state::{decode_image, Committed, LocalState, StoreSet};
 
 /// Which partition to recover and how.
 pub(crate) struct RecoveryTarget<'a> {
@@ -46,12 +52,16 @@ pub(crate) struct RecoveryTarget<'a> {
     pub(crate) committed_offset: &'a dyn Fn() -> Result<Option<i64>, Error>,
     /// Where progress is published for the metrics endpoint.
     pub(crate) progress: Option<&'a PartitionMetrics>,
+    /// The partition's local state (its stores; the base of warm restarts).
+    pub(crate) local: &'a LocalState,
 }
 
 /// A recovered partition: the state as of `next_offset`, plus what the next incremental
 /// records must carry forward.
 pub(crate) struct Recovered<S> {
     pub(crate) state: S,
+    /// The stores `state` holds (none for a plain state).
+    pub(crate) stores: StoreSet,
     /// offsetEND: the next input offset to process.
     pub(crate) next_offset: i64,
     /// The full snapshot the state derives from (None: the default state at `base_input_offset`).
@@ -117,14 +127,44 @@ pub(crate) fn recover<P: Processor>(
         metrics.fresh_start();
         return Ok(Some(recovered));
     };
-    let found_latest = started.elapsed();
     let inc = latest.record;
     check_record_names_partition(target, latest.offset, &inc)?;
-    let (mut state, start, timing) = load_base(processor, target, reader, &inc, started)?;
+    if let Some(base) = warm_base(processor, target, &inc, started)? {
+        match recover_from(processor, target, reader, metrics, &inc, base, started) {
+            Err(error @ (Error::NonDeterministic { .. } | Error::ReplayMismatch { .. })) => {
+                // A local store can be damaged in ways RocksDB's checksums miss; Kafka decides.
+                tracing::warn!(topic = %target.input_topic, partition = target.partition, error = %error, dir = %target.local.dir().display(), "the local state store did not pass recovery's checks; discarding it and restoring from Kafka");
+                target.local.discard().map_err(|e| local_error(target, e))?;
+            }
+            other => return other,
+        }
+    }
+    let base = load_base(processor, target, reader, &inc, started)?;
+    recover_from(processor, target, reader, metrics, &inc, base, started)
+}
+
+/// Steps 3 to 6 from `base`.
+fn recover_from<P: Processor>(
+    processor: &P,
+    target: &RecoveryTarget<'_>,
+    reader: &PartitionReader,
+    metrics: &Metrics,
+    inc: &IncrementalSnapshot,
+    base: Base<P::State>,
+    started: Instant,
+) -> Result<Option<Recovered<P::State>>, Error> {
+    let Base {
+        mut state,
+        stores,
+        input_offset: start,
+        since_base,
+        warm,
+        timing,
+    } = base;
     let end = inc.next_input_offset;
     check_input_holds(target, reader, start, end)?;
     let replay_started = started.elapsed();
-    let Some(replayed) = replay(processor, target, reader, &mut state, start, end)? else {
+    let Some(replayed) = replay(processor, target, reader, &mut state, &stores, start, end, since_base)? else {
         tracing::info!(
             topic = %target.input_topic,
             partition = target.partition,
@@ -132,36 +172,48 @@ pub(crate) fn recover<P: Processor>(
         );
         return Ok(None);
     };
-    verify_replay(processor, target, &inc, &state, &replayed, start)?;
+    verify_replay(processor, target, inc, &state, &replayed, start)?;
+    commit_local(processor, target, inc, &state, &stores, &replayed)?;
     let elapsed = started.elapsed();
-    metrics.recovery_finished(elapsed, replayed.records, inc.base.is_some());
+    let from_full_snapshot = inc.base.is_some() && !warm;
+    metrics.recovery_finished(elapsed, replayed.replayed, from_full_snapshot);
     tracing::info!(
         topic = %target.input_topic,
         partition = target.partition,
         base_offset = start,
         next_offset = end,
-        replayed = replayed.records,
-        from_full_snapshot = inc.base.is_some(),
+        replayed = replayed.replayed,
+        from_full_snapshot,
+        from_local_store = warm,
         elapsed_ms = elapsed.as_millis() as u64,
-        find_latest_ms = found_latest.as_millis() as u64,
-        fetch_base_ms = (timing.fetched - found_latest).as_millis() as u64,
+        find_latest_ms = timing.found.as_millis() as u64,
+        fetch_base_ms = (timing.fetched - timing.found).as_millis() as u64,
         decode_base_ms = (timing.decoded - timing.fetched).as_millis() as u64,
         replay_ms = (elapsed - replay_started).as_millis() as u64,
         "partition recovered"
     );
     Ok(Some(Recovered {
         state,
+        stores,
         next_offset: end,
-        base: inc.base,
-        base_input_offset: start,
+        base: inc.base.clone(),
+        base_input_offset: inc.base_input_offset,
         digest: replayed.digest,
         records_since_base: inc.records_since_base,
         transaction_seq: inc.transaction_seq,
         cost: RecoveryCost {
-            base: timing.decoded - found_latest,
+            base: timing.decoded - timing.found,
             replay: elapsed - replay_started,
         },
     }))
+}
+
+fn local_error(target: &RecoveryTarget<'_>, source: crate::state::StoreError) -> Error {
+    Error::LocalState {
+        topic: target.input_topic.to_string(),
+        partition: target.partition,
+        source,
+    }
 }
 
 /// No incremental record: the default state at the configured start — refused when the group
@@ -193,8 +245,12 @@ fn fresh_start<S: Default>(
         start_offset = start,
         "no snapshot yet; starting from the default state"
     );
+    // A local store without any committed transaction on Kafka is not this history's.
+    target.local.discard().map_err(|e| local_error(target, e))?;
+    let stores = target.local.store_set();
     Ok(Recovered {
-        state: S::default(),
+        state: stores.build(S::default),
+        stores,
         next_offset: start,
         base: None,
         base_input_offset: start,
@@ -224,30 +280,123 @@ fn check_record_names_partition(
     })
 }
 
-/// When the base was fetched and decoded, relative to the start of recovery.
+/// When the base was found, fetched and decoded, relative to the start of recovery.
 struct BaseTiming {
+    found: Duration,
     fetched: Duration,
     decoded: Duration,
 }
 
+impl BaseTiming {
+    /// A base that needed no fetching.
+    fn at(now: Duration) -> Self {
+        BaseTiming {
+            found: now,
+            fetched: now,
+            decoded: now,
+        }
+    }
+}
+
+/// A state to replay from: its stores, the input offset it is at, and what it counts since
+/// the incremental record's base.
+struct Base<S> {
+    state: S,
+    stores: StoreSet,
+    input_offset: i64,
+    since_base: Replayed,
+    /// From the local store.
+    warm: bool,
+    timing: BaseTiming,
+}
+
+/// The local store as the base, if its committed position lies on `inc`'s history. One that
+/// does not, or whose state does not read, is discarded (logged): the base then comes from
+/// Kafka.
+fn warm_base<P: Processor>(
+    processor: &P,
+    target: &RecoveryTarget<'_>,
+    inc: &IncrementalSnapshot,
+    started: Instant,
+) -> Result<Option<Base<P::State>>, Error> {
+    let found = started.elapsed();
+    let Some(warm) = target
+        .local
+        .warm_base(inc)
+        .map_err(|e| local_error(target, e))?
+    else {
+        return Ok(None);
+    };
+    let stores = target.local.store_set();
+    let position = &warm.position;
+    let from_version = position.processor_version;
+    let read = stores.build(|| read_state(processor, from_version, &warm.state));
+    let state = match read {
+        Ok(StateRead::Read(state) | StateRead::Migrated(state)) => state,
+        Err(error) => {
+            let error = match error {
+                StateReadError::Unreadable(e) => e.to_string(),
+                StateReadError::Migration(e) => e.to_string(),
+            };
+            tracing::warn!(topic = %target.input_topic, partition = target.partition, error = %error, "the local store's state does not read as the State type; discarding it and restoring from Kafka");
+            drop(stores);
+            target.local.discard().map_err(|e| local_error(target, e))?;
+            return Ok(None);
+        }
+    };
+    tracing::info!(
+        topic = %target.input_topic,
+        partition = target.partition,
+        local_offset = position.next_offset,
+        next_offset = inc.next_input_offset,
+        dir = %target.local.dir().display(),
+        "resuming from the local state store"
+    );
+    let mut timing = BaseTiming::at(started.elapsed());
+    timing.found = found;
+    Ok(Some(Base {
+        state,
+        stores,
+        input_offset: position.next_offset,
+        since_base: Replayed {
+            records: position.records_since_base,
+            replayed: 0,
+            digest: OutputDigest::new(position.output_digest),
+        },
+        warm: true,
+        timing,
+    }))
+}
+
 /// The state the record derives from and the input offset it is at: the full snapshot it
-/// points to, or the default state at its base offset.
+/// points to (its stores written into a fresh local store), or the default state at its base
+/// offset.
 fn load_base<P: Processor>(
     processor: &P,
     target: &RecoveryTarget<'_>,
     reader: &PartitionReader,
     inc: &IncrementalSnapshot,
     started: Instant,
-) -> Result<(P::State, i64, BaseTiming), Error> {
-    let Some(reference) = &inc.base else {
-        let now = started.elapsed();
-        let timing = BaseTiming {
-            fetched: now,
-            decoded: now,
-        };
-        return Ok((P::State::default(), inc.base_input_offset, timing));
+) -> Result<Base<P::State>, Error> {
+    let found = started.elapsed();
+    target.local.discard().map_err(|e| local_error(target, e))?;
+    let stores = target.local.store_set();
+    let since_base = Replayed {
+        records: 0,
+        replayed: 0,
+        digest: OutputDigest::new(0),
     };
-    let bytes = load_full_snapshot(
+    let Some(reference) = &inc.base else {
+        return Ok(Base {
+            state: stores.build(P::State::default),
+            stores,
+            input_offset: inc.base_input_offset,
+            since_base,
+            warm: false,
+            timing: BaseTiming::at(found),
+        });
+    };
+    let loaded = load_full_snapshot(
         reader,
         target.snapshot_topic,
         target.partition,
@@ -255,12 +404,29 @@ fn load_base<P: Processor>(
         target.progress,
     )?;
     let fetched = started.elapsed();
-    let state = decode_or_migrate(processor, target, reference, &bytes)?;
-    let timing = BaseTiming {
-        fetched,
-        decoded: started.elapsed(),
+    let snapshot_error = |source| Error::PartitionSnapshot {
+        topic: target.snapshot_topic.to_owned(),
+        partition: target.partition,
+        source,
     };
-    Ok((state, reference.input_offset, timing))
+    let (state_bytes, imported) =
+        decode_image(&loaded.encoding, &loaded.data, &stores).map_err(snapshot_error)?;
+    let state = stores.build(|| decode_or_migrate(processor, target, reference, state_bytes))?;
+    imported
+        .check(&stores)
+        .map_err(|e| snapshot_error(e.into()))?;
+    Ok(Base {
+        state,
+        stores,
+        input_offset: reference.input_offset,
+        since_base,
+        warm: false,
+        timing: BaseTiming {
+            found,
+            fetched,
+            decoded: started.elapsed(),
+        },
+    })
 }
 
 /// Reads the snapshot's state as the running `State` type, or, when that fails, as the
@@ -338,26 +504,30 @@ fn check_input_holds(
     Ok(())
 }
 
-/// What a replay saw.
+/// What a replay saw, counted from the incremental record's base (a warm base starts at its
+/// own counts).
 struct Replayed {
+    /// Records since the base.
     records: u64,
+    /// Records this replay processed.
+    replayed: u64,
     digest: OutputDigest,
 }
 
 /// Replays input `[start, end)` through the processor into `state`, outputs into a digest.
 /// `None`: interrupted by the stop flag.
+#[allow(clippy::too_many_arguments)]
 fn replay<P: Processor>(
     processor: &P,
     target: &RecoveryTarget<'_>,
     reader: &PartitionReader,
     state: &mut P::State,
+    stores: &StoreSet,
     start: i64,
     end: i64,
+    since_base: Replayed,
 ) -> Result<Option<Replayed>, Error> {
-    let mut replayed = Replayed {
-        records: 0,
-        digest: OutputDigest::new(0),
-    };
+    let mut replayed = since_base;
     if end <= start {
         return Ok(Some(replayed));
     }
@@ -377,18 +547,33 @@ fn replay<P: Processor>(
             return Ok(Flow::Stop);
         }
         progress.update((message.offset() - start) as u64);
-        if replayed.records % 1024 == 0 && target.stop.load(Ordering::Acquire) {
+        if replayed.replayed % 1024 == 0 && target.stop.load(Ordering::Acquire) {
             interrupted = true;
             return Ok(Flow::Stop);
         }
         replayed.records += 1;
+        replayed.replayed += 1;
         let raw = raw_record(target.input_topic, message);
-        match process_raw(processor, state, &raw, &mut out) {
+        stores.begin_record();
+        match stores.build(|| process_raw(processor, state, &raw, &mut out)) {
             Ok(()) => {}
             // It committed before, so the policy let it through then: skipped or
-            // dead-lettered records are skipped again.
-            Err(_) if !matches!(target.error_policy, ErrorPolicy::Fail) => {}
+            // dead-lettered records are skipped again, and leave no trace in the stores.
+            Err(_) if !matches!(target.error_policy, ErrorPolicy::Fail) => {
+                stores.rollback_record()
+            }
             Err(error) => return Err(Error::Record(error)),
+        }
+        if let Some(failure) = target.local.take_failure() {
+            return Err(Error::LocalState {
+                topic: target.input_topic.to_string(),
+                partition: target.partition,
+                source: crate::state::StoreError::Local {
+                    dir: target.local.dir().to_owned(),
+                    what: "replaying",
+                    reason: failure,
+                },
+            });
         }
         for record in out.take() {
             replayed.digest.update(&record);
@@ -431,7 +616,7 @@ fn verify_replay<P: Processor>(
         });
     }
     let fingerprint_checked =
-        target.fingerprint_enabled && inc.state_fingerprint_enabled && replayed.records > 0;
+        target.fingerprint_enabled && inc.state_fingerprint_enabled && replayed.replayed > 0;
     let state_fingerprint = fingerprint_checked.then(|| fingerprint(state));
     let output_digest = replayed.digest.value();
     let version = processor.version();
@@ -449,7 +634,7 @@ fn verify_replay<P: Processor>(
             partition,
             from_version = inc.processor_version,
             to_version = version,
-            replayed = replayed.records,
+            replayed = replayed.replayed,
             from_offset = start,
             to_offset = end,
             state_fingerprint = %verdict(state_fingerprint.map(|f| f == inc.state_fingerprint)),
@@ -475,6 +660,33 @@ fn verify_replay<P: Processor>(
         return Err(mismatch("output digest", inc.output_digest, output_digest));
     }
     Ok(())
+}
+
+/// Moves the local store to the recovered position: the replay's changes and the record's
+/// position, in one write (nothing for a plain state).
+fn commit_local<P: Processor>(
+    processor: &P,
+    target: &RecoveryTarget<'_>,
+    inc: &IncrementalSnapshot,
+    state: &P::State,
+    stores: &StoreSet,
+    replayed: &Replayed,
+) -> Result<(), Error> {
+    let at = Committed {
+        input_topic: target.input_topic,
+        input_partition: target.partition,
+        transaction_seq: inc.transaction_seq,
+        next_offset: inc.next_input_offset,
+        base_snapshot_id: inc.base.as_ref().map_or("", |b| b.snapshot_id.as_str()),
+        base_input_offset: inc.base_input_offset,
+        output_digest: replayed.digest.value(),
+        records_since_base: inc.records_since_base,
+        processor_version: processor.version(),
+    };
+    target
+        .local
+        .commit(stores, at, state)
+        .map_err(|e| local_error(target, e))
 }
 
 /// How long a recovery read may make no progress before failing.

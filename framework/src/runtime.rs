@@ -523,6 +523,12 @@ impl<P: Processor> Shared<P> {
             epoch: 0,
             commits: Default::default(),
             fingerprints: RefCell::new(Cadence::new(self.config.commit_interval)),
+            local: crate::state::LocalState::new(
+                &self.config.state_dir,
+                &self.config.app_id,
+                &topic,
+                partition,
+            ),
         };
         match partition::spawn(worker, outcome_tx) {
             Ok(thread) => {

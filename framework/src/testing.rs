@@ -60,9 +60,9 @@ use crate::processor::{
 };
 use crate::proto::{FullSnapshotChunk, FullSnapshotRef};
 use crate::snapshot::{
-    assemble_chunks, decode_state, encode_state, fingerprint, full_snapshot_ref, split_into_chunks,
-    OutputDigest, SnapshotError,
+    assemble_chunks, fingerprint, full_snapshot_ref, split_into_chunks, OutputDigest, SnapshotError,
 };
+use crate::state::{decode_image, encode_image, Image, StoreSet};
 
 /// A key-value pair decoded with the formats `KF` and `VF`.
 pub type Decoded<KF, VF> = (<KF as Encode>::Item, <VF as Encode>::Item);
@@ -248,6 +248,8 @@ enum Base {
 
 struct PartitionState<S> {
     state: S,
+    /// The stores `state` holds, in memory.
+    stores: StoreSet,
     next_offset: i64,
     failed_at: Option<i64>,
     base: Base,
@@ -350,6 +352,36 @@ fn state_as_recovery_reads<P: Processor>(
             source,
         }),
     }
+}
+
+/// A full snapshot's data (`encoding`, `data`) restored as `processor`'s state into a fresh
+/// in-memory set of stores, the way recovery does.
+fn restore_as_recovery_does<P: Processor>(
+    processor: &P,
+    topic: &str,
+    partition: i32,
+    from_version: u32,
+    encoding: &str,
+    data: &[u8],
+) -> Result<(P::State, StoreSet), TestError> {
+    let snapshot_error = |source| TestError::Snapshot {
+        topic: topic.to_owned(),
+        partition,
+        source,
+    };
+    let stores = StoreSet::in_memory();
+    let (bytes, imported) = decode_image(encoding, data, &stores).map_err(snapshot_error)?;
+    let state = stores
+        .build(|| state_as_recovery_reads(processor, topic, partition, from_version, bytes))?;
+    imported
+        .check(&stores)
+        .map_err(|e| snapshot_error(e.into()))?;
+    Ok((state, stores))
+}
+
+/// The encoding of a full snapshot's chunks.
+fn encoding_of(chunks: &[FullSnapshotChunk]) -> &str {
+    chunks.first().map_or("", |c| c.encoding.as_str())
 }
 
 fn wall_ms() -> u128 {
@@ -486,15 +518,18 @@ impl<P: Processor> TestDriver<P> {
         let entry = self
             .partitions
             .entry((topic.clone(), partition))
-            .or_insert_with(|| PartitionState {
-                state: P::State::default(),
+            .or_insert_with(|| {
+                let stores = StoreSet::in_memory();
+                PartitionState {
+                state: stores.build(P::State::default),
+                stores,
                 next_offset: 0,
                 failed_at: None,
                 base: Base::Empty { offset: None },
                 since_base: Vec::new(),
                 digest: OutputDigest::new(0),
                 snapshots: 0,
-            });
+            }});
         if let Some(offset) = entry.failed_at {
             return Err(TestError::PartitionFailed {
                 topic: input.topic,
@@ -527,7 +562,7 @@ impl<P: Processor> TestDriver<P> {
             *base = Some(offset);
         }
         let mut out = Output::new();
-        let result = process_raw(&self.processor, &mut entry.state, &raw, &mut out);
+        let result = process_record(&self.processor, &mut entry.state, &entry.stores, &raw, &mut out);
         self.last_wall_ms = wall_ms();
         let mut produced = out.take();
         if let Err(error) = result {
@@ -627,10 +662,12 @@ impl<P: Processor> TestDriver<P> {
                 partition: *partition,
                 source,
             };
-            let data = encode_state(&p.state).map_err(snapshot_error)?;
+            let Image { encoding, data } =
+                encode_image(&p.state, &p.stores).map_err(snapshot_error)?;
             p.snapshots += 1;
             let id = format!("test.{topic}.{partition}#{}", p.snapshots);
-            let chunks = split_into_chunks(&id, p.next_offset, &data, self.max_chunk_bytes);
+            let chunks =
+                split_into_chunks(&id, p.next_offset, &data, self.max_chunk_bytes, encoding);
             let count = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
             let reference = full_snapshot_ref(&id, p.next_offset, &data, count, 0, version);
             p.base = Base::Full { reference, chunks };
@@ -682,15 +719,24 @@ impl<P: Processor> TestDriver<P> {
                 partition: *partition,
                 source,
             };
-            let data = encode_state(&p.state).map_err(snapshot_error)?;
-            let state =
-                state_as_recovery_reads(&processor, topic, *partition, from_version, &data)?;
+            let Image { encoding, data } =
+                encode_image(&p.state, &p.stores).map_err(snapshot_error)?;
+            let (state, stores) = restore_as_recovery_does(
+                &processor,
+                topic,
+                *partition,
+                from_version,
+                encoding,
+                &data,
+            )?;
             let id = format!("upgrade.{topic}.{partition}");
-            let chunks = split_into_chunks(&id, p.next_offset, &data, self.max_chunk_bytes);
+            let chunks =
+                split_into_chunks(&id, p.next_offset, &data, self.max_chunk_bytes, encoding);
             let count = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
             let reference = full_snapshot_ref(&id, p.next_offset, &data, count, 0, from_version);
             let upgraded = PartitionState {
                 state,
+                stores,
                 next_offset: p.next_offset,
                 failed_at: p.failed_at,
                 base: Base::Full { reference, chunks },
@@ -722,13 +768,23 @@ impl<P: Processor> TestDriver<P> {
                 partition: *partition,
                 source,
             };
-            let data = encode_state(&p.state).map_err(snapshot_error)?;
+            let Image { encoding, data } =
+                encode_image(&p.state, &p.stores).map_err(snapshot_error)?;
             let id = format!("roundtrip.{topic}.{partition}");
-            let chunks = split_into_chunks(&id, p.next_offset, &data, self.max_chunk_bytes);
+            let chunks =
+                split_into_chunks(&id, p.next_offset, &data, self.max_chunk_bytes, encoding);
             let count = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
             let reference = full_snapshot_ref(&id, p.next_offset, &data, count, 0, version);
             let assembled = assemble_chunks(&reference, chunks).map_err(snapshot_error)?;
-            let restored: P::State = decode_state(&assembled).map_err(snapshot_error)?;
+            let stores = StoreSet::in_memory();
+            let (bytes, imported) =
+                decode_image(encoding, &assembled, &stores).map_err(snapshot_error)?;
+            let restored: P::State = stores
+                .build(|| crate::snapshot::decode_state(bytes))
+                .map_err(snapshot_error)?;
+            imported
+                .check(&stores)
+                .map_err(|e| snapshot_error(e.into()))?;
             let (written, restored) = (fingerprint(&p.state), fingerprint(&restored));
             if written != restored {
                 return Err(TestError::SnapshotNotFaithful {
@@ -779,8 +835,11 @@ impl<P: Processor> TestDriver<P> {
                 replayed: p.since_base.len(),
                 what,
             };
-            let mut state: P::State = match &p.base {
-                Base::Empty { .. } => P::State::default(),
+            let (mut state, stores): (P::State, StoreSet) = match &p.base {
+                Base::Empty { .. } => {
+                    let stores = StoreSet::in_memory();
+                    (stores.build(P::State::default), stores)
+                }
                 Base::Full { reference, chunks } => {
                     let snapshot_error = |source| TestError::Snapshot {
                         topic: topic.to_string(),
@@ -790,11 +849,12 @@ impl<P: Processor> TestDriver<P> {
                     let data =
                         assemble_chunks(reference, chunks.clone()).map_err(snapshot_error)?;
                     // An upgraded driver's base may hold an older version's state.
-                    state_as_recovery_reads(
+                    restore_as_recovery_does(
                         &self.processor,
                         topic,
                         *partition,
                         reference.processor_version,
+                        encoding_of(chunks),
                         &data,
                     )?
                 }
@@ -803,7 +863,7 @@ impl<P: Processor> TestDriver<P> {
             let mut outputs = 0usize;
             for raw in &p.since_base {
                 let mut out = Output::new();
-                let result = process_raw(&self.processor, &mut state, raw, &mut out);
+                let result = process_record(&self.processor, &mut state, &stores, raw, &mut out);
                 let mut produced = out.take();
                 if let Err(error) = result {
                     match &self.error_policy {
@@ -841,6 +901,25 @@ impl<P: Processor> TestDriver<P> {
         }
         Ok(replayed_total)
     }
+}
+
+/// Processes one record as the runtime does, one transaction per record: a failed record's
+/// store writes are rolled back, a successful one's committed.
+fn process_record<P: Processor>(
+    processor: &P,
+    state: &mut P::State,
+    stores: &StoreSet,
+    raw: &RawRecord,
+    out: &mut Output,
+) -> Result<(), RecordError> {
+    stores.begin_record();
+    let result = stores.build(|| process_raw(processor, state, raw, out));
+    if result.is_err() {
+        stores.rollback_record();
+    }
+    // In memory: cannot fail.
+    let _ = stores.commit(Vec::new());
+    result
 }
 
 #[cfg(test)]

@@ -79,11 +79,16 @@ fn verify_partition(reader: &PartitionReader, input: &InputTopic, partition: i32
     let Some(reference) = latest.record.base else {
         return Verdict::NoFullSnapshot;
     };
-    let bytes = match load_full_snapshot(reader, topic, partition, &reference, None) {
-        Ok(bytes) => bytes,
+    let loaded = match load_full_snapshot(reader, topic, partition, &reference, None) {
+        Ok(loaded) => loaded,
         Err(error) => return Verdict::Failed(error.to_string()),
     };
-    match check_msgpack(&bytes) {
+    // A state with stores: its entries must be whole, and the state itself MessagePack.
+    let scratch = crate::state::StoreSet::in_memory();
+    let state = crate::state::decode_image(&loaded.encoding, &loaded.data, &scratch)
+        .map(|(state, _)| state)
+        .map_err(|e| e.to_string());
+    match state.and_then(check_msgpack) {
         Ok(()) => Verdict::Verified(reference.total_bytes, reference.chunk_count),
         Err(why) => Verdict::Failed(format!(
             "snapshot {} (at offset {}): {why}",

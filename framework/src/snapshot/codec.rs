@@ -45,6 +45,7 @@ pub(crate) fn split_into_chunks(
     input_offset: i64,
     data: &[u8],
     max_chunk_bytes: usize,
+    encoding: &str,
 ) -> Vec<FullSnapshotChunk> {
     let max = max_chunk_bytes.max(1);
     let pieces: Vec<&[u8]> = if data.is_empty() {
@@ -63,7 +64,7 @@ pub(crate) fn split_into_chunks(
             input_offset,
             crc32c: crc32c::crc32c(piece),
             data: piece.to_vec(),
-            encoding: STATE_ENCODING.to_owned(),
+            encoding: encoding.to_owned(),
         })
         .collect()
 }
@@ -144,13 +145,24 @@ pub(crate) fn assemble_chunks(
                 ),
             ));
         }
-        if chunk.encoding != STATE_ENCODING {
+        let known = [STATE_ENCODING, crate::state::STORES_ENCODING];
+        if !known.contains(&chunk.encoding.as_str()) {
             return Err(SnapshotError::corrupt(
                 id,
                 at,
                 format!(
-                    "unknown state encoding {:?} (expected {STATE_ENCODING:?})",
+                    "unknown state encoding {:?} (this build reads {known:?})",
                     chunk.encoding
+                ),
+            ));
+        }
+        if chunk.encoding != chunks[0].encoding {
+            return Err(SnapshotError::corrupt(
+                id,
+                at,
+                format!(
+                    "chunk has encoding {:?}, chunk {} {:?}",
+                    chunk.encoding, chunks[0].index, chunks[0].encoding
                 ),
             ));
         }
@@ -401,7 +413,7 @@ mod tests {
     }
 
     fn prepared(data: &[u8], max: usize) -> (FullSnapshotRef, Vec<FullSnapshotChunk>) {
-        let chunks = split_into_chunks("app.t.0#9", 42, data, max);
+        let chunks = split_into_chunks("app.t.0#9", 42, data, max, STATE_ENCODING);
         let r = full_snapshot_ref("app.t.0#9", 42, data, chunks.len() as u32, 1234, 0);
         (r, chunks)
     }
@@ -547,7 +559,7 @@ mod tests {
         let back = decode_record(&encode_record(&rec)).unwrap();
         assert_eq!(back.kind, Some(Kind::Incremental(inc)));
 
-        let chunk = split_into_chunks("s", 50, b"xyz", 10).remove(0);
+        let chunk = split_into_chunks("s", 50, b"xyz", 10, STATE_ENCODING).remove(0);
         let back = decode_record(&encode_record(&chunk_record(chunk.clone()))).unwrap();
         assert_eq!(back.kind, Some(Kind::Chunk(chunk)));
 

@@ -70,6 +70,13 @@ const T_U128: u64 = 22;
 const T_ERROR: u64 = 23;
 const T_OUTPUT: u64 = 24;
 
+/// Hash of one entry of a keyed store: the store's fingerprint is the wrapping sum of its
+/// entries' hashes, so a write adjusts it in O(1) (subtract the old entry, add the new one)
+/// and it does not depend on the order entries were written in.
+pub(crate) fn entry_hash(key: &[u8], value: &[u8]) -> u64 {
+    mix(combine(hash_bytes(T_ENTRY, key), hash_bytes(T_BYTES, value)))
+}
+
 /// Structural fingerprint of a state.
 ///
 /// Walks the value through serde: scalars and strings are hashed by value; structs, tuples and

@@ -50,6 +50,9 @@ pub enum SnapshotError {
         /// Newest version this build reads.
         supported: u32,
     },
+    /// The local state store failed while a snapshot was written or restored.
+    #[error(transparent)]
+    Store(#[from] crate::state::StoreError),
     /// The state could not be serialized.
     #[error("cannot serialize the state into a snapshot: {0}")]
     EncodeState(#[source] rmp_serde::encode::Error),

@@ -266,6 +266,12 @@ pub(crate) fn find_latest_incremental(
     }
 }
 
+/// A full snapshot's data, verified, and its encoding (`FullSnapshotChunk.encoding`).
+pub(crate) struct LoadedSnapshot {
+    pub(crate) encoding: String,
+    pub(crate) data: Vec<u8>,
+}
+
 /// Loads the encoded state of the full snapshot `reference` points to, verifying every chunk.
 pub(crate) fn load_full_snapshot(
     reader: &PartitionReader,
@@ -273,7 +279,7 @@ pub(crate) fn load_full_snapshot(
     partition: i32,
     reference: &FullSnapshotRef,
     progress_metrics: Option<&PartitionMetrics>,
-) -> Result<Vec<u8>, Error> {
+) -> Result<LoadedSnapshot, Error> {
     let mut chunks: Vec<FullSnapshotChunk> = Vec::with_capacity(reference.chunk_count as usize);
     let snapshot_error = |source| Error::PartitionSnapshot {
         topic: snapshot_topic.to_owned(),
@@ -324,8 +330,13 @@ pub(crate) fn load_full_snapshot(
             })
         },
     )?;
-    // Missing, duplicated or damaged chunks are all reported by the assembly.
-    assemble_chunks(reference, chunks).map_err(snapshot_error)
+    let encoding = chunks
+        .first()
+        .map(|c| c.encoding.clone())
+        .unwrap_or_default();
+    // Missing, duplicated or damaged chunks, mixed encodings, are all reported by the assembly.
+    let data = assemble_chunks(reference, chunks).map_err(snapshot_error)?;
+    Ok(LoadedSnapshot { encoding, data })
 }
 
 /// Producer context of a partition worker's transactional producer: records delivery

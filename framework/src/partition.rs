@@ -822,7 +822,9 @@ impl<P: Processor> PartitionWorker<P> {
         let started = Instant::now();
         live.stores.begin_record();
         let (processor, state) = (&*self.processor, &mut live.state);
-        let processed = live.stores.build(|| process_raw(processor, state, raw, out));
+        let processed = live
+            .stores
+            .build(|| process_raw(processor, state, raw, out));
         // Replaying the record costs about as much again.
         live.recovery_cost.replay += started.elapsed();
         if let Some(reason) = self.local.take_failure() {
@@ -973,13 +975,14 @@ impl<P: Processor> PartitionWorker<P> {
         live: &mut Live<P::State>,
     ) -> Result<(), LiveExit> {
         let started = Instant::now();
-        let Image { encoding, data } = encode_image(&live.state, &live.stores).map_err(|source| {
-            LiveExit::Failed(Error::PartitionSnapshot {
-                topic: self.snapshot_topic.clone(),
-                partition: self.partition,
-                source,
-            })
-        })?;
+        let Image { encoding, data } =
+            encode_image(&live.state, &live.stores).map_err(|source| {
+                LiveExit::Failed(Error::PartitionSnapshot {
+                    topic: self.snapshot_topic.clone(),
+                    partition: self.partition,
+                    source,
+                })
+            })?;
         // Unique per attempt: an attempt cut short by a crash may have committed some chunks.
         let attempt = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1145,7 +1148,14 @@ impl<P: Processor> PartitionWorker<P> {
             end_ms = (commit_started.elapsed() - offsets_sent).as_millis() as u64,
             "transaction committed"
         );
-        self.commit_local(live, seq, &base, base_input_offset, digest, records_since_base)?;
+        self.commit_local(
+            live,
+            seq,
+            &base,
+            base_input_offset,
+            digest,
+            records_since_base,
+        )?;
         self.metrics.transaction_committed();
         self.partition_metrics
             .transaction_committed(commit_started.elapsed());

@@ -164,7 +164,10 @@ fn recover_from<P: Processor>(
     let end = inc.next_input_offset;
     check_input_holds(target, reader, start, end)?;
     let replay_started = started.elapsed();
-    let Some(replayed) = replay(processor, target, reader, &mut state, &stores, start, end, since_base)? else {
+    let Some(replayed) = replay(
+        processor, target, reader, &mut state, &stores, start, end, since_base,
+    )?
+    else {
         tracing::info!(
             topic = %target.input_topic,
             partition = target.partition,
@@ -559,9 +562,7 @@ fn replay<P: Processor>(
             Ok(()) => {}
             // It committed before, so the policy let it through then: skipped or
             // dead-lettered records are skipped again, and leave no trace in the stores.
-            Err(_) if !matches!(target.error_policy, ErrorPolicy::Fail) => {
-                stores.rollback_record()
-            }
+            Err(_) if !matches!(target.error_policy, ErrorPolicy::Fail) => stores.rollback_record(),
             Err(error) => return Err(Error::Record(error)),
         }
         if let Some(failure) = target.local.take_failure() {

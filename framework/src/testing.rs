@@ -521,15 +521,16 @@ impl<P: Processor> TestDriver<P> {
             .or_insert_with(|| {
                 let stores = StoreSet::in_memory();
                 PartitionState {
-                state: stores.build(P::State::default),
-                stores,
-                next_offset: 0,
-                failed_at: None,
-                base: Base::Empty { offset: None },
-                since_base: Vec::new(),
-                digest: OutputDigest::new(0),
-                snapshots: 0,
-            }});
+                    state: stores.build(P::State::default),
+                    stores,
+                    next_offset: 0,
+                    failed_at: None,
+                    base: Base::Empty { offset: None },
+                    since_base: Vec::new(),
+                    digest: OutputDigest::new(0),
+                    snapshots: 0,
+                }
+            });
         if let Some(offset) = entry.failed_at {
             return Err(TestError::PartitionFailed {
                 topic: input.topic,
@@ -562,7 +563,13 @@ impl<P: Processor> TestDriver<P> {
             *base = Some(offset);
         }
         let mut out = Output::new();
-        let result = process_record(&self.processor, &mut entry.state, &entry.stores, &raw, &mut out);
+        let result = process_record(
+            &self.processor,
+            &mut entry.state,
+            &entry.stores,
+            &raw,
+            &mut out,
+        );
         self.last_wall_ms = wall_ms();
         let mut produced = out.take();
         if let Err(error) = result {

@@ -74,7 +74,10 @@ const T_OUTPUT: u64 = 24;
 /// entries' hashes, so a write adjusts it in O(1) (subtract the old entry, add the new one)
 /// and it does not depend on the order entries were written in.
 pub(crate) fn entry_hash(key: &[u8], value: &[u8]) -> u64 {
-    mix(combine(hash_bytes(T_ENTRY, key), hash_bytes(T_BYTES, value)))
+    mix(combine(
+        hash_bytes(T_ENTRY, key),
+        hash_bytes(T_BYTES, value),
+    ))
 }
 
 /// Structural fingerprint of a state.

@@ -32,7 +32,10 @@ pub(crate) struct Image {
 
 /// The full snapshot data of `state`, whose stores are `set`'s. Reads the committed entries:
 /// call it right after a commit, when no transaction is open.
-pub(crate) fn encode_image<S: Serialize>(state: &S, set: &StoreSet) -> Result<Image, SnapshotError> {
+pub(crate) fn encode_image<S: Serialize>(
+    state: &S,
+    set: &StoreSet,
+) -> Result<Image, SnapshotError> {
     let state_bytes = encode_state(state)?;
     if set.is_empty() {
         return Ok(Image {
@@ -206,7 +209,10 @@ mod tests {
         assert_eq!(restored.seen, 3);
         assert_eq!(restored.balances.get(&"k42".into()).unwrap(), Some(42));
         assert_eq!(restored.balances.len(), 100);
-        assert_eq!(restored.names.get(&"a".into()).unwrap().as_deref(), Some("Ada"));
+        assert_eq!(
+            restored.names.get(&"a".into()).unwrap().as_deref(),
+            Some("Ada")
+        );
         assert_eq!(
             crate::snapshot::fingerprint(&restored),
             crate::snapshot::fingerprint(&state)

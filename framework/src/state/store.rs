@@ -163,7 +163,9 @@ fn encode_key<K: Format>(key: &K::Item) -> Result<Vec<u8>, StoreError> {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl<K: Format, V: Format> Default for Store<K, V> {
@@ -295,7 +297,10 @@ impl Core {
             merged.insert(k.to_vec(), v.to_vec());
             true
         })?;
-        for (k, v) in self.overlay.range::<Vec<u8>, _>((from.as_ref(), to.as_ref())) {
+        for (k, v) in self
+            .overlay
+            .range::<Vec<u8>, _>((from.as_ref(), to.as_ref()))
+        {
             match v {
                 Some(v) => merged.insert(k.clone(), v.clone()),
                 None => merged.remove(k),

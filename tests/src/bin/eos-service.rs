@@ -14,6 +14,9 @@
 //! Upgrades: `--state-v2` adds a defaulted field to the state type, `--state-v3` one without
 //! a default (migrated from version 1's state with `--migrate`), `--output-v2` appends
 //! ` v2` to every output value, and `--processor-version` is what `Processor::version` returns.
+//! `--store` keeps the counts in a keyed store ([`exactly::Store`]: RocksDB under
+//! `EXACTLY_STATE_DIR`) instead of a map in the state; `--poison-after-write` makes the poison
+//! record write to the state before it fails (the write must not survive it).
 //! Metrics are printed as `EXACTLY_METRICS {json}` lines whenever they change.
 
 use std::collections::BTreeMap;
@@ -21,8 +24,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use exactly::{
-    App, AppConfig, BoxError, ErrorPolicy, GroupProtocol, OldState, Output, OutputRecord,
-    ProcessError, Processor, Record, Utf8,
+    App, AppConfig, BoxError, ErrorPolicy, GroupProtocol, Json, OldState, Output, OutputRecord,
+    ProcessError, Processor, Record, Store, Utf8,
 };
 use serde::{Deserialize, Serialize};
 
@@ -122,6 +125,12 @@ struct Args {
     /// What `Processor::version` returns.
     #[arg(long, default_value_t = 0)]
     processor_version: u32,
+    /// Keep the counts in a keyed store (RocksDB under EXACTLY_STATE_DIR).
+    #[arg(long, conflicts_with_all = ["state_v2", "state_v3"])]
+    store: bool,
+    /// The poison record bumps its key's count before it fails.
+    #[arg(long)]
+    poison_after_write: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -147,10 +156,33 @@ struct CountsV3 {
     generation: u64,
 }
 
+/// The counts in a keyed store.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StoreCounts {
+    counts: Store<Utf8, Json<u64>>,
+    salt: u64,
+}
+
 /// What the processor needs of its state, in any version.
 trait CountState: Serialize + serde::de::DeserializeOwned + Default + Send + 'static {
     fn counts(&mut self) -> &mut BTreeMap<String, u64>;
     fn salt(&mut self) -> &mut u64;
+    /// One more record of `key`: its new count.
+    fn bump(&mut self, key: &str) -> Result<u64, ProcessError> {
+        let count = self.counts().entry(key.to_owned()).or_default();
+        *count += 1;
+        Ok(*count)
+    }
+    /// At least `entries` entries (padding keys `pad-<i>`).
+    fn pad(&mut self, entries: usize) -> Result<(), ProcessError> {
+        if self.counts().len() < entries {
+            let counts = self.counts();
+            for i in 0..entries {
+                counts.entry(format!("pad-{i:07}")).or_default();
+            }
+        }
+        Ok(())
+    }
     /// One more record seen (version 2 counts them).
     fn seen(&mut self) {}
     /// Converts a state of an older version (`Processor::migrate_state`).
@@ -173,6 +205,32 @@ impl CountState for CountsV3 {
             salt,
             generation: 1,
         }))
+    }
+}
+
+impl CountState for StoreCounts {
+    fn counts(&mut self) -> &mut BTreeMap<String, u64> {
+        unreachable!("StoreCounts overrides every user of counts()")
+    }
+    fn salt(&mut self) -> &mut u64 {
+        &mut self.salt
+    }
+    fn bump(&mut self, key: &str) -> Result<u64, ProcessError> {
+        let key = key.to_owned();
+        let count = self.counts.get(&key)?.unwrap_or(0) + 1;
+        self.counts.put(&key, &count)?;
+        Ok(count)
+    }
+    fn pad(&mut self, entries: usize) -> Result<(), ProcessError> {
+        if self.counts.len() < entries as u64 {
+            for i in 0..entries {
+                let key = format!("pad-{i:07}");
+                if !self.counts.contains_key(&key)? {
+                    self.counts.put(&key, &0)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -204,6 +262,7 @@ struct EosCounter<S> {
     output_suffix: &'static str,
     output: String,
     poison: Option<String>,
+    poison_after_write: bool,
     panic_on: Option<String>,
     salt: Option<u64>,
     pad_state: usize,
@@ -247,6 +306,9 @@ impl<S: CountState> Processor for EosCounter<S> {
     ) -> Result<(), ProcessError> {
         let id = record.value();
         if self.poison.as_deref() == Some(id.as_str()) {
+            if self.poison_after_write {
+                state.bump(record.key())?;
+            }
             return Err(format!("poison record {id}").into());
         }
         if self.panic_on.as_deref() == Some(id.as_str()) {
@@ -261,15 +323,8 @@ impl<S: CountState> Processor for EosCounter<S> {
                 std::thread::sleep(*delay);
             }
         }
-        if state.counts().len() < self.pad_state {
-            let counts = state.counts();
-            for i in 0..self.pad_state {
-                counts.entry(format!("pad-{i:07}")).or_default();
-            }
-        }
-        let count = state.counts().entry(record.key().clone()).or_default();
-        *count += 1;
-        let count = *count;
+        state.pad(self.pad_state)?;
+        let count = state.bump(record.key())?;
         if let Some(salt) = self.salt {
             *state.salt() = state.salt().wrapping_add(salt);
         }
@@ -390,7 +445,9 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    if args.state_v2 {
+    if args.store {
+        run(config, counter::<StoreCounts>(&args, slow_once)).await
+    } else if args.state_v2 {
         run(config, counter::<CountsV2>(&args, slow_once)).await
     } else if args.state_v3 {
         run(config, counter::<CountsV3>(&args, slow_once)).await
@@ -407,6 +464,7 @@ fn counter<S>(args: &Args, slow_once: Option<(String, Duration)>) -> EosCounter<
         output_suffix: if args.output_v2 { " v2" } else { "" },
         output: args.output.clone(),
         poison: args.poison.clone(),
+        poison_after_write: args.poison_after_write,
         panic_on: args.panic_on.clone(),
         salt: args.nondeterministic.then(|| u64::from(std::process::id())),
         pad_state: args.pad_state,

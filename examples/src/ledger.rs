@@ -19,10 +19,16 @@
 //! A deposit arrives as a credit leg without counterparty.
 //!
 //! Balances start at zero; accounts exist from their first leg.
+//!
+//! # State
+//!
+//! The accounts live in a keyed [`Store`] (RocksDB on local disk): a commit writes only the
+//! accounts its batch changed, a restart on the same machine resumes from the local store, and
+//! the number of accounts is bounded by disk, not memory.
 
 use std::collections::BTreeMap;
 
-use exactly::{Json, Output, ProcessError, Processor, Record, Utf8};
+use exactly::{Json, Output, ProcessError, Processor, Record, Store, Utf8};
 use serde::{Deserialize, Serialize};
 
 use crate::payments::{BalanceChanged, Leg, Rejection, Transfer};
@@ -37,10 +43,10 @@ pub struct Account {
 }
 
 /// The ledger's state for one input partition: the accounts that hash to it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct LedgerState {
-    /// Accounts by id (a `BTreeMap`: deterministic order for snapshots and fingerprints).
-    pub accounts: BTreeMap<String, Account>,
+    /// Accounts by id.
+    pub accounts: Store<Utf8, Json<Account>>,
 }
 
 /// The `ledger` processor.
@@ -83,7 +89,7 @@ impl Processor for Ledger {
             )
             .into());
         }
-        let account = state.accounts.entry(leg.account.clone()).or_default();
+        let mut account = state.accounts.get(&leg.account)?.unwrap_or_default();
         let balance = account.balances.get(&leg.currency).copied().unwrap_or(0);
         // Everything is checked before the state changes (a failed record must leave it as is).
         let (delta, credit) = match leg.leg {
@@ -131,6 +137,7 @@ impl Processor for Ledger {
         })?;
         account.balances.insert(leg.currency.clone(), new_balance);
         account.version += 1;
+        state.accounts.put(&leg.account, &account)?;
         let event = BalanceChanged {
             id: leg.id.clone(),
             leg: leg.leg,
@@ -174,6 +181,15 @@ mod tests {
         }
     }
 
+    fn account(d: &TestDriver<Ledger>, id: &str) -> Account {
+        let state = d.state("ledger", 0).expect("partition 0 has state");
+        state
+            .accounts
+            .get(&id.to_owned())
+            .unwrap()
+            .expect("account exists")
+    }
+
     fn pipe(d: &mut TestDriver<Ledger>, t: &Transfer) -> Result<(), exactly::testing::TestError> {
         d.pipe("ledger", &t.account.clone(), t)
     }
@@ -198,10 +214,7 @@ mod tests {
         );
         // The credit leg, fed back, lands on bob.
         pipe(&mut d, &credits[0].1).unwrap();
-        assert_eq!(
-            d.state("ledger", 0).unwrap().accounts["bob"].balances["EUR"],
-            300
-        );
+        assert_eq!(account(&d, "bob").balances["EUR"], 300);
         assert_eq!(d.verify_determinism().unwrap(), 3);
     }
 
@@ -217,14 +230,11 @@ mod tests {
         assert_eq!(rejections[0].1.balance_cents, 100);
         assert_eq!(d.outputs_to("ledger").count(), 0);
         assert_eq!(d.outputs_to("balances").count(), 1);
-        let alice = &d.state("ledger", 0).unwrap().accounts["alice"];
+        let alice = account(&d, "alice");
         assert_eq!((alice.version, alice.balances["EUR"]), (1, 100));
         // Exactly the balance is fine.
         pipe(&mut d, &leg("t2", Leg::Debit, "alice", Some("bob"), 100)).unwrap();
-        assert_eq!(
-            d.state("ledger", 0).unwrap().accounts["alice"].balances["EUR"],
-            0
-        );
+        assert_eq!(account(&d, "alice").balances["EUR"], 0);
         d.verify_determinism().unwrap();
     }
 

@@ -282,7 +282,7 @@ mod tests {
         b.verify_determinism().unwrap();
         let mut balances = BTreeMap::new();
         for p in 0..4 {
-            for (account, acc) in &b.state("ledger", p).unwrap().accounts {
+            for (account, acc) in b.state("ledger", p).unwrap().accounts.range(..).unwrap() {
                 for (cur, bal) in &acc.balances {
                     balances.insert((account.clone(), cur.clone()), *bal);
                 }

@@ -24,8 +24,8 @@
 //! tracing-subscriber = { version = "0.3", features = ["env-filter"] }
 //! ```
 //!
-//! librdkafka is built from source, which needs a C compiler, `make`, `pkg-config` and the
-//! OpenSSL headers. [`App::run`] needs a Tokio runtime with its time and I/O drivers, which
+//! librdkafka and RocksDB are built from source, which needs a C and C++ compiler, `make`,
+//! `pkg-config`, the OpenSSL headers and libclang (for RocksDB's bindings). [`App::run`] needs a Tokio runtime with its time and I/O drivers, which
 //! `#[tokio::main]` provides.
 //!
 //! # Quickstart
@@ -104,6 +104,8 @@
 //! # The pieces
 //!
 //! - [`Processor`], [`Record`], [`Output`], [`OutputRecord`]: the processing API.
+//! - [`Store`]: a keyed state store for state too large to snapshot whole or keep in memory
+//!   (RocksDB on local disk, warm restarts, O(changes) commits).
 //! - [`Format`] with [`Raw`], [`Utf8`], [`Json`]: typed keys and values (how each treats
 //!   absent, null, keys and values is tabled on [`Format`]).
 //! - [`AppConfig`]: builder, `EXACTLY_*` environment overrides, and any librdkafka property

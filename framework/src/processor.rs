@@ -93,8 +93,8 @@ pub trait Processor: Send + Sync + 'static {
     ///
     /// Returning an error (or panicking) hands the record to the configured
     /// [`ErrorPolicy`](crate::ErrorPolicy); the outputs this call emitted are discarded in
-    /// either case. Changes already made to `state` are *not* undone, so validate before you
-    /// mutate.
+    /// either case. Writes to a [`Store`](crate::Store) in `state` are undone with them;
+    /// other changes already made to `state` are *not*, so validate before you mutate.
     ///
     /// ```
     /// use exactly::testing::TestDriver;

@@ -288,6 +288,8 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<bool> {
             .env_remove("EXACTLY_BROKERS")
             .env_remove("EXACTLY_BOOTSTRAP_SERVERS")
             .env_remove("EXACTLY_INPUT_TOPICS")
+            // Each service its own state dir (the ledger keeps its accounts in a store).
+            .env("EXACTLY_STATE_DIR", log_dir.join("state").join(name))
             .log_file(log_dir.join(format!("{name}.log")));
         for (flag, topic) in topics {
             spec = spec.args([*flag, *topic]);

@@ -513,6 +513,12 @@ impl Run {
             .env_remove("EXACTLY_BROKERS")
             .env_remove("EXACTLY_BOOTSTRAP_SERVERS")
             .env_remove("EXACTLY_INPUT_TOPICS")
+            // Each instance its own state dir (the ledger keeps its accounts in a store), kept
+            // across its restarts: a restart after kill -9 resumes from it.
+            .env(
+                "EXACTLY_STATE_DIR",
+                self.log_dir.join("state").join(instance),
+            )
             .log_file(self.log_dir.join(format!("{instance}.log")));
         for (flag, topic) in self.names.flags(service) {
             spec = spec.args([flag, topic]);

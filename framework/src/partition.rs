@@ -1078,6 +1078,7 @@ impl<P: Processor> PartitionWorker<P> {
         live: &mut Live<P::State>,
         new_base: Option<FullSnapshotRef>,
     ) -> Result<(), LiveExit> {
+        let path_started = Instant::now();
         let txn_timeout = self.txn_timeout();
         let seq = live.transaction_seq + 1;
         let rebased = new_base.is_some();
@@ -1156,7 +1157,7 @@ impl<P: Processor> PartitionWorker<P> {
             digest,
             records_since_base,
         )?;
-        self.metrics.transaction_committed();
+        self.metrics.transaction_committed(path_started.elapsed());
         self.partition_metrics
             .transaction_committed(commit_started.elapsed());
         self.partition_metrics.committed_position(live.next_offset);

@@ -207,12 +207,7 @@ fn open(dir: &Path) -> Result<rocksdb::DB, StoreError> {
         what: "creating the local state directory",
         source,
     })?;
-    let mut options = rocksdb::Options::default();
-    options.create_if_missing(true);
-    options.set_compression_type(rocksdb::DBCompressionType::Lz4);
-    // Few background threads and log files: one database per partition.
-    options.set_max_background_jobs(2);
-    options.set_keep_log_file_num(2);
+    let options = shared_options().clone();
     let deadline = Instant::now() + OPEN_WAIT;
     loop {
         match rocksdb::DB::open(&options, dir) {
@@ -236,6 +231,36 @@ fn open(dir: &Path) -> Result<rocksdb::DB, StoreError> {
             }
         }
     }
+}
+
+/// Memory every partition's database of this process shares: block cache and memtables.
+const BLOCK_CACHE_BYTES: usize = 128 << 20;
+const WRITE_BUFFERS_BYTES: usize = 128 << 20;
+
+/// The options of every partition's database: one database per partition, so the block cache
+/// and the memtables' memory are shared by all of them (128 partitions must not mean 128
+/// caches), with few background threads and log files each.
+fn shared_options() -> &'static rocksdb::Options {
+    static OPTIONS: std::sync::OnceLock<rocksdb::Options> = std::sync::OnceLock::new();
+    OPTIONS.get_or_init(|| {
+        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        // Writes look up the old value of their key (for the fingerprint): most lookups of
+        // new keys then end at the filter.
+        table.set_bloom_filter(10.0, false);
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(true);
+        options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        options.set_block_based_table_factory(&table);
+        options.set_write_buffer_manager(&rocksdb::WriteBufferManager::new_write_buffer_manager(
+            WRITE_BUFFERS_BYTES,
+            false,
+        ));
+        options.set_max_background_jobs(2);
+        options.set_keep_log_file_num(2);
+        options
+    })
 }
 
 fn is_lock_error(e: &rocksdb::Error) -> bool {
@@ -417,6 +442,61 @@ mod tests {
             records_since_base: 40,
             processor_version: 0,
         }
+    }
+
+    #[derive(Default, serde::Serialize, serde::Deserialize)]
+    struct Counts {
+        seen: u64,
+        counts: crate::Store<crate::Utf8, crate::Json<u64>>,
+    }
+
+    fn committed(seq: u64, next_offset: i64) -> Committed<'static> {
+        Committed {
+            input_topic: "in",
+            input_partition: 3,
+            transaction_seq: seq,
+            next_offset,
+            base_snapshot_id: "s1",
+            base_input_offset: 40,
+            output_digest: 5,
+            records_since_base: next_offset as u64 - 40,
+            processor_version: 0,
+        }
+    }
+
+    #[test]
+    fn a_committed_store_is_the_warm_base_of_its_next_run_and_others_are_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = LocalState::new(dir.path(), "app", "in", 3);
+        assert!(local.warm_base(&latest()).unwrap().is_none(), "nothing yet");
+        let stores = local.store_set();
+        let mut state: Counts = stores.build(Counts::default);
+        state.seen = 2;
+        state.counts.put(&"a".into(), &1).unwrap();
+        state.counts.put(&"b".into(), &2).unwrap();
+        local.commit(&stores, committed(7, 80), &state).unwrap();
+        state.counts.put(&"c".into(), &3).unwrap(); // never committed
+        drop((state, stores, local));
+
+        let local = LocalState::new(dir.path(), "app", "in", 3);
+        let warm = local.warm_base(&latest()).unwrap().expect("a warm base");
+        assert_eq!(
+            (warm.position.transaction_seq, warm.position.next_offset),
+            (7, 80)
+        );
+        let stores = local.store_set();
+        let state: Counts = stores.build(|| rmp_serde::from_slice(&warm.state).unwrap());
+        assert_eq!(state.seen, 2);
+        assert_eq!(state.counts.len(), 2);
+        assert_eq!(state.counts.get(&"b".into()).unwrap(), Some(2));
+        assert_eq!(state.counts.get(&"c".into()).unwrap(), None);
+        drop((state, stores));
+
+        // Another history (a full snapshot since): discarded, and the directory with it.
+        let mut other = latest();
+        other.base.as_mut().unwrap().snapshot_id = "s2".into();
+        assert!(local.warm_base(&other).unwrap().is_none());
+        assert!(!local.dir().exists());
     }
 
     #[test]

@@ -79,6 +79,14 @@ fn count_lines(log: &str, needle: &str) -> usize {
     log.lines().filter(|l| l.contains(needle)).count()
 }
 
+/// The `chunks=N` field of a log line (0 without one).
+fn chunks_of(line: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("chunks="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 fn dir_exists(dir: &Path) -> bool {
     dir.join("CURRENT").exists()
 }
@@ -86,6 +94,8 @@ fn dir_exists(dir: &Path) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_resumes_from_local_disk_after_kill_9_and_restores_from_kafka_without_it() {
     let s = StoreSetup::new("store", 2).await;
+    // 3000 more keys per partition and 4 KiB chunks: each full snapshot streams out in pieces
+    // over several transactions while records keep coming (kills land mid-stream too).
     let args = [
         "--commit-interval-ms",
         "100",
@@ -93,6 +103,10 @@ async fn a_store_resumes_from_local_disk_after_kill_9_and_restores_from_kafka_wi
         "300",
         "--per-record-delay-ms",
         "1",
+        "--pad-state",
+        "3000",
+        "--max-chunk-bytes",
+        "4096",
     ];
     let records = inputs(0..4000, 2);
     produce(&s.bootstrap, &s.input, &records[..2000]);
@@ -105,6 +119,15 @@ async fn a_store_resumes_from_local_disk_after_kill_9_and_restores_from_kafka_wi
     assert!(dir_exists(&s.partition_dir(0)) && dir_exists(&s.partition_dir(1)));
     service.restart().expect("restart");
     s.assert_outputs(&service, &records[..2000]).await;
+    let streamed = service.log_text().expect("log");
+    assert!(
+        streamed
+            .lines()
+            .filter(|l| l.contains("full snapshot streamed"))
+            .any(|l| chunks_of(l) > 8),
+        "no full snapshot streamed over several transactions:\n{}",
+        service.log_tail(60)
+    );
     let log = service.run_log_text().expect("log");
     assert_eq!(
         count_lines(&log, "resuming from the local state store"),

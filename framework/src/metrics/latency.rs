@@ -78,6 +78,7 @@ impl LatencyHistogram {
         Duration::from_micros(self.max_micros.load(Ordering::Relaxed))
     }
 
+    #[cfg(test)]
     pub(crate) fn count(&self) -> u64 {
         self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }

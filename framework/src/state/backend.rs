@@ -91,6 +91,63 @@ impl Backend {
     }
 }
 
+/// The committed entries as of one moment, readable from another thread while the backend
+/// goes on (a full snapshot streamed while the partition keeps processing).
+pub(crate) enum View {
+    Memory(BTreeMap<Vec<u8>, Vec<u8>>),
+    Disk(Arc<rocksdb::DB>),
+}
+
+impl Backend {
+    /// A view to scan with [`View::scan`]; for RocksDB the moment is when the scan starts.
+    pub(crate) fn view(&self) -> Result<View, StoreError> {
+        Ok(match self {
+            Backend::Memory(map) => View::Memory(lock(map).clone()),
+            Backend::Disk(db) => View::Disk(db.handle()?),
+        })
+    }
+}
+
+impl View {
+    /// Fixes the view (`taken` is called once it is), then visits its entries with keys in
+    /// `[from, to)` in key order until `visit` returns `false`.
+    pub(crate) fn scan(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        taken: impl FnOnce(),
+        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), String> {
+        match self {
+            View::Memory(map) => {
+                taken();
+                for (k, v) in map.range::<[u8], _>((Bound::Included(from), Bound::Excluded(to))) {
+                    if !visit(k, v) {
+                        break;
+                    }
+                }
+                Ok(())
+            }
+            View::Disk(db) => {
+                let snapshot = db.snapshot();
+                taken();
+                let mut options = rocksdb::ReadOptions::default();
+                options.set_snapshot(&snapshot);
+                options.set_iterate_upper_bound(to.to_vec());
+                options.fill_cache(false);
+                let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
+                for item in db.iterator_opt(mode, options) {
+                    let (key, value) = item.map_err(|e| e.into_string())?;
+                    if !visit(&key, &value) {
+                        break;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()

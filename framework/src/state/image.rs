@@ -11,6 +11,8 @@
 //! before.
 
 use std::collections::BTreeMap;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::thread::JoinHandle;
 
 use serde::Serialize;
 
@@ -62,6 +64,178 @@ pub(crate) fn encode_image<S: Serialize>(
         encoding: STORES_ENCODING,
         data,
     })
+}
+
+/// One piece of a streamed image.
+pub(crate) enum Piece {
+    /// The next `piece_bytes` bytes (fewer for the last piece).
+    Data(Vec<u8>),
+    /// The image is complete.
+    Done { total_bytes: u64, crc32c: u32 },
+    /// Reading the local store failed; the snapshot is abandoned.
+    Failed(String),
+}
+
+/// A state with stores being written as a full snapshot image by a background thread, from
+/// the committed entries as of [`ImageStream::start`], while the partition goes on
+/// processing and committing. At most a few pieces wait in memory.
+pub(crate) struct ImageStream {
+    pieces: Option<Receiver<Piece>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Pieces encoded ahead of the partition worker taking them.
+const PIECES_AHEAD: usize = 4;
+
+impl ImageStream {
+    /// Starts the image of `state_bytes` (the state itself, encoded now) and `set`'s
+    /// committed entries, cut into pieces of `piece_bytes`. Returns once the entries' view
+    /// is fixed: commits after it are not in the image.
+    pub(crate) fn start(
+        state_bytes: Vec<u8>,
+        set: &StoreSet,
+        piece_bytes: usize,
+    ) -> Result<Self, StoreError> {
+        let view = set.backend().view()?;
+        let ids: Vec<u32> = set.summaries().into_iter().map(|(id, _, _)| id).collect();
+        let (pieces_tx, pieces) = sync_channel(PIECES_AHEAD);
+        let (taken_tx, taken) = sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("exactly-snapshot".into())
+            .spawn(move || {
+                let mut writer = PieceWriter::new(piece_bytes.max(1), pieces_tx);
+                // Buffered, not sent: sending may wait for the worker, which waits for the view.
+                writer.put(&(state_bytes.len() as u64).to_le_bytes());
+                writer.put(&state_bytes);
+                let end = META_STORE.to_be_bytes();
+                let scanned = view.scan(
+                    &full_key(0, &[]),
+                    &end,
+                    || {
+                        let _ = taken_tx.send(());
+                    },
+                    |key, value| {
+                        let id = u32::from_be_bytes([key[0], key[1], key[2], key[3]]);
+                        if ids.contains(&id) {
+                            writer.put(&(key.len() as u32).to_le_bytes());
+                            writer.put(key);
+                            writer.put(&(value.len() as u32).to_le_bytes());
+                            writer.put(value);
+                        }
+                        writer.send_full_pieces()
+                    },
+                );
+                match scanned {
+                    Ok(()) => writer.finish(),
+                    Err(reason) => writer.fail(reason),
+                }
+            })
+            .map_err(|e| StoreError::Local {
+                dir: std::path::PathBuf::new(),
+                what: "starting the snapshot thread",
+                reason: e.to_string(),
+            })?;
+        // Wait for the view (or for the thread to end without one).
+        let _ = taken.recv();
+        Ok(ImageStream {
+            pieces: Some(pieces),
+            thread: Some(thread),
+        })
+    }
+
+    /// The next piece if one is ready.
+    pub(crate) fn try_next(&self) -> Option<Piece> {
+        let pieces = self.pieces.as_ref()?;
+        match pieces.try_recv() {
+            Ok(piece) => Some(piece),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => {
+                Some(Piece::Failed("the snapshot thread ended".into()))
+            }
+        }
+    }
+
+    /// The next piece, waiting for it.
+    pub(crate) fn next(&self) -> Piece {
+        match self.pieces.as_ref().map(Receiver::recv) {
+            Some(Ok(piece)) => piece,
+            _ => Piece::Failed("the snapshot thread ended".into()),
+        }
+    }
+}
+
+impl Drop for ImageStream {
+    fn drop(&mut self) {
+        // The thread stops at its next piece once nobody receives.
+        drop(self.pieces.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Cuts the bytes written to it into pieces, and keeps the image's length and CRC-32C.
+struct PieceWriter {
+    piece_bytes: usize,
+    buffer: Vec<u8>,
+    total: u64,
+    crc: u32,
+    pieces: SyncSender<Piece>,
+    receiver_gone: bool,
+}
+
+impl PieceWriter {
+    fn new(piece_bytes: usize, pieces: SyncSender<Piece>) -> Self {
+        PieceWriter {
+            piece_bytes,
+            buffer: Vec::with_capacity(piece_bytes),
+            total: 0,
+            crc: 0,
+            pieces,
+            receiver_gone: false,
+        }
+    }
+
+    /// Appends to the buffer; nothing is sent until [`Self::send_full_pieces`].
+    fn put(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// Sends every whole piece in the buffer; `false` once nobody receives them.
+    fn send_full_pieces(&mut self) -> bool {
+        let mut start = 0;
+        while self.buffer.len() - start >= self.piece_bytes && !self.receiver_gone {
+            let piece = self.buffer[start..start + self.piece_bytes].to_vec();
+            start += self.piece_bytes;
+            self.send(piece);
+        }
+        self.buffer.drain(..start);
+        !self.receiver_gone
+    }
+
+    fn send(&mut self, piece: Vec<u8>) {
+        self.total += piece.len() as u64;
+        self.crc = crc32c::crc32c_append(self.crc, &piece);
+        self.receiver_gone = self.pieces.send(Piece::Data(piece)).is_err();
+    }
+
+    fn finish(mut self) {
+        if !self.send_full_pieces() {
+            return;
+        }
+        if !self.buffer.is_empty() {
+            let rest = std::mem::take(&mut self.buffer);
+            self.send(rest);
+        }
+        let _ = self.pieces.send(Piece::Done {
+            total_bytes: self.total,
+            crc32c: self.crc,
+        });
+    }
+
+    fn fail(self, reason: String) {
+        let _ = self.pieces.send(Piece::Failed(reason));
+    }
 }
 
 fn put_bytes(data: &mut Vec<u8>, bytes: &[u8]) {
@@ -217,6 +391,42 @@ mod tests {
             crate::snapshot::fingerprint(&restored),
             crate::snapshot::fingerprint(&state)
         );
+    }
+
+    #[test]
+    fn a_streamed_image_is_the_image_as_of_its_start() {
+        let set = StoreSet::in_memory();
+        let mut state = filled(&set);
+        let whole = encode_image(&state, &set).unwrap();
+        let stream = ImageStream::start(encode_state(&state).unwrap(), &set, 100).unwrap();
+        // Committed after the start: not in the image.
+        state.balances.put(&"late".into(), &1).unwrap();
+        set.commit(Vec::new()).unwrap();
+        let mut data = Vec::new();
+        let (total, crc) = loop {
+            match stream.next() {
+                Piece::Data(piece) => {
+                    assert!(piece.len() <= 100);
+                    data.extend_from_slice(&piece);
+                }
+                Piece::Done {
+                    total_bytes,
+                    crc32c,
+                } => break (total_bytes, crc32c),
+                Piece::Failed(reason) => panic!("{reason}"),
+            }
+        };
+        assert_eq!(data, whole.data);
+        assert_eq!((total, crc), (data.len() as u64, crc32c::crc32c(&data)));
+    }
+
+    #[test]
+    fn a_dropped_stream_stops_its_thread() {
+        let set = StoreSet::in_memory();
+        let state = filled(&set);
+        let stream = ImageStream::start(encode_state(&state).unwrap(), &set, 8).unwrap();
+        assert!(matches!(stream.next(), Piece::Data(_)));
+        drop(stream); // joins the thread, which was blocked sending
     }
 
     #[test]

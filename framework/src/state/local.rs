@@ -99,7 +99,8 @@ impl LocalDb {
         self.dir.join("CURRENT").exists()
     }
 
-    fn handle(&self) -> Result<Arc<rocksdb::DB>, StoreError> {
+    /// The open database (opened now if it is not yet).
+    pub(crate) fn handle(&self) -> Result<Arc<rocksdb::DB>, StoreError> {
         if let Some(db) = self.db.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return Ok(Arc::clone(db));
         }

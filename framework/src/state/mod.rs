@@ -19,7 +19,7 @@ use std::time::Duration;
 pub use store::Store;
 
 #[allow(unused_imports)] // the runtime (partition worker, recovery, test driver) uses them
-pub(crate) use image::{decode_image, encode_image, Image, STORES_ENCODING};
+pub(crate) use image::{decode_image, encode_image, Image, ImageStream, Piece, STORES_ENCODING};
 #[allow(unused_imports)]
 pub(crate) use local::{Committed, LocalPosition, LocalState};
 pub(crate) use store::StoreSet;

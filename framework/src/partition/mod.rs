@@ -37,12 +37,16 @@ use crate::recovery::{recover, Recovered, RecoveryCost, RecoveryTarget, READ_STA
 use crate::security::authorization_code;
 use crate::snapshot::fingerprint::Cadence;
 use crate::snapshot::store::{
-    flush_promptly, send_blocking, write_incremental, write_snapshot_chunks, PartitionReader,
-    TxnProducer, TxnProducerContext,
+    flush_promptly, send_blocking, write_incremental, PartitionReader, TxnProducer,
+    TxnProducerContext,
 };
 use crate::snapshot::trim::Trimmer;
-use crate::snapshot::{full_snapshot_ref, split_into_chunks, OutputDigest};
-use crate::state::{encode_image, Committed, Image, LocalState, StoreSet};
+use crate::snapshot::OutputDigest;
+use crate::state::{Committed, LocalState, StoreSet};
+
+mod full_snapshot;
+
+use full_snapshot::{NewBase, Streaming};
 
 /// A record forwarded by the consumer thread, tagged with the seek epoch it was fetched under.
 pub(crate) struct Forwarded {
@@ -184,6 +188,8 @@ struct Live<S> {
     last_full_snapshot: Instant,
     /// What recovering from the current base would cost now.
     recovery_cost: RecoveryCost,
+    /// A full snapshot streaming out with the transactions (a state with stores).
+    streaming: Option<Streaming>,
 }
 
 impl<S> From<Recovered<S>> for Live<S> {
@@ -199,6 +205,7 @@ impl<S> From<Recovered<S>> for Live<S> {
             transaction_seq: r.transaction_seq,
             last_full_snapshot: Instant::now(),
             recovery_cost: r.cost,
+            streaming: None,
         }
     }
 }
@@ -796,6 +803,16 @@ impl<P: Processor> PartitionWorker<P> {
                     continue;
                 }
             }
+            if open.is_none() && live.streaming.is_some() {
+                // A full snapshot streams with the transactions: keep them coming while no
+                // input arrives.
+                producer.context().reset();
+                if let Err(e) = producer.begin_transaction() {
+                    return exit_for(e);
+                }
+                *open = Some(Instant::now());
+                batch_records = 0;
+            }
             // Serve delivery reports now and then so librdkafka's queue does not grow with
             // them (every record: measurable CPU for nothing; commits serve the rest).
             if batch_records % DELIVERY_REPORTS_EVERY == 0 {
@@ -862,6 +879,9 @@ impl<P: Processor> PartitionWorker<P> {
         for record in &outputs {
             live.digest.update(record);
             self.send_output(producer, record)?;
+        }
+        if let Some(streaming) = &mut live.streaming {
+            streaming.record_processed(&outputs);
         }
         live.next_offset = raw.offset + 1;
         live.records_since_base += 1;
@@ -937,16 +957,21 @@ impl<P: Processor> PartitionWorker<P> {
         producer: &Arc<TxnProducer>,
         live: &mut Live<P::State>,
     ) -> Result<(), LiveExit> {
+        if live.streaming.is_some() {
+            return self.finish_streaming(producer, live);
+        }
         if !self.full_snapshot_due(live, true) {
             return Ok(());
         }
-        self.write_full_snapshot(producer, live)
+        self.take_full_snapshot(producer, live, true)
     }
 
-    /// Commits the open transaction (its outputs, its incremental snapshot record and the
-    /// consumer offsets), then writes a full snapshot if one is due. The full snapshot goes in
-    /// transactions of its own, after the batch's: serializing and writing a large state must
-    /// never stretch a transaction toward `transaction.timeout.ms`.
+    /// Commits the open transaction (its outputs, the pieces of a streaming full snapshot
+    /// ready by now, its incremental snapshot record and the consumer offsets), then takes a
+    /// full snapshot if one is due. A plain state's full snapshot goes in transactions of its
+    /// own, after the batch's: serializing and writing a large state must never stretch a
+    /// transaction toward `transaction.timeout.ms`. A state with stores streams it with the
+    /// next transactions (see `full_snapshot`).
     ///
     /// `open` (when the batch's transaction started) is cleared as soon as that transaction
     /// committed: a failure while writing the full snapshot is not the batch's, and must not
@@ -958,132 +983,44 @@ impl<P: Processor> PartitionWorker<P> {
         final_snapshot: bool,
         open: &mut Option<Instant>,
     ) -> Result<(), LiveExit> {
-        self.commit_open_transaction(producer, live, None)?;
+        let new_base = self.stream_pieces(producer, live)?;
+        let streamed = new_base.is_some();
+        self.commit_open_transaction(producer, live, new_base)?;
         *open = None;
-        if self.full_snapshot_due(live, final_snapshot) {
-            self.write_full_snapshot(producer, live)?;
+        if streamed {
+            self.streaming_committed(live);
+        }
+        if live.streaming.is_some() {
+            if final_snapshot {
+                self.finish_streaming(producer, live)?;
+            }
+        } else if self.full_snapshot_due(live, final_snapshot) {
+            self.take_full_snapshot(producer, live, final_snapshot)?;
         }
         Ok(())
-    }
-
-    /// Serializes the state and writes it as a full snapshot: its chunks in one or more
-    /// transactions (each committed before it gets old; unreferenced chunks are harmless),
-    /// then a transaction with the incremental record that points at them.
-    fn write_full_snapshot(
-        &self,
-        producer: &Arc<TxnProducer>,
-        live: &mut Live<P::State>,
-    ) -> Result<(), LiveExit> {
-        let started = Instant::now();
-        let Image { encoding, data } =
-            encode_image(&live.state, &live.stores).map_err(|source| {
-                LiveExit::Failed(Error::PartitionSnapshot {
-                    topic: self.snapshot_topic.clone(),
-                    partition: self.partition,
-                    source,
-                })
-            })?;
-        // Unique per attempt: an attempt cut short by a crash may have committed some chunks.
-        let attempt = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        let snapshot_id = format!(
-            "{}.{}.{attempt}",
-            self.transactional_id,
-            live.transaction_seq + 1
-        );
-        let chunks = split_into_chunks(
-            &snapshot_id,
-            live.next_offset,
-            &data,
-            self.config.max_chunk_bytes,
-            encoding,
-        );
-        let chunk_count = chunks.len() as u32;
-        let first_chunk_offset = self.write_chunks(producer, chunks)?;
-        let reference = full_snapshot_ref(
-            &snapshot_id,
-            live.next_offset,
-            &data,
-            chunk_count,
-            first_chunk_offset,
-            self.processor.version(),
-        );
-        tracing::debug!(
-            input_offset = live.next_offset,
-            first_chunk_offset,
-            chunks = chunk_count,
-            bytes = data.len(),
-            "full snapshot chunks committed"
-        );
-        producer.context().reset();
-        producer.begin_transaction().map_err(exit_for)?;
-        self.commit_open_transaction(producer, live, Some(reference))?;
-        self.metrics
-            .full_snapshot_written(data.len() as u64, started.elapsed());
-        self.partition_metrics
-            .full_snapshot_written(data.len() as u64, started.elapsed());
-        if let Some(trimmer) = &self.trimmer {
-            trimmer.trim(&self.snapshot_topic, self.partition, first_chunk_offset);
-        }
-        live.last_full_snapshot = Instant::now();
-        live.recovery_cost = RecoveryCost {
-            base: started.elapsed(),
-            replay: Duration::ZERO,
-        };
-        Ok(())
-    }
-
-    /// Writes snapshot chunks in as many transactions as it takes for none of them to stay
-    /// open longer than a quarter of the transaction timeout; returns the first chunk's offset.
-    fn write_chunks(
-        &self,
-        producer: &TxnProducer,
-        chunks: Vec<crate::proto::FullSnapshotChunk>,
-    ) -> Result<i64, LiveExit> {
-        let txn_timeout = self.txn_timeout();
-        let mut first_chunk_offset = None;
-        let mut open: Option<Instant> = None;
-        let mut chunks = chunks.into_iter().peekable();
-        while chunks.peek().is_some() {
-            let group: Vec<_> = chunks.by_ref().take(CHUNKS_PER_WRITE).collect();
-            if open.is_none() {
-                producer.context().reset();
-                producer.begin_transaction().map_err(exit_for)?;
-                open = Some(Instant::now());
-            }
-            let offset = write_snapshot_chunks(
-                producer,
-                &self.snapshot_topic,
-                self.partition,
-                group,
-                txn_timeout,
-            )
-            .map_err(exit_for)?;
-            first_chunk_offset.get_or_insert(offset);
-            let last = chunks.peek().is_none();
-            if last || open.is_some_and(|since| since.elapsed() >= txn_timeout / 4) {
-                retry(|| producer.commit_transaction(txn_timeout))?;
-                open = None;
-            }
-        }
-        Ok(first_chunk_offset.unwrap_or(-1))
     }
 
     /// Writes the open transaction's incremental snapshot record (pointing at `new_base` when
-    /// a full snapshot was just written) and the consumer offsets, and commits it.
+    /// it completes a full snapshot) and the consumer offsets, and commits it.
     fn commit_open_transaction(
         &self,
         producer: &Arc<TxnProducer>,
         live: &mut Live<P::State>,
-        new_base: Option<FullSnapshotRef>,
+        new_base: Option<NewBase>,
     ) -> Result<(), LiveExit> {
         let path_started = Instant::now();
         let txn_timeout = self.txn_timeout();
         let seq = live.transaction_seq + 1;
         let rebased = new_base.is_some();
         let (base, base_input_offset, digest, records_since_base) = match new_base {
-            Some(reference) => (Some(reference), live.next_offset, OutputDigest::new(0), 0),
+            Some(NewBase {
+                reference,
+                digest,
+                records,
+            }) => {
+                let at = reference.input_offset;
+                (Some(reference), at, digest, records)
+            }
             None => (
                 live.base.clone(),
                 live.base_input_offset,
@@ -1369,6 +1306,7 @@ mod tests {
                 base: Duration::from_millis(200),
                 replay,
             },
+            streaming: None,
         }
     }
 

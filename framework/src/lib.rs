@@ -166,4 +166,4 @@ pub use processor::{
 };
 pub use runtime::App;
 pub use snapshot::SnapshotError;
-pub use state::{Store, StoreError};
+pub use state::{Entries, Store, StoreError};

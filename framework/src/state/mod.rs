@@ -16,7 +16,7 @@ mod store;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use store::Store;
+pub use store::{Entries, Store};
 
 #[allow(unused_imports)] // the runtime (partition worker, recovery, test driver) uses them
 pub(crate) use image::{decode_image, encode_image, Image, ImageStream, Piece, STORES_ENCODING};

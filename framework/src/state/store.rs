@@ -120,10 +120,7 @@ impl<K: Format, V: Format> Store<K, V> {
     /// let bs = cards.range("b".to_string().."c".to_string()).unwrap();
     /// assert_eq!(bs, [("b1".to_string(), 2), ("b2".to_string(), 3)]);
     /// ```
-    pub fn range<R: RangeBounds<K::Item>>(
-        &self,
-        range: R,
-    ) -> Result<Vec<(K::Item, V::Item)>, StoreError> {
+    pub fn range<R: RangeBounds<K::Item>>(&self, range: R) -> Result<Entries<K, V>, StoreError> {
         let bound = |b: Bound<&K::Item>| -> Result<Bound<Vec<u8>>, StoreError> {
             Ok(match b {
                 Bound::Included(k) => Bound::Included(encode_key::<K>(k)?),
@@ -225,6 +222,13 @@ impl<'de, K: Format, V: Format> Deserialize<'de> for Store<K, V> {
     }
 }
 
+/// Decoded entries of a [`Store`], in key order.
+pub type Entries<K, V> = Vec<(<K as crate::Encode>::Item, <V as crate::Encode>::Item)>;
+/// Encoded entries (key, value) in key order.
+type RawEntries = Vec<(Vec<u8>, Vec<u8>)>;
+/// A key and the overlay entry a write replaced (`None`: there was none).
+type Undo = (Vec<u8>, Option<Option<Vec<u8>>>);
+
 /// One store's side of the runtime: its open-transaction overlay and running summary.
 pub(crate) struct Core {
     id: u32,
@@ -232,7 +236,7 @@ pub(crate) struct Core {
     /// Writes of the open transaction, by full key; `None` is a delete.
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Undo log of the record being processed: the overlay entry each write replaced.
-    undo: Vec<(Vec<u8>, Option<Option<Vec<u8>>>)>,
+    undo: Vec<Undo>,
     /// Entries and fingerprint as of the savepoint (the start of the current record).
     saved: (u64, u64),
     /// Entries and fingerprint including the overlay.
@@ -265,11 +269,7 @@ impl Core {
     }
 
     /// Entries in `[from, to)` of the encoded keys: committed ones merged with the overlay.
-    fn range(
-        &self,
-        from: Bound<Vec<u8>>,
-        to: Bound<Vec<u8>>,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn range(&self, from: Bound<Vec<u8>>, to: Bound<Vec<u8>>) -> Result<RawEntries, StoreError> {
         let full = |b: Bound<Vec<u8>>, unbounded: Option<Vec<u8>>| match b {
             Bound::Included(k) => Bound::Included(full_key(self.id, &k)),
             Bound::Excluded(k) => Bound::Excluded(full_key(self.id, &k)),

@@ -51,6 +51,8 @@ pub(super) struct Streaming {
     first_chunk_offset: Option<i64>,
     bytes: u64,
     started: Instant,
+    /// Time spent writing its pieces: what fetching them again would cost, about.
+    sending: Duration,
     /// Outputs and records since `input_offset`.
     digest: OutputDigest,
     records: u64,
@@ -128,6 +130,7 @@ impl<P: Processor> PartitionWorker<P> {
             first_chunk_offset: None,
             bytes: 0,
             started: Instant::now(),
+            sending: Duration::ZERO,
             digest: OutputDigest::new(0),
             records: 0,
         });
@@ -189,6 +192,7 @@ impl<P: Processor> PartitionWorker<P> {
             }
         }
         if !chunks.is_empty() {
+            let sending = Instant::now();
             let offset = write_snapshot_chunks(
                 producer,
                 &self.snapshot_topic,
@@ -198,6 +202,7 @@ impl<P: Processor> PartitionWorker<P> {
             )
             .map_err(exit_for)?;
             streaming.first_chunk_offset.get_or_insert(offset);
+            streaming.sending += sending.elapsed();
         }
         let Some((total_bytes, crc32c)) = done else {
             return Ok(None);
@@ -242,23 +247,24 @@ impl<P: Processor> PartitionWorker<P> {
     }
 
     /// After the transaction pointing at a new full snapshot committed: metrics, trimming,
-    /// the recovery-cost estimate.
+    /// the recovery-cost estimate (`writing`: what writing it cost, about what reading it
+    /// back costs).
     pub(super) fn full_snapshot_committed(
         &self,
         live: &mut Live<P::State>,
         bytes: u64,
-        started: Instant,
+        took: Duration,
+        writing: Duration,
         first_chunk_offset: i64,
     ) {
-        self.metrics.full_snapshot_written(bytes, started.elapsed());
-        self.partition_metrics
-            .full_snapshot_written(bytes, started.elapsed());
+        self.metrics.full_snapshot_written(bytes, took);
+        self.partition_metrics.full_snapshot_written(bytes, took);
         if let Some(trimmer) = &self.trimmer {
             trimmer.trim(&self.snapshot_topic, self.partition, first_chunk_offset);
         }
         live.last_full_snapshot = Instant::now();
         live.recovery_cost = RecoveryCost {
-            base: started.elapsed(),
+            base: writing,
             replay: Duration::ZERO,
         };
     }
@@ -268,7 +274,8 @@ impl<P: Processor> PartitionWorker<P> {
         if let Some(streaming) = live.streaming.take() {
             let first = streaming.first_chunk_offset.unwrap_or(-1);
             tracing::debug!(snapshot = %streaming.id, bytes = streaming.bytes, chunks = streaming.next_index, "full snapshot streamed");
-            self.full_snapshot_committed(live, streaming.bytes, streaming.started, first);
+            let took = streaming.started.elapsed();
+            self.full_snapshot_committed(live, streaming.bytes, took, streaming.sending, first);
         }
     }
 
@@ -322,7 +329,8 @@ impl<P: Processor> PartitionWorker<P> {
             records: 0,
         };
         self.commit_open_transaction(producer, live, Some(new_base))?;
-        self.full_snapshot_committed(live, data.len() as u64, started, first_chunk_offset);
+        let took = started.elapsed();
+        self.full_snapshot_committed(live, data.len() as u64, took, took, first_chunk_offset);
         Ok(())
     }
 

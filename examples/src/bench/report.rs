@@ -323,6 +323,7 @@ mod tests {
             restore: Duration::from_millis(50),
             restored_from_full_snapshot: variant == Variant::Plain,
             update_elapsed: Duration::from_secs(4),
+            load: None,
         }
     }
 

@@ -501,6 +501,16 @@ async fn child_with<C: Counters>(args: &ChildArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The 1-minute load average, if the system tells.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The value of `name=` in a report line.
 fn field(line: &str, name: &str) -> anyhow::Result<u64> {
     let prefix = format!("{name}=");
@@ -603,6 +613,9 @@ pub struct CommitRow {
     pub restored_from_full_snapshot: bool,
     /// The update process, from start until the updates were committed.
     pub update_elapsed: Duration,
+    /// The machine's 1-minute load average when the updates were done (the bench itself
+    /// keeps about 2 to 4 threads busy; much more means something else competed for the CPU).
+    pub load: Option<f64>,
 }
 
 /// Warm and cold restore of the largest store.
@@ -699,7 +712,7 @@ impl ScaleResults {
         );
         let _ = writeln!(
             t,
-            "  {:<24} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>11} {:>12} {:>10}",
+            "  {:<24} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>11} {:>12} {:>10} {:>7}",
             "variant",
             "keys",
             "commits",
@@ -709,12 +722,13 @@ impl ScaleResults {
             "fill s",
             "snapshot MB",
             "restore ms",
-            "restored"
+            "restored",
+            "load 1m"
         );
         for r in &self.rows {
             let _ = writeln!(
                 t,
-                "  {:<24} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9.1} {:>11.1} {:>12} {:>10}",
+                "  {:<24} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9.1} {:>11.1} {:>12} {:>10} {:>7}",
                 r.variant.describe(),
                 r.keys,
                 r.commits,
@@ -728,7 +742,8 @@ impl ScaleResults {
                     "snapshot"
                 } else {
                     "local"
-                }
+                },
+                r.load.map_or_else(|| "?".to_owned(), |l| format!("{l:.1}"))
             );
         }
         let _ = writeln!(
@@ -893,7 +908,7 @@ pub async fn measure(
                     )
                 })?;
             say(&format!(
-                "  {:<24} {keys:>9} keys: commit p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} commits); fill {:.1} s, restore {} ms from {}",
+                "  {:<24} {keys:>9} keys: commit p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} commits); fill {:.1} s, restore {} ms from {}; load {}",
                 variant.describe(),
                 row.p50.as_secs_f64() * 1e3,
                 row.p99.as_secs_f64() * 1e3,
@@ -901,7 +916,8 @@ pub async fn measure(
                 row.commits,
                 row.fill.as_secs_f64(),
                 row.restore.as_millis(),
-                if row.restored_from_full_snapshot { "its full snapshot" } else { "its local store" }
+                if row.restored_from_full_snapshot { "its full snapshot" } else { "its local store" },
+                row.load.map_or_else(|| "?".to_owned(), |l| format!("{l:.1}"))
             ));
             if variant == Variant::Store {
                 largest_store = Some((names, keys, fills));
@@ -984,6 +1000,7 @@ async fn measure_commits(
         &names.log,
     )?;
     let updated = updater.report().await?;
+    let load = load_average();
     updater.stopped().await?;
     if field(&updated, "recoveries")? != 1 {
         bail!("the update process did not restore the filled state: {updated}");
@@ -1002,6 +1019,7 @@ async fn measure_commits(
         restore: micros(&updated, "recovery_us")?,
         restored_from_full_snapshot: field(&updated, "from_full_snapshot")? == 1,
         update_elapsed: micros(&updated, "elapsed_us")?,
+        load,
     };
     Ok((row, fills))
 }
@@ -1354,6 +1372,7 @@ mod tests {
             restore: Duration::from_millis(5),
             restored_from_full_snapshot: variant == Variant::Plain,
             update_elapsed: Duration::from_secs(2),
+            load: Some(2.5),
         }
     }
 

@@ -80,13 +80,19 @@ impl RunningApp {
 
     /// Shuts it down gracefully (commit, final full snapshot, leave the group) and returns its
     /// final counters.
-    pub async fn stop(mut self) -> anyhow::Result<MetricsSnapshot> {
+    pub async fn stop(self) -> anyhow::Result<MetricsSnapshot> {
+        self.stop_within(Duration::from_secs(120)).await
+    }
+
+    /// Like [`RunningApp::stop`], waiting up to `limit` (a final full snapshot of a large
+    /// state takes a while).
+    pub async fn stop_within(mut self, limit: Duration) -> anyhow::Result<MetricsSnapshot> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let outcome = tokio::time::timeout(Duration::from_secs(120), &mut self.task)
+        let outcome = tokio::time::timeout(limit, &mut self.task)
             .await
-            .map_err(|_| anyhow!("{} did not shut down within 120 s", self.app_id))?
+            .map_err(|_| anyhow!("{} did not shut down within {limit:?}", self.app_id))?
             .map_err(|e| anyhow!("{} panicked: {e}", self.app_id))?;
         outcome.with_context(|| format!("{} failed", self.app_id))?;
         Ok(self.metrics.snapshot())

@@ -10,6 +10,8 @@
 //! - [`kstreams`]: Kafka Streams 4.4 (exactly-once v2), built with Maven, doing the same count;
 //! - [`recovery`]: restoring a large state from a full snapshot vs replaying it;
 //! - [`latency`]: end-to-end latency through the payments chain A → B → C;
+//! - [`scale`]: state at scale: commit latency at 10k to 10M keys, plain state vs keyed
+//!   store; warm vs cold restore; snapshot topic size after many full snapshots;
 //! - [`footprint`]: threads and memory per assigned partition;
 //! - [`progress`]: the common finish line (the group's committed offsets);
 //! - [`report`]: the tables and the `BENCH ...` line.
@@ -23,6 +25,7 @@ pub mod quix;
 pub mod raw;
 pub mod recovery;
 pub mod report;
+pub mod scale;
 pub mod workload;
 
 use std::path::PathBuf;
@@ -61,6 +64,10 @@ pub struct BenchOptions {
     pub latency_rate: u64,
     /// How long the latency case produces.
     pub latency_duration: Duration,
+    /// Key counts of the state-at-scale case.
+    pub scale_keys: Vec<u64>,
+    /// Update records per measurement of the state-at-scale case.
+    pub scale_updates: u64,
     /// Assigned partition counts of the footprint case.
     pub footprint_partitions: Vec<i32>,
     /// Skip Quix (reported as not measured, with this reason).
@@ -301,6 +308,8 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         latency.p99.as_millis()
     ));
 
+    let scale = run_scale(o, say).await?;
+
     say("case 7: partition scaling (throughput, threads, memory)");
     let mut footprints = Vec::new();
     for &partitions in &o.footprint_partitions {
@@ -359,8 +368,38 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         state_keys: o.state_keys,
         latency,
         latency_rate: o.latency_rate,
+        scale,
         footprints,
     })
+}
+
+/// Case 6 alone: state at scale (see [`scale`]).
+pub async fn run_scale(
+    o: &BenchOptions,
+    say: &(dyn Fn(&str) + Sync),
+) -> anyhow::Result<scale::ScaleResults> {
+    say(&format!(
+        "case 6: state at scale ({} keys; {} updates per measurement)",
+        o.scale_keys
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(" / "),
+        o.scale_updates
+    ));
+    scale::measure(
+        &scale::ScaleCase {
+            bench_exe: &o.bench_exe,
+            bootstrap: &o.bootstrap,
+            run: &o.run,
+            keys: &o.scale_keys,
+            updates: o.scale_updates,
+            log_dir: &o.log_dir,
+        },
+        say,
+    )
+    .await
+    .context("case 6, state at scale")
 }
 
 /// Kafka Streams on the same input, with one stream thread and with one per partition, each

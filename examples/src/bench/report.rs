@@ -7,6 +7,7 @@ use super::footprint::Footprint;
 use super::kstreams::KStreamsRestore;
 use super::latency::LatencyRun;
 use super::recovery::RestoreRun;
+use super::scale::ScaleResults;
 
 /// One throughput measurement.
 #[derive(Debug, Clone)]
@@ -64,6 +65,8 @@ pub struct Results {
     pub latency: LatencyRun,
     /// The chain's input rate, commands per second.
     pub latency_rate: u64,
+    /// State at scale: commit latency vs state size, warm vs cold restore, snapshot topic.
+    pub scale: ScaleResults,
     /// Threads and memory per assigned partition count.
     pub footprints: Vec<Footprint>,
 }
@@ -107,21 +110,26 @@ impl Results {
     }
 
     /// Replay restore time ÷ snapshot restore time.
-    pub fn restore_speedup(&self) -> f64 {
+    pub fn restore_vs_replay(&self) -> f64 {
         self.restore_replay.restore.as_secs_f64()
             / self.restore_snapshot.restore.as_secs_f64().max(1e-9)
     }
 
-    /// The summary line, exactly in the form.
+    /// The summary line, exactly in the form; `n/a` for what did not run.
     pub fn summary_line(&self) -> String {
-        let quix = self
-            .eos_vs_quix()
-            .map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}"));
+        let or_na = |value: Option<f64>, decimals: usize| {
+            value.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.decimals$}"))
+        };
         format!(
-            "BENCH eos_vs_raw={:.2} eos_vs_quix={quix} restore_speedup={:.1} e2e_p99_ms={} records={}",
+            "BENCH eos_vs_raw={:.2} eos_vs_kstreams={} eos_vs_quix={} restore_vs_replay={:.1} restore_vs_kstreams={} warm_vs_cold_restore={} e2e_p99_ms={} commit_p99_ratio_10m_vs_10k={} records={}",
             self.eos_vs_raw(),
-            self.restore_speedup(),
+            or_na(self.eos_vs_kstreams(), 2),
+            or_na(self.eos_vs_quix(), 2),
+            self.restore_vs_replay(),
+            or_na(self.restore_vs_kstreams(), 1),
+            or_na(self.scale.warm_vs_cold_restore(), 1),
             ms(self.latency.p99),
+            or_na(self.scale.commit_p99_ratio_10m_vs_10k().map(|(r, _)| r), 2),
             self.records
         )
     }
@@ -240,6 +248,8 @@ impl Results {
             ms(self.latency.max)
         );
         let _ = writeln!(t);
+        t.push_str(&self.scale.table());
+        let _ = writeln!(t);
         let _ = writeln!(
             t,
             "Partition scaling (one process, counting app, the same {} records at each count)",
@@ -271,5 +281,141 @@ impl Results {
             );
         }
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::scale::{CommitRow, SnapshotTopicSize, Variant, WarmCold};
+
+    fn tp(case: &str, records: u64, seconds: u64) -> Throughput {
+        Throughput {
+            case: case.into(),
+            records,
+            elapsed: Duration::from_secs(seconds),
+        }
+    }
+
+    fn restore(ms: u64) -> RestoreRun {
+        RestoreRun {
+            build: Duration::from_secs(1),
+            restore: Duration::from_millis(ms),
+            live_after_start: Duration::from_millis(ms + 100),
+            replayed: 0,
+            snapshot_bytes: 1_000,
+            snapshot_write: Duration::from_millis(5),
+        }
+    }
+
+    fn commit_row(variant: Variant, keys: u64, p99_ms: u64) -> CommitRow {
+        CommitRow {
+            variant,
+            keys,
+            updates: 20_000,
+            commits: 200,
+            p50: Duration::from_millis(p99_ms / 2),
+            p99: Duration::from_millis(p99_ms),
+            max: Duration::from_millis(p99_ms),
+            fill: Duration::from_secs(3),
+            fill_stop: Duration::from_secs(1),
+            snapshot_bytes: 1_000,
+            restore: Duration::from_millis(50),
+            restored_from_full_snapshot: variant == Variant::Plain,
+            update_elapsed: Duration::from_secs(4),
+            load: None,
+        }
+    }
+
+    /// exactly at 100k records/s, raw at 200k, Quix at 25k, Kafka Streams at 40k and 50k;
+    /// restores 0.5 s (snapshot), 4 s (replay), 2 s (Kafka Streams); warm 0.25 s, cold 5 s;
+    /// p99 ratios 3 (plain) and 1.5 (store).
+    fn results() -> Results {
+        Results {
+            records: 1_000_000,
+            partitions: 8,
+            raw: tp("raw", 1_000_000, 5),
+            exactly_default: tp("exactly", 1_000_000, 10),
+            exactly_intervals: vec![],
+            quix: QuixResult::Measured(tp("quix", 1_000_000, 40)),
+            kstreams: Ok(vec![tp("ks 1", 1_000_000, 25), tp("ks 8", 1_000_000, 20)]),
+            kstreams_restore: Ok(KStreamsRestore {
+                restore: Duration::from_secs(2),
+                ready_after_start: Duration::from_secs(3),
+                records: 1_000_000,
+            }),
+            restore_snapshot: restore(500),
+            restore_replay: restore(4_000),
+            state_keys: 1_000_000,
+            latency: LatencyRun {
+                commands: 30_000,
+                samples: 29_000,
+                p50: Duration::from_millis(300),
+                p99: Duration::from_millis(1_128),
+                max: Duration::from_millis(1_500),
+            },
+            latency_rate: 1_000,
+            scale: ScaleResults {
+                updates: 20_000,
+                rows: vec![
+                    commit_row(Variant::Plain, 10_000, 10),
+                    commit_row(Variant::Store, 10_000, 10),
+                    commit_row(Variant::Plain, 10_000_000, 30),
+                    commit_row(Variant::Store, 10_000_000, 15),
+                ],
+                warm_cold: Some(WarmCold {
+                    keys: 10_000_000,
+                    warm: Duration::from_millis(250),
+                    warm_replayed: 0,
+                    cold: Duration::from_secs(5),
+                    cold_replayed: 1_000,
+                }),
+                snapshot_topic: SnapshotTopicSize {
+                    keys: 10_000,
+                    full_snapshots: 110,
+                    trims: 100,
+                    records: 5,
+                    bytes: 300,
+                    full_snapshot_bytes: 200,
+                },
+            },
+            footprints: vec![],
+        }
+    }
+
+    #[test]
+    fn the_summary_line_has_every_field_in_order() {
+        assert_eq!(
+            results().summary_line(),
+            "BENCH eos_vs_raw=0.50 eos_vs_kstreams=2.00 eos_vs_quix=4.00 restore_vs_replay=8.0 restore_vs_kstreams=4.0 warm_vs_cold_restore=20.0 e2e_p99_ms=1128 commit_p99_ratio_10m_vs_10k=3.00 records=1000000"
+        );
+    }
+
+    #[test]
+    fn peers_that_did_not_run_are_not_a_number() {
+        let mut r = results();
+        r.quix = QuixResult::Unavailable("skipped".into());
+        r.kstreams = Err("no JDK".into());
+        r.kstreams_restore = Err("no JDK".into());
+        r.scale.warm_cold = None;
+        r.scale.rows.retain(|row| row.keys != 10_000_000);
+        assert_eq!(
+            r.summary_line(),
+            "BENCH eos_vs_raw=0.50 eos_vs_kstreams=n/a eos_vs_quix=n/a restore_vs_replay=8.0 restore_vs_kstreams=n/a warm_vs_cold_restore=n/a e2e_p99_ms=1128 commit_p99_ratio_10m_vs_10k=n/a records=1000000"
+        );
+        let tables = r.tables();
+        assert!(tables.contains("not measured: no JDK"), "{tables}");
+    }
+
+    #[test]
+    fn kafka_streams_is_compared_with_its_faster_run() {
+        let r = results();
+        assert_eq!(r.kstreams_best().map(|t| t.case.as_str()), Some("ks 8"));
+        let tables = r.tables();
+        assert!(
+            tables.contains("vs the faster Kafka Streams run: 2.00x"),
+            "{tables}"
+        );
+        assert!(tables.contains("State at scale"), "{tables}");
     }
 }

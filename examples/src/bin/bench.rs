@@ -4,13 +4,14 @@
 //! ```text
 //! cargo run --release -p exactly-examples --bin bench            # 1M records
 //! cargo run --release -p exactly-examples --bin bench -- --quick # 100k records
+//! cargo run --release -p exactly-examples --bin bench -- --only scale --scale-keys 10000,100000
 //! ```
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use exactly_examples::bench::{self, footprint, BenchOptions};
+use exactly_examples::bench::{self, footprint, scale, BenchOptions};
 use exactly_tests::cluster::{unique_name, TestCluster};
 
 #[derive(Debug, Parser)]
@@ -46,6 +47,28 @@ struct Args {
     /// Do not run Quix Streams (reported as not measured).
     #[arg(long)]
     skip_quix: bool,
+    /// Key counts of the state-at-scale case, comma-separated (default 10000,1000000,10000000;
+    /// the BENCH line's commit_p99_ratio_10m_vs_10k needs 10000 and 10000000).
+    #[arg(long)]
+    scale_keys: Option<KeyCounts>,
+    /// Update records per measurement of the state-at-scale case (default 20000, 10000 with
+    /// --quick).
+    #[arg(long)]
+    scale_updates: Option<u64>,
+    /// Run only this case (for development): `scale`. Prints its table, no BENCH line.
+    #[arg(long, hide = true, value_parser = ["scale"])]
+    only: Option<String>,
+}
+
+/// `--scale-keys`: a comma-separated list of key counts.
+#[derive(Debug, Clone)]
+struct KeyCounts(Vec<u64>);
+
+impl std::str::FromStr for KeyCounts {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        scale::parse_key_counts(s).map(KeyCounts)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,6 +89,28 @@ enum Command {
         #[arg(long)]
         records: u64,
     },
+    /// Internal: one process of the state-at-scale case.
+    #[command(hide = true)]
+    ScaleChild {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        app_id: String,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        output: String,
+        #[arg(long)]
+        variant: scale::Variant,
+        #[arg(long)]
+        state_dir: std::path::PathBuf,
+        #[arg(long)]
+        mode: scale::Mode,
+        #[arg(long)]
+        input_end: u64,
+        #[arg(long)]
+        hold: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -77,6 +122,8 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Plain text in the log files of child processes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -98,6 +145,30 @@ fn main() -> std::process::ExitCode {
                 partitions,
                 records,
             }) => footprint::child(brokers, app_id, topic, output, partitions, records).await,
+            Some(Command::ScaleChild {
+                ref brokers,
+                ref app_id,
+                ref topic,
+                ref output,
+                variant,
+                ref state_dir,
+                mode,
+                input_end,
+                hold,
+            }) => {
+                scale::child(&scale::ChildArgs {
+                    brokers: brokers.clone(),
+                    app_id: app_id.clone(),
+                    topic: topic.clone(),
+                    output: output.clone(),
+                    variant,
+                    state_dir: state_dir.clone(),
+                    mode,
+                    input_end,
+                    hold,
+                })
+                .await
+            }
             None => run(&args).await,
         }
     });
@@ -147,6 +218,13 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         } else {
             30
         })),
+        scale_keys: args
+            .scale_keys
+            .as_ref()
+            .map_or_else(|| scale::DEFAULT_KEYS.to_vec(), |k| k.0.clone()),
+        scale_updates: args
+            .scale_updates
+            .unwrap_or(if args.quick { 10_000 } else { 20_000 }),
         footprint_partitions: vec![1, 8, 32, 128],
         skip_quix: args.skip_quix.then(|| "skipped (--skip-quix)".to_owned()),
         bench_exe: std::env::current_exe().context("locating the bench binary")?,
@@ -156,6 +234,20 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         "brokers {bootstrap}; logs in {}",
         log_dir.display()
     ));
+    if args.only.is_some() {
+        let results = bench::run_scale(&options, &say).await?;
+        println!();
+        print!("{}", results.table());
+        println!();
+        let or_na = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}"));
+        println!(
+            "SCALE warm_vs_cold_restore={} commit_p99_ratio_10m_vs_10k={} snapshot_topic_vs_full_snapshot={:.2}",
+            or_na(results.warm_vs_cold_restore()),
+            or_na(results.commit_p99_ratio_10m_vs_10k().map(|(r, _)| r)),
+            results.snapshot_topic.ratio()
+        );
+        return Ok(());
+    }
     let results = bench::run(&options, &say).await?;
     println!();
     print!("{}", results.tables());

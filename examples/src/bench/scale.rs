@@ -880,10 +880,11 @@ pub async fn measure(
     case: &ScaleCase<'_>,
     say: &(dyn Fn(&str) + Sync),
 ) -> anyhow::Result<ScaleResults> {
-    // The first transactions on a freshly started broker are slower (its JIT, its
-    // transaction coordinator): measured in the same run, a plain state of 10 000 keys had a
-    // commit p50 of 33 ms before this warm-up and 11 ms after it, so without it the
-    // smallest state, measured first, looks slower than the largest.
+    // The first transactions on a freshly started broker are slower: the producer's flush
+    // takes about 24 ms rather than 6 ms for most commits in the first minute or so (in one
+    // run a plain state of 10 000 keys had a commit p50 of 33 ms in this warm-up and 11 ms
+    // right after it; in another, 35 and 28 ms). Without it the smallest state, measured
+    // first, looks slower than the largest. In the full benchmark the broker is warm anyway.
     say(&format!(
         "  warm-up (not reported): both variants at {WARM_UP_KEYS} keys"
     ));

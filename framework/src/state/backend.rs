@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 
-use super::local::LocalDb;
+use super::local::{iterate, LocalDb};
 use super::StoreError;
 
 /// Store id whose key range holds the runtime's own records (position, plain state).
@@ -133,16 +133,9 @@ impl View {
                 taken();
                 let mut options = rocksdb::ReadOptions::default();
                 options.set_snapshot(&snapshot);
-                options.set_iterate_upper_bound(to.to_vec());
+                // A full snapshot reads every entry once: don't let it evict the hot blocks.
                 options.fill_cache(false);
-                let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
-                for item in db.iterator_opt(mode, options) {
-                    let (key, value) = item.map_err(|e| e.into_string())?;
-                    if !visit(&key, &value) {
-                        break;
-                    }
-                }
-                Ok(())
+                iterate(db, options, from, Some(to), &mut visit).map_err(|e| e.into_string())
             }
         }
     }

@@ -169,20 +169,8 @@ impl LocalDb {
         mut visit: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
         let db = self.handle()?;
-        let mut options = rocksdb::ReadOptions::default();
-        if let Some(to) = to {
-            options.set_iterate_upper_bound(to.to_vec());
-        }
-        // Full snapshots read every entry once: don't let them evict the hot blocks.
-        options.fill_cache(false);
-        let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
-        for item in db.iterator_opt(mode, options) {
-            let (key, value) = item.map_err(|e| self.error("scanning", e))?;
-            if !visit(&key, &value) {
-                break;
-            }
-        }
-        Ok(())
+        iterate(&db, rocksdb::ReadOptions::default(), from, to, &mut visit)
+            .map_err(|e| self.error("scanning", e))
     }
 
     pub(crate) fn write(&self, writes: Vec<Write>) -> Result<(), StoreError> {
@@ -214,6 +202,28 @@ impl Drop for LocalDb {
             }
         }
     }
+}
+
+/// Visits `db`'s entries with keys in `[from, to)`, read with `options`, in key order until
+/// `visit` returns `false`.
+pub(crate) fn iterate(
+    db: &rocksdb::DB,
+    mut options: rocksdb::ReadOptions,
+    from: &[u8],
+    to: Option<&[u8]>,
+    visit: &mut impl FnMut(&[u8], &[u8]) -> bool,
+) -> Result<(), rocksdb::Error> {
+    if let Some(to) = to {
+        options.set_iterate_upper_bound(to.to_vec());
+    }
+    let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
+    for item in db.iterator_opt(mode, options) {
+        let (key, value) = item?;
+        if !visit(&key, &value) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn open(dir: &Path) -> Result<rocksdb::DB, StoreError> {

@@ -190,6 +190,8 @@ struct Live<S> {
     recovery_cost: RecoveryCost,
     /// A full snapshot streaming out with the transactions (a state with stores).
     streaming: Option<Streaming>,
+    /// The open transaction's outputs, produced when it commits (see [`PartitionWorker::send_unsent`]).
+    unsent: Vec<OutputRecord>,
 }
 
 impl<S> From<Recovered<S>> for Live<S> {
@@ -206,6 +208,7 @@ impl<S> From<Recovered<S>> for Live<S> {
             last_full_snapshot: Instant::now(),
             recovery_cost: r.cost,
             streaming: None,
+            unsent: Vec::new(),
         }
     }
 }
@@ -734,7 +737,8 @@ impl<P: Processor> PartitionWorker<P> {
     /// coordinator's timeout abort (it bumps the epoch, which librdkafka reports as fenced),
     /// not a zombie: [`LiveExit::TimedOut`].
     fn live_loop(&mut self, producer: &Arc<TxnProducer>, live: Live<P::State>) -> LiveExit {
-        // Some(start) while a transaction is open.
+        // Some(since) while a transaction is open: since its first record, and once it
+        // commits since the coordinator learned of it (see `commit`).
         let mut open: Option<Instant> = None;
         let exit = self.run_transactions(producer, live, &mut open);
         match (exit, open) {
@@ -789,9 +793,7 @@ impl<P: Processor> PartitionWorker<P> {
                         *open = Some(Instant::now());
                         batch_records = 0;
                     }
-                    if let Err(exit) =
-                        self.process_one(producer, &mut live, &forwarded.record, &mut out)
-                    {
+                    if let Err(exit) = self.process_one(&mut live, &forwarded.record, &mut out) {
                         return exit;
                     }
                     batch_records += 1;
@@ -831,7 +833,6 @@ impl<P: Processor> PartitionWorker<P> {
 
     fn process_one(
         &self,
-        producer: &TxnProducer,
         live: &mut Live<P::State>,
         raw: &RawRecord,
         out: &mut Output,
@@ -865,8 +866,7 @@ impl<P: Processor> PartitionWorker<P> {
                 }
                 ErrorPolicy::DeadLetter { topic } => {
                     tracing::warn!(offset = raw.offset, kind = error.kind(), error = %error, dead_letter_topic = %topic, "dead-lettering a record");
-                    let record = dead_letter_record(topic, raw, &error);
-                    self.send_output(producer, &record)?;
+                    live.unsent.push(dead_letter_record(topic, raw, &error));
                     self.metrics.record_error();
                     self.metrics.records_dead_lettered();
                 }
@@ -878,15 +878,33 @@ impl<P: Processor> PartitionWorker<P> {
         self.metrics.output_records(outputs.len() as u64);
         for record in &outputs {
             live.digest.update(record);
-            self.send_output(producer, record)?;
         }
         if let Some(streaming) = &mut live.streaming {
             streaming.record_processed(&outputs);
         }
+        live.unsent.extend(outputs);
         live.next_offset = raw.offset + 1;
         live.records_since_base += 1;
         self.metrics.records_processed(1);
         self.partition_metrics.record_processed();
+        Ok(())
+    }
+
+    /// Produces the open transaction's outputs, all at once when it commits.
+    ///
+    /// Nobody reads them earlier (read_committed readers see them after the commit), and
+    /// produced together they cost the broker one AddPartitionsToTxn and a few produce
+    /// requests per transaction; produced as `process` returns them, each new output
+    /// partition cost a request of its own while the transaction was open (about five of
+    /// each per transaction in the latency case, on a broker whose CPU they saturated).
+    fn send_unsent(
+        &self,
+        producer: &TxnProducer,
+        live: &mut Live<P::State>,
+    ) -> Result<(), LiveExit> {
+        for record in std::mem::take(&mut live.unsent) {
+            self.send_output(producer, &record)?;
+        }
         Ok(())
     }
 
@@ -983,6 +1001,11 @@ impl<P: Processor> PartitionWorker<P> {
         final_snapshot: bool,
         open: &mut Option<Instant>,
     ) -> Result<(), LiveExit> {
+        // The coordinator learns of the transaction only now (its first AddPartitionsToTxn
+        // goes with the first record sent): its age, which the coordinator's timeout judges,
+        // starts here, however long `process` took before.
+        *open = Some(Instant::now());
+        self.send_unsent(producer, live)?;
         let new_base = self.stream_pieces(producer, live)?;
         let streamed = new_base.is_some();
         self.commit_open_transaction(producer, live, new_base)?;
@@ -1057,9 +1080,6 @@ impl<P: Processor> PartitionWorker<P> {
             )
             .map_err(LiveExit::Abort)?;
         let commit_started = Instant::now();
-        // Flushed here (promptly) so that commit_transaction's own flush finds nothing left.
-        retry(|| flush_promptly(producer, txn_timeout))?;
-        let flushed = commit_started.elapsed();
         // The current generation / member epoch: a rebalance that kept this partition here
         // changed it, and the broker rejects offsets sent with an old one.
         // (None only before the consumer's first rebalance, which started this worker.)
@@ -1069,7 +1089,18 @@ impl<P: Processor> PartitionWorker<P> {
                 .ok_or(LiveExit::Abort(KafkaError::ConsumerCommit(
                     RDKafkaErrorCode::State,
                 )))?;
-        send_offsets_bounded(producer, offsets, group_metadata, txn_timeout)?;
+        // The offsets go to the transaction while the outputs are still in flight: their
+        // round trips (AddOffsetsToTxn, TxnOffsetCommit) overlap the produce requests'
+        // instead of following them. The order does not matter to the outcome: all of it
+        // commits with EndTxn, or none of it.
+        let offsets_sending =
+            SendingOffsets::start(producer, offsets, group_metadata, txn_timeout)?;
+        // Flushed here (promptly) so that commit_transaction's own flush finds nothing left.
+        let flushed_result = retry(|| flush_promptly(producer, txn_timeout));
+        let flushed = commit_started.elapsed();
+        let offsets_result = offsets_sending.wait();
+        flushed_result?;
+        offsets_result?;
         let offsets_sent = commit_started.elapsed();
         retry(|| producer.commit_transaction(txn_timeout))?;
         if let Some((topic, error)) = producer.context().take_first_error() {
@@ -1188,7 +1219,7 @@ fn exit_for(error: KafkaError) -> LiveExit {
     }
 }
 
-/// Runs `send_offsets_to_transaction` on a thread of its own and waits for it at most a
+/// `send_offsets_to_transaction` running on a thread of its own, waited for at most a
 /// quarter of the transaction timeout plus [`HUNG_CALL_MARGIN`].
 ///
 /// librdkafka 2.12 can block in this call forever: the group-coordinator request behind it
@@ -1198,36 +1229,54 @@ fn exit_for(error: KafkaError) -> LiveExit {
 /// ignoring timeout"). A worker stuck there never commits and never stops. Past the bound the
 /// worker gives this producer up ([`LiveExit::Hung`]): the call keeps its thread and the
 /// producer, and the next producer's `init_transactions` fences both.
-fn send_offsets_bounded(
-    producer: &Arc<TxnProducer>,
-    offsets: TopicPartitionList,
-    group_metadata: Arc<ConsumerGroupMetadata>,
-    txn_timeout: Duration,
-) -> Result<(), LiveExit> {
-    let call_timeout = txn_timeout / 4;
-    let bound = call_timeout + HUNG_CALL_MARGIN;
-    let (done, outcome) = std::sync::mpsc::sync_channel(1);
-    let caller = Arc::clone(producer);
-    let spawned = std::thread::Builder::new()
-        .name("exactly-offsets".into())
-        .spawn(move || {
-            let result = retry(|| {
-                caller.send_offsets_to_transaction(&offsets, &group_metadata, call_timeout)
+struct SendingOffsets {
+    outcome: std::sync::mpsc::Receiver<Result<(), LiveExit>>,
+    started: Instant,
+    bound: Duration,
+}
+
+impl SendingOffsets {
+    fn start(
+        producer: &Arc<TxnProducer>,
+        offsets: TopicPartitionList,
+        group_metadata: Arc<ConsumerGroupMetadata>,
+        txn_timeout: Duration,
+    ) -> Result<Self, LiveExit> {
+        let call_timeout = txn_timeout / 4;
+        let (done, outcome) = std::sync::mpsc::sync_channel(1);
+        let caller = Arc::clone(producer);
+        let spawned = std::thread::Builder::new()
+            .name("exactly-offsets".into())
+            .spawn(move || {
+                let result = retry(|| {
+                    caller.send_offsets_to_transaction(&offsets, &group_metadata, call_timeout)
+                });
+                let _ = done.send(result);
             });
-            let _ = done.send(result);
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start a thread for send_offsets_to_transaction");
-        return Err(LiveExit::Abort(KafkaError::ConsumerCommit(
-            RDKafkaErrorCode::Fail,
-        )));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a thread for send_offsets_to_transaction");
+            return Err(LiveExit::Abort(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::Fail,
+            )));
+        }
+        Ok(SendingOffsets {
+            outcome,
+            started: Instant::now(),
+            bound: call_timeout + HUNG_CALL_MARGIN,
+        })
     }
-    match outcome.recv_timeout(bound) {
-        Ok(result) => result,
-        Err(_) => Err(LiveExit::Hung {
-            call: "send_offsets_to_transaction",
-            waited: bound,
-        }),
+
+    /// Its outcome, or [`LiveExit::Hung`] past the bound. Always waited for, also when the
+    /// flush beside it failed: an abort must not race a transactional call in progress.
+    fn wait(self) -> Result<(), LiveExit> {
+        let left = self.bound.saturating_sub(self.started.elapsed());
+        match self.outcome.recv_timeout(left) {
+            Ok(result) => result,
+            Err(_) => Err(LiveExit::Hung {
+                call: "send_offsets_to_transaction",
+                waited: self.bound,
+            }),
+        }
     }
 }
 
@@ -1307,6 +1356,7 @@ mod tests {
                 replay,
             },
             streaming: None,
+            unsent: Vec::new(),
         }
     }
 

@@ -39,6 +39,67 @@ pub struct LatencyRun {
     pub p99: Duration,
     /// Largest.
     pub max: Duration,
+    /// Latency up to each topic of the chain, in chain order (the last is C's summaries): where
+    /// the time goes.
+    pub hops: Vec<HopLatency>,
+    /// Each service's transactions and their commit latency.
+    pub services: Vec<ServiceCommits>,
+}
+
+/// One service's transactions in the latency run.
+#[derive(Debug, Clone)]
+pub struct ServiceCommits {
+    /// Which service.
+    pub service: &'static str,
+    /// Transactions committed (all partitions, start-up and shutdown included).
+    pub transactions: u64,
+    /// Median commit latency (the whole commit path).
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+}
+
+impl LatencyRun {
+    /// The latency up to each topic of the chain, one line per topic.
+    pub fn hop_table(&self) -> String {
+        use std::fmt::Write;
+        let mut t = String::new();
+        for hop in &self.hops {
+            let _ = writeln!(
+                t,
+                "  up to {:<24} p50 {:>5} ms, p99 {:>5} ms ({} records)",
+                hop.topic,
+                hop.p50.as_millis(),
+                hop.p99.as_millis(),
+                hop.samples
+            );
+        }
+        for s in &self.services {
+            let _ = writeln!(
+                t,
+                "  service {:<11} {:>6} transactions, commit p50 {:>5} ms, p99 {:>5} ms",
+                s.service,
+                s.transactions,
+                s.p50.as_millis(),
+                s.p99.as_millis()
+            );
+        }
+        t
+    }
+}
+
+/// The latency of one topic of the chain: from a command's production to a read_committed
+/// reader receiving a record on this topic that carries the command's timestamp.
+#[derive(Debug, Clone)]
+pub struct HopLatency {
+    /// Which topic (by its role in the chain).
+    pub topic: &'static str,
+    /// Records sampled after the warm-up.
+    pub samples: usize,
+    /// Median latency.
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
 }
 
 /// How long after the first command samples count (the chain's first transactions include
@@ -101,7 +162,19 @@ pub async fn measure_chain_latency(
         .await?;
     }
 
-    let reader = LatencyReader::start(bootstrap, &topics.stats, partitions)?;
+    let hop_topics = [
+        ("commands", &topics.commands),
+        ("ledger (A's output)", &topics.ledger),
+        ("balances (B's output)", &topics.balances),
+        ("summaries (C's output)", &topics.stats),
+    ];
+    // One reader for all of them: a reader per topic would add its own fetch load to the
+    // broker it measures.
+    let reader = LatencyReader::start(
+        bootstrap,
+        &hop_topics.map(|(_, topic)| topic.as_str()),
+        partitions,
+    )?;
     let produced = {
         let (bootstrap, commands_topic) = (bootstrap.to_owned(), topics.commands.clone());
         tokio::task::spawn_blocking(move || {
@@ -110,25 +183,53 @@ pub async fn measure_chain_latency(
         .await
         .context("the command producer panicked")??
     };
-    let latencies = tokio::task::spawn_blocking(move || reader.finish(produced.first_sent))
+    let per_topic = tokio::task::spawn_blocking(move || reader.finish(produced.first_sent))
         .await
         .context("the latency reader panicked")??;
-    for app in [validate, ledger, stats] {
-        app.stop().await?;
+    let hops = hop_topics.map(|(role, _)| role).into_iter().zip(per_topic);
+    let mut services = Vec::new();
+    for (name, app) in [
+        ("A validate", validate),
+        ("B ledger", ledger),
+        ("C stats", stats),
+    ] {
+        let m = app.stop().await?;
+        services.push(ServiceCommits {
+            service: name,
+            transactions: m.transactions_committed,
+            p50: m.commit_latency_p50,
+            p99: m.commit_latency_p99,
+        });
     }
-    let mut sorted = latencies;
-    sorted.sort_unstable();
-    if sorted.is_empty() {
-        bail!("no summary reached {} after the warm-up", topics.stats);
+    let mut hop_latencies = Vec::new();
+    let mut summaries = Vec::new();
+    for (role, mut latencies) in hops {
+        latencies.sort_unstable();
+        if latencies.is_empty() {
+            bail!("no record reached the {role} topic after the warm-up");
+        }
+        hop_latencies.push(HopLatency {
+            topic: role,
+            samples: latencies.len(),
+            p50: quantile(&latencies, 0.50),
+            p99: quantile(&latencies, 0.99),
+        });
+        summaries = latencies;
     }
-    let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
     Ok(LatencyRun {
         commands: produced.count,
-        samples: sorted.len(),
-        p50: at(0.50),
-        p99: at(0.99),
-        max: at(1.0),
+        samples: summaries.len(),
+        p50: quantile(&summaries, 0.50),
+        p99: quantile(&summaries, 0.99),
+        max: quantile(&summaries, 1.0),
+        hops: hop_latencies,
+        services,
     })
+}
+
+/// The `q` quantile of `sorted` (not empty).
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
 struct Produced {
@@ -182,52 +283,70 @@ fn produce_at_rate(
     })
 }
 
-/// Reads C's summaries read_committed on its own thread and keeps each one's latency.
+/// Latencies per topic: (send time of the command, latency).
+type Sampled = Vec<Vec<(i64, Duration)>>;
+
+/// Reads the chain's topics read_committed on its own thread and keeps each record's latency.
 struct LatencyReader {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<anyhow::Result<Vec<(i64, Duration)>>>,
+    thread: std::thread::JoinHandle<anyhow::Result<Sampled>>,
     last_seen: Arc<std::sync::Mutex<Instant>>,
 }
 
 impl LatencyReader {
-    fn start(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<Self> {
+    fn start(bootstrap: &str, topics: &[&str], partitions: i32) -> anyhow::Result<Self> {
+        let last = topics.last().context("no topic to read")?;
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             // librdkafka wants a group id even for a consumer that never joins it.
-            .set("group.id", format!("{topic}.latency-reader"))
+            .set("group.id", format!("{last}.latency-reader"))
             .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "10")
+            // A fetch returns as soon as committed data is there; this only bounds the wait
+            // when there is none.
+            .set("fetch.wait.max.ms", "50")
             .create()
             .context("creating the latency reader")?;
         // Assigned, not subscribed: a group join takes seconds, and summaries that waited for
         // it would count the join as latency.
         let mut assignment = TopicPartitionList::new();
-        for partition in 0..partitions {
-            assignment
-                .add_partition_offset(topic, partition, Offset::Beginning)
-                .context("building the latency reader's assignment")?;
+        for topic in topics {
+            for partition in 0..partitions {
+                assignment
+                    .add_partition_offset(topic, partition, Offset::Beginning)
+                    .context("building the latency reader's assignment")?;
+            }
         }
         consumer
             .assign(&assignment)
-            .with_context(|| format!("assigning {topic} to the latency reader"))?;
+            .context("assigning the chain's topics to the latency reader")?;
+        let index: std::collections::HashMap<String, usize> = topics
+            .iter()
+            .enumerate()
+            .map(|(i, topic)| (topic.to_string(), i))
+            .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let last_seen = Arc::new(std::sync::Mutex::new(Instant::now()));
         let thread = {
             let (stop, last_seen) = (stop.clone(), last_seen.clone());
             std::thread::spawn(move || {
-                let mut latencies = Vec::new();
+                let mut latencies: Sampled = vec![Vec::new(); index.len()];
                 while !stop.load(Ordering::Relaxed) {
                     let Some(message) = consumer.poll(Duration::from_millis(50)) else {
                         continue;
                     };
                     let message = message.context("reading the summaries")?;
                     let received = now_ms();
-                    if let Some(sent) = message.timestamp().to_millis() {
-                        latencies
-                            .push((sent, Duration::from_millis((received - sent).max(0) as u64)));
+                    let (Some(sent), Some(&topic)) =
+                        (message.timestamp().to_millis(), index.get(message.topic()))
+                    else {
+                        continue;
+                    };
+                    latencies[topic]
+                        .push((sent, Duration::from_millis((received - sent).max(0) as u64)));
+                    if topic + 1 == latencies.len() {
+                        *last_seen.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
                     }
-                    *last_seen.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
                 }
                 Ok(latencies)
             })
@@ -239,9 +358,9 @@ impl LatencyReader {
         })
     }
 
-    /// Waits until the chain has gone quiet, stops reading and returns the latencies of the
-    /// summaries of commands sent after the warm-up.
-    fn finish(self, first_sent: i64) -> anyhow::Result<Vec<Duration>> {
+    /// Waits until the chain has gone quiet (no new summary), stops reading and returns the
+    /// latencies, per topic, of the records of commands sent after the warm-up.
+    fn finish(self, first_sent: i64) -> anyhow::Result<Vec<Vec<Duration>>> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let quiet_for = self
@@ -262,8 +381,13 @@ impl LatencyReader {
         let warm = first_sent + WARM_UP.as_millis() as i64;
         Ok(latencies
             .into_iter()
-            .filter(|(sent, _)| *sent >= warm)
-            .map(|(_, latency)| latency)
+            .map(|topic| {
+                topic
+                    .into_iter()
+                    .filter(|(sent, _)| *sent >= warm)
+                    .map(|(_, latency)| latency)
+                    .collect()
+            })
             .collect())
     }
 }

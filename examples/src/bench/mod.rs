@@ -84,6 +84,65 @@ const CASE_LIMIT: Duration = Duration::from_secs(1800);
 /// Runs every case; `say` reports progress.
 pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow::Result<Results> {
     let o = options;
+    let throughput = run_throughput(o, Peers::Run, say).await?;
+    let restore = run_restore(o, say).await?;
+    say(&format!(
+        "case 5: end-to-end latency A -> B -> C at {} commands/s for {} s",
+        o.latency_rate,
+        o.latency_duration.as_secs()
+    ));
+    let latency = run_latency(o, say).await?;
+    let scale = run_scale(o, say).await?;
+    let footprints = run_footprints(o, say).await?;
+    Ok(Results {
+        records: o.records,
+        partitions: o.partitions,
+        raw: throughput.raw,
+        exactly_default: throughput.exactly_default,
+        exactly_intervals: throughput.exactly_intervals,
+        quix: throughput.quix,
+        kstreams: throughput.kstreams,
+        kstreams_restore: restore.kstreams,
+        restore_snapshot: restore.snapshot,
+        restore_replay: restore.replay,
+        state_keys: o.state_keys,
+        latency,
+        latency_rate: o.latency_rate,
+        scale,
+        footprints,
+    })
+}
+
+/// Whether the throughput cases run the peers (Quix Streams, Kafka Streams) too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peers {
+    /// Run them.
+    Run,
+    /// Only the raw pipe and exactly (for development).
+    Skip,
+}
+
+/// What the throughput cases measured.
+pub struct ThroughputResults {
+    /// The raw pipe.
+    pub raw: Throughput,
+    /// exactly at its default settings.
+    pub exactly_default: Throughput,
+    /// exactly at other commit intervals.
+    pub exactly_intervals: Vec<Throughput>,
+    /// Quix Streams.
+    pub quix: QuixResult,
+    /// Kafka Streams, or why it did not run.
+    pub kstreams: Result<Vec<Throughput>, String>,
+}
+
+/// Cases 1 to 3: the raw pipe, exactly at three commit intervals and the peers, on the same
+/// input.
+pub async fn run_throughput(
+    o: &BenchOptions,
+    peers: Peers,
+    say: &(dyn Fn(&str) + Sync),
+) -> anyhow::Result<ThroughputResults> {
     let topic = |name: &str| format!("{}.{name}", o.run);
     // App ids take no '.' (they prefix transactional ids and snapshot topics).
     let app = |name: &str| format!("{}-{name}", o.run);
@@ -197,6 +256,16 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
     }
     let exactly_default = exactly_runs.remove(0);
 
+    let not_run = || "not run (--only throughput)".to_owned();
+    if peers == Peers::Skip {
+        return Ok(ThroughputResults {
+            raw,
+            exactly_default,
+            exactly_intervals: exactly_runs,
+            quix: QuixResult::Unavailable(not_run()),
+            kstreams: Err(not_run()),
+        });
+    }
     let quix = match &o.skip_quix {
         Some(reason) => QuixResult::Unavailable(reason.clone()),
         None => {
@@ -219,6 +288,33 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         Err(why) => say(&format!("  not measured: {why}")),
     }
 
+    Ok(ThroughputResults {
+        raw,
+        exactly_default,
+        exactly_intervals: exactly_runs,
+        quix,
+        kstreams,
+    })
+}
+
+/// What the restore case measured.
+pub struct RestoreResults {
+    /// exactly from its full snapshot.
+    pub snapshot: recovery::RestoreRun,
+    /// exactly replaying everything.
+    pub replay: recovery::RestoreRun,
+    /// Kafka Streams from its changelog, or why it did not run.
+    pub kstreams: Result<kstreams::KStreamsRestore, String>,
+}
+
+/// Case 4: the same large state restored by exactly from its full snapshot, by replaying
+/// everything, and by Kafka Streams from its changelog.
+pub async fn run_restore(
+    o: &BenchOptions,
+    say: &(dyn Fn(&str) + Sync),
+) -> anyhow::Result<RestoreResults> {
+    let topic = |name: &str| format!("{}.{name}", o.run);
+    let app = |name: &str| format!("{}-{name}", o.run);
     say(&format!("case 4: restore of a {}-key state", o.state_keys));
     let state_input = topic("state-input");
     let restore_outputs = [topic("out-restore-snapshot"), topic("out-restore-replay")];
@@ -285,31 +381,20 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         Err(why) => say(&format!("  Kafka Streams restore not measured: {why}")),
     }
 
-    say(&format!(
-        "case 5: end-to-end latency A -> B -> C at {} commands/s for {} s",
-        o.latency_rate,
-        o.latency_duration.as_secs()
-    ));
-    let chain = ChainTopics::new(&topic("chain"));
-    create_topics(&o.bootstrap, &chain.all(), o.partitions, &TOPIC_CONFIG).await?;
-    let latency = latency::measure_chain_latency(
-        &o.bootstrap,
-        &app("chain"),
-        &chain,
-        o.partitions,
-        o.latency_rate,
-        o.latency_duration,
-    )
-    .await
-    .context("the latency case")?;
-    say(&format!(
-        "  p50 {} ms, p99 {} ms",
-        latency.p50.as_millis(),
-        latency.p99.as_millis()
-    ));
+    Ok(RestoreResults {
+        snapshot: restore_snapshot,
+        replay: restore_replay,
+        kstreams: kstreams_restore,
+    })
+}
 
-    let scale = run_scale(o, say).await?;
-
+/// Case 7: throughput, threads and memory at each assigned partition count.
+pub async fn run_footprints(
+    o: &BenchOptions,
+    say: &(dyn Fn(&str) + Sync),
+) -> anyhow::Result<Vec<footprint::Footprint>> {
+    let topic = |name: &str| format!("{}.{name}", o.run);
+    let app = |name: &str| format!("{}-{name}", o.run);
     say("case 7: partition scaling (throughput, threads, memory)");
     let mut footprints = Vec::new();
     for &partitions in &o.footprint_partitions {
@@ -354,23 +439,32 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         footprints.push(footprint);
     }
 
-    Ok(Results {
-        records: o.records,
-        partitions: o.partitions,
-        raw,
-        exactly_default,
-        exactly_intervals: exactly_runs,
-        quix,
-        kstreams,
-        kstreams_restore,
-        restore_snapshot,
-        restore_replay,
-        state_keys: o.state_keys,
-        latency,
-        latency_rate: o.latency_rate,
-        scale,
-        footprints,
-    })
+    Ok(footprints)
+}
+
+/// Case 5 alone: end-to-end latency through the payments chain (see [`latency`]).
+pub async fn run_latency(
+    o: &BenchOptions,
+    say: &(dyn Fn(&str) + Sync),
+) -> anyhow::Result<latency::LatencyRun> {
+    let chain = ChainTopics::new(&format!("{}.chain", o.run));
+    create_topics(&o.bootstrap, &chain.all(), o.partitions, &TOPIC_CONFIG).await?;
+    let latency = latency::measure_chain_latency(
+        &o.bootstrap,
+        &format!("{}-chain", o.run),
+        &chain,
+        o.partitions,
+        o.latency_rate,
+        o.latency_duration,
+    )
+    .await
+    .context("the latency case")?;
+    say(&format!(
+        "  p50 {} ms, p99 {} ms",
+        latency.p50.as_millis(),
+        latency.p99.as_millis()
+    ));
+    Ok(latency)
 }
 
 /// Case 6 alone: state at scale (see [`scale`]).

@@ -247,6 +247,7 @@ impl Results {
             ms(self.latency.p99),
             ms(self.latency.max)
         );
+        t.push_str(&self.latency.hop_table());
         let _ = writeln!(t);
         t.push_str(&self.scale.table());
         let _ = writeln!(t);
@@ -353,6 +354,8 @@ mod tests {
                 p50: Duration::from_millis(300),
                 p99: Duration::from_millis(1_128),
                 max: Duration::from_millis(1_500),
+                hops: Vec::new(),
+                services: Vec::new(),
             },
             latency_rate: 1_000,
             scale: ScaleResults {

@@ -55,8 +55,9 @@ struct Args {
     /// --quick).
     #[arg(long)]
     scale_updates: Option<u64>,
-    /// Run only this case (for development): `scale`. Prints its table, no BENCH line.
-    #[arg(long, hide = true, value_parser = ["scale"])]
+    /// Run only this case (for development): `scale`, `latency` or `throughput` (no peers). Prints its table, no
+    /// BENCH line.
+    #[arg(long, hide = true, value_parser = ["scale", "latency", "throughput"])]
     only: Option<String>,
 }
 
@@ -234,6 +235,28 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         "brokers {bootstrap}; logs in {}",
         log_dir.display()
     ));
+    if args.only.as_deref() == Some("throughput") {
+        let t = bench::run_throughput(&options, bench::Peers::Skip, &say).await?;
+        println!();
+        for tp in [&t.raw, &t.exactly_default]
+            .into_iter()
+            .chain(&t.exactly_intervals)
+        {
+            println!(
+                "  {:<48} {:>8.2} s {:>10.0} records/s",
+                tp.case,
+                tp.elapsed.as_secs_f64(),
+                tp.rate()
+            );
+        }
+        return Ok(());
+    }
+    if args.only.as_deref() == Some("latency") {
+        let latency = bench::run_latency(&options, &say).await?;
+        println!();
+        print!("{}", latency.hop_table());
+        return Ok(());
+    }
     if args.only.is_some() {
         let results = bench::run_scale(&options, &say).await?;
         println!();

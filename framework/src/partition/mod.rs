@@ -758,6 +758,7 @@ impl<P: Processor> PartitionWorker<P> {
         open: &mut Option<Instant>,
     ) -> LiveExit {
         let commit_interval = self.config.commit_interval;
+        let commit_when_idle = self.config.commit_when_idle;
         let max_batch = self.config.max_batch_records.max(1);
         let mut out = Output::new();
         let mut batch_records = 0usize;
@@ -773,9 +774,16 @@ impl<P: Processor> PartitionWorker<P> {
                 return LiveExit::Stopped;
             }
             let wait = match *open {
-                Some(started) => commit_interval
-                    .saturating_sub(started.elapsed())
-                    .min(IDLE_POLL),
+                Some(started) => {
+                    // Until the next moment the transaction may commit: idle, or due.
+                    let age = started.elapsed();
+                    let next = if age < commit_when_idle {
+                        commit_when_idle.min(commit_interval)
+                    } else {
+                        commit_interval
+                    };
+                    next.saturating_sub(age).min(IDLE_POLL)
+                }
                 None => IDLE_POLL,
             };
             match self.records.recv_timeout(wait) {
@@ -821,7 +829,12 @@ impl<P: Processor> PartitionWorker<P> {
                 producer.poll(Duration::ZERO);
             }
             if let Some(started) = *open {
-                if batch_records >= max_batch || started.elapsed() >= commit_interval {
+                let age = started.elapsed();
+                // Idle: nothing of this partition is waiting (the bytes forwarded and not yet
+                // taken are none).
+                let idle =
+                    age >= commit_when_idle && self.records_bytes.load(Ordering::Acquire) == 0;
+                if batch_records >= max_batch || age >= commit_interval || idle {
                     if let Err(exit) = self.commit(producer, &mut live, false, open) {
                         return exit;
                     }

@@ -472,9 +472,17 @@ impl<P: Processor> PartitionWorker<P> {
                     LiveExit::Abort(reason) => {
                         // The record the broker refused says more than the failed commit.
                         let delivery = producer.context().take_first_error();
+                        // The topic whose AddPartitionsToTxn the broker refused, if any.
+                        let refused_topic = producer.context().take_refused_topic();
                         let refused = self
-                            .not_authorized(delivery.as_ref(), &reason)
-                            .or_else(|| self.refused_transaction(&producer, &reason));
+                            .not_authorized(delivery.as_ref(), refused_topic.as_deref(), &reason)
+                            .or_else(|| {
+                                self.refused_transaction(
+                                    &producer,
+                                    refused_topic.as_deref(),
+                                    &reason,
+                                )
+                            });
                         if let Some(error) = refused {
                             let _ = abort(&producer, self.txn_timeout());
                             self.metrics.transaction_aborted(AbortCause::Error);
@@ -598,13 +606,21 @@ impl<P: Processor> PartitionWorker<P> {
     /// ("erroneous state"), the failure behind it if that is an authorization failure (e.g. no
     /// WRITE on an output topic). librdkafka hands that error out from `commit_transaction`,
     /// which commits nothing once the transaction failed.
-    fn refused_transaction(&self, producer: &TxnProducer, reason: &KafkaError) -> Option<Error> {
+    fn refused_transaction(
+        &self,
+        producer: &TxnProducer,
+        refused_topic: Option<&str>,
+        reason: &KafkaError,
+    ) -> Option<Error> {
         if reason.rdkafka_error_code() != Some(RDKafkaErrorCode::State) {
             return None;
         }
         let cause = producer.commit_transaction(Duration::from_secs(5)).err()?;
         authorization_code(&cause)?;
-        let context = match producer.context().take_refused_topic() {
+        let refused_topic = refused_topic
+            .map(str::to_owned)
+            .or_else(|| producer.context().take_refused_topic());
+        let context = match refused_topic {
             Some(topic) => format!(
                 "adding topic {topic} to the transaction of {} (needs WRITE on it)",
                 self.transactional_id
@@ -619,6 +635,7 @@ impl<P: Processor> PartitionWorker<P> {
     fn not_authorized(
         &self,
         delivery: Option<&(String, KafkaError)>,
+        refused_topic: Option<&str>,
         reason: &KafkaError,
     ) -> Option<Error> {
         if let Some((topic, error)) = delivery.filter(|(_, e)| authorization_code(e).is_some()) {
@@ -635,10 +652,21 @@ impl<P: Processor> PartitionWorker<P> {
                 rdkafka::error::RDKafkaErrorCode::TransactionalIdAuthorizationFailed => {
                     format!("WRITE on transactional id {}", self.transactional_id)
                 }
-                _ => format!(
-                    "WRITE on the output topics and on snapshot topic {}",
-                    self.snapshot_topic
-                ),
+                _ => {
+                    if let Some(topic) = refused_topic {
+                        return Error::kafka(
+                            format!(
+                                "adding topic {topic} to the transaction of {} (needs WRITE on it)",
+                                self.transactional_id
+                            ),
+                            reason.clone(),
+                        );
+                    }
+                    format!(
+                        "WRITE on the output topics and on snapshot topic {}",
+                        self.snapshot_topic
+                    )
+                }
             };
             Error::kafka(
                 format!(

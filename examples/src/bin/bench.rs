@@ -1,10 +1,11 @@
-//! The benchmark: exactly against a raw pipe and Quix Streams on the same broker, the same
-//! records, in one run. See `exactly_examples::bench` and the README's Performance section.
+//! The benchmark: exactly against a raw pipe, Kafka Streams and Quix Streams on the same
+//! broker, the same records, in one run. See `exactly_examples::bench` and the README's Performance section.
 //!
 //! ```text
 //! cargo run --release -p exactly-examples --bin bench            # 1M records
 //! cargo run --release -p exactly-examples --bin bench -- --quick # 100k records
 //! cargo run --release -p exactly-examples --bin bench -- --only scale --scale-keys 10000,100000
+//! cargo run --release -p exactly-examples --bin bench -- --only latency --brokers HOST:PORT
 //! ```
 
 use std::time::{Duration, Instant};
@@ -55,9 +56,9 @@ struct Args {
     /// --quick).
     #[arg(long)]
     scale_updates: Option<u64>,
-    /// Run only this case (for development): `scale`, `latency` or `throughput` (no peers). Prints its table, no
-    /// BENCH line.
-    #[arg(long, hide = true, value_parser = ["scale", "latency", "throughput"])]
+    /// Run only this case (for development): `scale`, `latency`, `throughput` or `restore`
+    /// (the last two without the peers). Prints its results, no BENCH line.
+    #[arg(long, hide = true, value_parser = ["scale", "latency", "throughput", "restore"])]
     only: Option<String>,
 }
 
@@ -235,6 +236,16 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         "brokers {bootstrap}; logs in {}",
         log_dir.display()
     ));
+    if args.only.as_deref() == Some("restore") {
+        let r = bench::run_restore(&options, bench::Peers::Skip, &say).await?;
+        let ratio = r.replay.restore.as_secs_f64() / r.snapshot.restore.as_secs_f64().max(1e-9);
+        println!(
+            "\n  from its full snapshot {} ms, by replay {} ms: restore_vs_replay={ratio:.1}",
+            r.snapshot.restore.as_millis(),
+            r.replay.restore.as_millis()
+        );
+        return Ok(());
+    }
     if args.only.as_deref() == Some("throughput") {
         let t = bench::run_throughput(&options, bench::Peers::Skip, &say).await?;
         println!();

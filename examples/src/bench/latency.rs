@@ -44,6 +44,9 @@ pub struct LatencyRun {
     pub hops: Vec<HopLatency>,
     /// Each service's transactions and their commit latency.
     pub services: Vec<ServiceCommits>,
+    /// The 99th percentile of the summaries of commands sent in the second half of the run:
+    /// the chain's steady state, without its first seconds (new producers' first requests).
+    pub second_half_p99: Option<Duration>,
 }
 
 /// One service's transactions in the latency run.
@@ -72,6 +75,13 @@ impl LatencyRun {
                 hop.p50.as_millis(),
                 hop.p99.as_millis(),
                 hop.samples
+            );
+        }
+        if let Some(p99) = self.second_half_p99 {
+            let _ = writeln!(
+                t,
+                "  summaries of the commands sent in the second half of the run: p99 {} ms",
+                p99.as_millis()
             );
         }
         for s in &self.services {
@@ -203,7 +213,16 @@ pub async fn measure_chain_latency(
     }
     let mut hop_latencies = Vec::new();
     let mut summaries = Vec::new();
-    for (role, mut latencies) in hops {
+    let mut second_half = Vec::new();
+    let half_ms = duration.as_millis() as i64 / 2;
+    for (role, sampled) in hops {
+        second_half = sampled
+            .iter()
+            .filter(|(sent, _)| *sent >= half_ms)
+            .map(|(_, latency)| *latency)
+            .collect();
+        second_half.sort_unstable();
+        let mut latencies: Vec<Duration> = sampled.into_iter().map(|(_, l)| l).collect();
         latencies.sort_unstable();
         if latencies.is_empty() {
             bail!("no record reached the {role} topic after the warm-up");
@@ -222,6 +241,7 @@ pub async fn measure_chain_latency(
         p50: quantile(&summaries, 0.50),
         p99: quantile(&summaries, 0.99),
         max: quantile(&summaries, 1.0),
+        second_half_p99: (!second_half.is_empty()).then(|| quantile(&second_half, 0.99)),
         hops: hop_latencies,
         services,
     })
@@ -359,8 +379,9 @@ impl LatencyReader {
     }
 
     /// Waits until the chain has gone quiet (no new summary), stops reading and returns the
-    /// latencies, per topic, of the records of commands sent after the warm-up.
-    fn finish(self, first_sent: i64) -> anyhow::Result<Vec<Vec<Duration>>> {
+    /// latencies, per topic, of the records of commands sent after the warm-up, each with
+    /// when its command was sent (ms after the first).
+    fn finish(self, first_sent: i64) -> anyhow::Result<Sampled> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let quiet_for = self
@@ -385,7 +406,7 @@ impl LatencyReader {
                 topic
                     .into_iter()
                     .filter(|(sent, _)| *sent >= warm)
-                    .map(|(_, latency)| latency)
+                    .map(|(sent, latency)| (sent - first_sent, latency))
                     .collect()
             })
             .collect())

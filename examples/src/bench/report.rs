@@ -356,6 +356,7 @@ mod tests {
                 max: Duration::from_millis(1_500),
                 hops: Vec::new(),
                 services: Vec::new(),
+                second_half_p99: None,
             },
             latency_rate: 1_000,
             scale: ScaleResults {

@@ -78,6 +78,19 @@ pub struct BenchOptions {
     pub log_dir: PathBuf,
 }
 
+impl BenchOptions {
+    /// The name of this run's topic `name`.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}.{name}", self.run)
+    }
+
+    /// The id of this run's app `name` (app ids take no '.': they prefix transactional ids
+    /// and snapshot topics).
+    pub fn app(&self, name: &str) -> String {
+        format!("{}-{name}", self.run)
+    }
+}
+
 /// Longest any single case may take before the benchmark gives up on it.
 const CASE_LIMIT: Duration = Duration::from_secs(1800);
 
@@ -143,9 +156,7 @@ pub async fn run_throughput(
     peers: Peers,
     say: &(dyn Fn(&str) + Sync),
 ) -> anyhow::Result<ThroughputResults> {
-    let topic = |name: &str| format!("{}.{name}", o.run);
-    // App ids take no '.' (they prefix transactional ids and snapshot topics).
-    let app = |name: &str| format!("{}-{name}", o.run);
+    let (topic, app) = (|name: &str| o.topic(name), |name: &str| o.app(name));
     let input = topic("input");
     let outputs = [
         "out-raw",
@@ -347,8 +358,7 @@ pub async fn run_restore(
     peers: Peers,
     say: &(dyn Fn(&str) + Sync),
 ) -> anyhow::Result<RestoreResults> {
-    let topic = |name: &str| format!("{}.{name}", o.run);
-    let app = |name: &str| format!("{}-{name}", o.run);
+    let (topic, app) = (|name: &str| o.topic(name), |name: &str| o.app(name));
     say(&format!("case 4: restore of a {}-key state", o.state_keys));
     let state_input = topic("state-input");
     let restore_outputs = [topic("out-restore-snapshot"), topic("out-restore-replay")];
@@ -434,8 +444,7 @@ pub async fn run_footprints(
     o: &BenchOptions,
     say: &(dyn Fn(&str) + Sync),
 ) -> anyhow::Result<Vec<footprint::Footprint>> {
-    let topic = |name: &str| format!("{}.{name}", o.run);
-    let app = |name: &str| format!("{}-{name}", o.run);
+    let (topic, app) = (|name: &str| o.topic(name), |name: &str| o.app(name));
     say("case 7: partition scaling (throughput, threads, memory)");
     let mut footprints = Vec::new();
     for &partitions in &o.footprint_partitions {
@@ -488,11 +497,11 @@ pub async fn run_latency(
     o: &BenchOptions,
     say: &(dyn Fn(&str) + Sync),
 ) -> anyhow::Result<latency::LatencyRun> {
-    let chain = ChainTopics::new(&format!("{}.chain", o.run));
+    let chain = ChainTopics::new(&o.topic("chain"));
     create_topics(&o.bootstrap, &chain.all(), o.partitions, &TOPIC_CONFIG).await?;
     let latency = latency::measure_chain_latency(
         &o.bootstrap,
-        &format!("{}-chain", o.run),
+        &o.app("chain"),
         &chain,
         o.partitions,
         o.latency_rate,

@@ -1121,6 +1121,9 @@ impl<P: Processor> PartitionWorker<P> {
             )
             .map_err(LiveExit::Abort)?;
         let commit_started = Instant::now();
+        // Flushed here (promptly) so that commit_transaction's own flush finds nothing left.
+        retry(|| flush_promptly(producer, txn_timeout))?;
+        let flushed = commit_started.elapsed();
         // The current generation / member epoch: a rebalance that kept this partition here
         // changed it, and the broker rejects offsets sent with an old one.
         // (None only before the consumer's first rebalance, which started this worker.)
@@ -1130,15 +1133,12 @@ impl<P: Processor> PartitionWorker<P> {
                 .ok_or(LiveExit::Abort(KafkaError::ConsumerCommit(
                     RDKafkaErrorCode::State,
                 )))?;
-        // Flushed here (promptly) so that commit_transaction's own flush finds nothing left.
-        // The offsets follow the flush, not beside it: the coordinator refuses a second
-        // request for the same transaction while the first is being logged
-        // (CONCURRENT_TRANSACTIONS), and librdkafka retries AddOffsetsToTxn only after its
-        // 100 ms retry backoff; sent beside the outputs' AddPartitionsToTxn, most commits paid
-        // that (measured: the state-at-scale case's commit p50 went from 7 to 89 ms).
-        retry(|| flush_promptly(producer, txn_timeout))?;
-        let flushed = commit_started.elapsed();
-        SendingOffsets::start(producer, offsets, group_metadata, txn_timeout)?.wait()?;
+        // After the flush, not beside it: the coordinator refuses a second request for the
+        // same transaction while it logs the first (CONCURRENT_TRANSACTIONS), and librdkafka
+        // retries AddOffsetsToTxn only after 100 ms; sent beside the outputs'
+        // AddPartitionsToTxn, most commits paid that (the state-at-scale case's commit p50
+        // went from 7 to 89 ms).
+        send_offsets_bounded(producer, offsets, group_metadata, txn_timeout)?;
         let offsets_sent = commit_started.elapsed();
         retry(|| producer.commit_transaction(txn_timeout))?;
         if let Some((topic, error)) = producer.context().take_first_error() {
@@ -1257,7 +1257,7 @@ fn exit_for(error: KafkaError) -> LiveExit {
     }
 }
 
-/// `send_offsets_to_transaction` running on a thread of its own, waited for at most a
+/// Runs `send_offsets_to_transaction` on a thread of its own and waits for it at most a
 /// quarter of the transaction timeout plus [`HUNG_CALL_MARGIN`].
 ///
 /// librdkafka 2.12 can block in this call forever: the group-coordinator request behind it
@@ -1267,53 +1267,36 @@ fn exit_for(error: KafkaError) -> LiveExit {
 /// ignoring timeout"). A worker stuck there never commits and never stops. Past the bound the
 /// worker gives this producer up ([`LiveExit::Hung`]): the call keeps its thread and the
 /// producer, and the next producer's `init_transactions` fences both.
-struct SendingOffsets {
-    outcome: std::sync::mpsc::Receiver<Result<(), LiveExit>>,
-    started: Instant,
-    bound: Duration,
-}
-
-impl SendingOffsets {
-    fn start(
-        producer: &Arc<TxnProducer>,
-        offsets: TopicPartitionList,
-        group_metadata: Arc<ConsumerGroupMetadata>,
-        txn_timeout: Duration,
-    ) -> Result<Self, LiveExit> {
-        let call_timeout = txn_timeout / 4;
-        let (done, outcome) = std::sync::mpsc::sync_channel(1);
-        let caller = Arc::clone(producer);
-        let spawned = std::thread::Builder::new()
-            .name("exactly-offsets".into())
-            .spawn(move || {
-                let result = retry(|| {
-                    caller.send_offsets_to_transaction(&offsets, &group_metadata, call_timeout)
-                });
-                let _ = done.send(result);
+fn send_offsets_bounded(
+    producer: &Arc<TxnProducer>,
+    offsets: TopicPartitionList,
+    group_metadata: Arc<ConsumerGroupMetadata>,
+    txn_timeout: Duration,
+) -> Result<(), LiveExit> {
+    let call_timeout = txn_timeout / 4;
+    let bound = call_timeout + HUNG_CALL_MARGIN;
+    let (done, outcome) = std::sync::mpsc::sync_channel(1);
+    let caller = Arc::clone(producer);
+    let spawned = std::thread::Builder::new()
+        .name("exactly-offsets".into())
+        .spawn(move || {
+            let result = retry(|| {
+                caller.send_offsets_to_transaction(&offsets, &group_metadata, call_timeout)
             });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start a thread for send_offsets_to_transaction");
-            return Err(LiveExit::Abort(KafkaError::ConsumerCommit(
-                RDKafkaErrorCode::Fail,
-            )));
-        }
-        Ok(SendingOffsets {
-            outcome,
-            started: Instant::now(),
-            bound: call_timeout + HUNG_CALL_MARGIN,
-        })
+            let _ = done.send(result);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start a thread for send_offsets_to_transaction");
+        return Err(LiveExit::Abort(KafkaError::ConsumerCommit(
+            RDKafkaErrorCode::Fail,
+        )));
     }
-
-    /// Its outcome, or [`LiveExit::Hung`] past the bound.
-    fn wait(self) -> Result<(), LiveExit> {
-        let left = self.bound.saturating_sub(self.started.elapsed());
-        match self.outcome.recv_timeout(left) {
-            Ok(result) => result,
-            Err(_) => Err(LiveExit::Hung {
-                call: "send_offsets_to_transaction",
-                waited: self.bound,
-            }),
-        }
+    match outcome.recv_timeout(bound) {
+        Ok(result) => result,
+        Err(_) => Err(LiveExit::Hung {
+            call: "send_offsets_to_transaction",
+            waited: bound,
+        }),
     }
 }
 

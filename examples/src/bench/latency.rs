@@ -212,18 +212,9 @@ pub async fn measure_chain_latency(
         });
     }
     let mut hop_latencies = Vec::new();
-    let mut summaries = Vec::new();
-    let mut second_half = Vec::new();
-    let half_ms = duration.as_millis() as i64 / 2;
+    let mut last = Vec::new();
     for (role, sampled) in hops {
-        second_half = sampled
-            .iter()
-            .filter(|(sent, _)| *sent >= half_ms)
-            .map(|(_, latency)| *latency)
-            .collect();
-        second_half.sort_unstable();
-        let mut latencies: Vec<Duration> = sampled.into_iter().map(|(_, l)| l).collect();
-        latencies.sort_unstable();
+        let latencies = sorted(sampled.iter().map(|(_, latency)| *latency));
         if latencies.is_empty() {
             bail!("no record reached the {role} topic after the warm-up");
         }
@@ -233,8 +224,16 @@ pub async fn measure_chain_latency(
             p50: quantile(&latencies, 0.50),
             p99: quantile(&latencies, 0.99),
         });
-        summaries = latencies;
+        last = sampled;
     }
+    // The last topic is C's summaries: the chain's end.
+    let summaries = sorted(last.iter().map(|(_, latency)| *latency));
+    let half_ms = duration.as_millis() as i64 / 2;
+    let second_half = sorted(
+        last.iter()
+            .filter(|(sent, _)| *sent >= half_ms)
+            .map(|(_, latency)| *latency),
+    );
     Ok(LatencyRun {
         commands: produced.count,
         samples: summaries.len(),
@@ -245,6 +244,13 @@ pub async fn measure_chain_latency(
         hops: hop_latencies,
         services,
     })
+}
+
+/// `latencies`, sorted.
+fn sorted(latencies: impl Iterator<Item = Duration>) -> Vec<Duration> {
+    let mut sorted: Vec<Duration> = latencies.collect();
+    sorted.sort_unstable();
+    sorted
 }
 
 /// The `q` quantile of `sorted` (not empty).

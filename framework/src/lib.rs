@@ -148,6 +148,7 @@ mod runtime;
 mod security;
 pub(crate) mod snapshot;
 mod state;
+mod step;
 mod stuck;
 pub mod testing;
 
@@ -166,4 +167,4 @@ pub use processor::{
 };
 pub use runtime::App;
 pub use snapshot::SnapshotError;
-pub use state::{Entries, Store, StoreError};
+pub use state::{Entries, Store, StoreError, Timer, Timers};

@@ -132,6 +132,29 @@ pub trait Processor: Send + Sync + 'static {
         out: &mut Output,
     ) -> Result<(), ProcessError>;
 
+    /// Handles a [`Timer`](crate::Timer) of the state's [`Timers`](crate::Timers) that fell
+    /// due: the partition's stream time reached it. Called right after the record that moved
+    /// stream time there, once per due timer in (time, key) order, with the state and an
+    /// output like [`process`](Self::process); outputs without a timestamp get the timer's
+    /// time. An error or panic goes to the [`ErrorPolicy`](crate::ErrorPolicy) like a
+    /// record's (kind `"timer"`): under `Skip`/`DeadLetter` the call's store writes are rolled
+    /// back and the timer is dropped.
+    ///
+    /// The default refuses: a processor that schedules timers must implement it.
+    fn on_timer(
+        &self,
+        state: &mut Self::State,
+        timer: &crate::Timer,
+        out: &mut Output,
+    ) -> Result<(), ProcessError> {
+        let _ = (state, out);
+        Err(format!(
+            "timer {timer:?} fell due, but {} does not implement Processor::on_timer",
+            std::any::type_name::<Self>()
+        )
+        .into())
+    }
+
     /// The version of this processor's code, recorded with every committed transaction.
     ///
     /// Recovery after a crash replays the input since the last full snapshot and checks that
@@ -530,7 +553,7 @@ impl Output {
     }
 
     /// Mutable view of the records emitted after the first `from`.
-    fn tail_mut(&mut self, from: usize) -> &mut [OutputRecord] {
+    pub(crate) fn tail_mut(&mut self, from: usize) -> &mut [OutputRecord] {
         &mut self.records[from..]
     }
 }
@@ -611,6 +634,23 @@ pub enum RecordError {
         /// The panic message.
         message: String,
     },
+    /// [`Processor::on_timer`] failed (returned an error or panicked).
+    #[error("processor failed on timer {key:?} at {time} of {topic}/{partition} (due after the record at offset {offset}): {source}")]
+    Timer {
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+        /// Offset of the record after which the timer fell due.
+        offset: i64,
+        /// The timer's time.
+        time: i64,
+        /// The timer's key.
+        key: String,
+        /// The processor's error (or panic message).
+        #[source]
+        source: ProcessError,
+    },
 }
 
 impl RecordError {
@@ -619,7 +659,8 @@ impl RecordError {
         match self {
             RecordError::Decode { topic, .. }
             | RecordError::Processor { topic, .. }
-            | RecordError::Panic { topic, .. } => topic,
+            | RecordError::Panic { topic, .. }
+            | RecordError::Timer { topic, .. } => topic,
         }
     }
     /// Input partition of the failed record.
@@ -627,7 +668,8 @@ impl RecordError {
         match self {
             RecordError::Decode { partition, .. }
             | RecordError::Processor { partition, .. }
-            | RecordError::Panic { partition, .. } => *partition,
+            | RecordError::Panic { partition, .. }
+            | RecordError::Timer { partition, .. } => *partition,
         }
     }
     /// Offset of the failed record.
@@ -635,11 +677,12 @@ impl RecordError {
         match self {
             RecordError::Decode { offset, .. }
             | RecordError::Processor { offset, .. }
-            | RecordError::Panic { offset, .. } => *offset,
+            | RecordError::Panic { offset, .. }
+            | RecordError::Timer { offset, .. } => *offset,
         }
     }
-    /// Short machine-readable kind: `"decode-key"`, `"decode-value"`, `"processor"` or
-    /// `"panic"` (also the `exactly.error.kind` header of dead-lettered records).
+    /// Short machine-readable kind: `"decode-key"`, `"decode-value"`, `"processor"`,
+    /// `"panic"` or `"timer"` (also the `exactly.error.kind` header of dead-lettered records).
     pub fn kind(&self) -> &'static str {
         match self {
             RecordError::Decode {
@@ -652,6 +695,7 @@ impl RecordError {
             } => "decode-value",
             RecordError::Processor { .. } => "processor",
             RecordError::Panic { .. } => "panic",
+            RecordError::Timer { .. } => "timer",
         }
     }
 }
@@ -720,7 +764,7 @@ pub(crate) fn process_raw<P: Processor>(
     Err(failure)
 }
 
-fn panic_message(payload: &(dyn Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {
@@ -740,13 +784,18 @@ pub mod dead_letter_headers {
     pub const SOURCE_TOPIC: &str = "exactly.source.topic";
     /// Input partition of the failed record (decimal).
     pub const SOURCE_PARTITION: &str = "exactly.source.partition";
-    /// Offset of the failed record (decimal).
+    /// Offset of the failed record (decimal); for a failed timer, of the record after which
+    /// it fell due.
     pub const SOURCE_OFFSET: &str = "exactly.source.offset";
+    /// For a failed timer (kind `"timer"`; the dead letter's key is the timer's key): its
+    /// time (decimal ms).
+    pub const TIMER_TIME: &str = "exactly.timer.time";
 }
 
 /// The record written to the dead-letter topic for a failed input record: the original key,
 /// value, timestamp and headers (headers without a value are kept with an empty value),
-/// followed by the `exactly.*` headers of [`dead_letter_headers`].
+/// followed by the `exactly.*` headers of [`dead_letter_headers`]. For a failed timer: the
+/// timer's key and time, no value.
 pub(crate) fn dead_letter_record(
     dead_letter_topic: &str,
     raw: &RawRecord,
@@ -754,14 +803,22 @@ pub(crate) fn dead_letter_record(
 ) -> OutputRecord {
     use dead_letter_headers as h;
     let mut r = OutputRecord::new(dead_letter_topic);
-    r.key = raw.key.clone();
-    r.value = raw.value.clone();
-    r.timestamp = raw.timestamp;
-    r.headers = raw
-        .headers
-        .iter()
-        .map(|(n, v)| (n.clone(), v.clone().unwrap_or_default()))
-        .collect();
+    if let RecordError::Timer { time, key, .. } = error {
+        // Not the record's fault: the timer's key, no value, the timer's time.
+        r.key = Some(key.clone().into_bytes());
+        r.timestamp = Some(*time);
+        r.headers
+            .push((h::TIMER_TIME.to_owned(), time.to_string().into_bytes()));
+    } else {
+        r.key = raw.key.clone();
+        r.value = raw.value.clone();
+        r.timestamp = raw.timestamp;
+        r.headers = raw
+            .headers
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone().unwrap_or_default()))
+            .collect();
+    }
     r.headers.extend([
         (h::ERROR_KIND.to_owned(), error.kind().as_bytes().to_vec()),
         (h::ERROR_MESSAGE.to_owned(), error.to_string().into_bytes()),

@@ -28,14 +28,13 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use crate::config::{ErrorPolicy, StartFrom};
 use crate::error::Error;
 use crate::metrics::{Metrics, PartitionMetrics};
-use crate::processor::{
-    process_raw, read_state, Output, Processor, RawRecord, StateRead, StateReadError,
-};
+use crate::processor::{read_state, Output, Processor, RawRecord, StateRead, StateReadError};
 use crate::progress::Progress;
 use crate::proto::{FullSnapshotRef, IncrementalSnapshot};
 use crate::snapshot::store::{find_latest_incremental, load_full_snapshot, Flow, PartitionReader};
 use crate::snapshot::{fingerprint, OutputDigest};
 use crate::state::{decode_image, Committed, LocalState, StoreSet};
+use crate::step::{process_step, StepError};
 
 /// Which partition to recover and how.
 pub(crate) struct RecoveryTarget<'a> {
@@ -557,13 +556,16 @@ fn replay<P: Processor>(
         replayed.records += 1;
         replayed.replayed += 1;
         let raw = raw_record(target.input_topic, message);
-        stores.begin_record();
-        match stores.build(|| process_raw(processor, state, &raw, &mut out)) {
-            Ok(()) => {}
-            // It committed before, so the policy let it through then: skipped or
-            // dead-lettered records are skipped again, and leave no trace in the stores.
-            Err(_) if !matches!(target.error_policy, ErrorPolicy::Fail) => stores.rollback_record(),
-            Err(error) => return Err(Error::Record(error)),
+        // It committed before, so the policy let its failures through then: skipped or
+        // dead-lettered calls are skipped again, and leave no trace in the stores.
+        let mut on_failure = |error, _: &mut Output| match target.error_policy {
+            ErrorPolicy::Fail => Err(error),
+            _ => Ok(()),
+        };
+        match process_step(processor, state, stores, &raw, &mut out, &mut on_failure) {
+            Ok(_) => {}
+            Err(StepError::Failed(error)) => return Err(Error::Record(error)),
+            Err(StepError::Store(source)) => return Err(local_error(target, source)),
         }
         if let Some(failure) = target.local.take_failure() {
             return Err(Error::LocalState {

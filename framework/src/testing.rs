@@ -55,14 +55,15 @@ use crate::codec::{decode_json_key, to_json, DecodeError, Encode, EncodeError, F
 use crate::config::ErrorPolicy;
 pub use crate::partitioner::default_partition;
 use crate::processor::{
-    dead_letter_record, process_raw, read_state, KeyOf, Output, OutputRecord, Processor, RawRecord,
-    RecordError, StateRead, StateReadError, ValueOf,
+    dead_letter_record, read_state, KeyOf, Output, OutputRecord, Processor, RawRecord, RecordError,
+    StateRead, StateReadError, ValueOf,
 };
 use crate::proto::{FullSnapshotChunk, FullSnapshotRef};
 use crate::snapshot::{
     assemble_chunks, fingerprint, full_snapshot_ref, split_into_chunks, OutputDigest, SnapshotError,
 };
 use crate::state::{decode_image, encode_image, Image, StoreSet};
+use crate::step::{process_step, StepError};
 
 /// A key-value pair decoded with the formats `KF` and `VF`.
 pub type Decoded<KF, VF> = (<KF as Encode>::Item, <VF as Encode>::Item);
@@ -563,28 +564,22 @@ impl<P: Processor> TestDriver<P> {
             *base = Some(offset);
         }
         let mut out = Output::new();
+        let mut errors = Vec::new();
         let result = process_record(
             &self.processor,
-            &mut entry.state,
-            &entry.stores,
+            &self.error_policy,
+            (&mut entry.state, &entry.stores),
             &raw,
             &mut out,
+            &mut errors,
         );
         self.last_wall_ms = wall_ms();
-        let mut produced = out.take();
+        self.errors.extend(errors);
         if let Err(error) = result {
-            match &self.error_policy {
-                ErrorPolicy::Fail => {
-                    entry.failed_at = Some(offset);
-                    return Err(TestError::Record(error));
-                }
-                ErrorPolicy::Skip => {}
-                ErrorPolicy::DeadLetter { topic } => {
-                    produced.push(dead_letter_record(topic, &raw, &error));
-                }
-            }
-            self.errors.push(error);
+            entry.failed_at = Some(offset);
+            return Err(TestError::Record(error));
         }
+        let produced = out.take();
         for r in &produced {
             entry.digest.update(r);
         }
@@ -870,22 +865,21 @@ impl<P: Processor> TestDriver<P> {
             let mut outputs = 0usize;
             for raw in &p.since_base {
                 let mut out = Output::new();
-                let result = process_record(&self.processor, &mut state, &stores, raw, &mut out);
-                let mut produced = out.take();
+                let result = process_record(
+                    &self.processor,
+                    &self.error_policy,
+                    (&mut state, &stores),
+                    raw,
+                    &mut out,
+                    &mut Vec::new(),
+                );
                 if let Err(error) = result {
-                    match &self.error_policy {
-                        ErrorPolicy::Fail => {
-                            return Err(not_deterministic(format!(
-                                "a failure on the record at offset {} that succeeded live: {error}",
-                                raw.offset
-                            )))
-                        }
-                        ErrorPolicy::Skip => {}
-                        ErrorPolicy::DeadLetter { topic } => {
-                            produced.push(dead_letter_record(topic, raw, &error))
-                        }
-                    }
+                    return Err(not_deterministic(format!(
+                        "a failure at or after the record at offset {} that succeeded live: {error}",
+                        raw.offset
+                    )));
                 }
+                let produced = out.take();
                 outputs += produced.len();
                 for r in &produced {
                     digest.update(r);
@@ -910,23 +904,40 @@ impl<P: Processor> TestDriver<P> {
     }
 }
 
-/// Processes one record as the runtime does, one transaction per record: a failed record's
-/// store writes are rolled back, a successful one's committed.
+/// Processes one record and the timers it makes due as the runtime does, one transaction per
+/// record: a failed call's store writes are rolled back; under `Skip`/`DeadLetter` its error
+/// goes to `errors` (and a dead letter to `out`), under `Fail` it is returned.
 fn process_record<P: Processor>(
     processor: &P,
-    state: &mut P::State,
-    stores: &StoreSet,
+    policy: &ErrorPolicy,
+    (state, stores): (&mut P::State, &StoreSet),
     raw: &RawRecord,
     out: &mut Output,
+    errors: &mut Vec<RecordError>,
 ) -> Result<(), RecordError> {
-    stores.begin_record();
-    let result = stores.build(|| process_raw(processor, state, raw, out));
-    if result.is_err() {
-        stores.rollback_record();
-    }
+    let mut on_failure = |error: RecordError, out: &mut Output| {
+        match policy {
+            ErrorPolicy::Fail => return Err(error),
+            ErrorPolicy::Skip => {}
+            ErrorPolicy::DeadLetter { topic } => out.send(dead_letter_record(topic, raw, &error)),
+        }
+        errors.push(error);
+        Ok(())
+    };
+    let result = process_step(processor, state, stores, raw, out, &mut on_failure);
     // In memory: cannot fail.
     let _ = stores.commit(Vec::new());
-    result
+    match result {
+        Ok(_) => Ok(()),
+        Err(StepError::Failed(error)) => Err(error),
+        // The driver's stores are in memory, whose reads and writes do not fail.
+        Err(StepError::Store(error)) => Err(RecordError::Processor {
+            topic: raw.topic.to_string(),
+            partition: raw.partition,
+            offset: raw.offset,
+            source: Box::new(error),
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -207,7 +207,7 @@ struct AppCounters(Metrics);
 impl Collector for AppCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.0.snapshot();
-        let counters: [(&str, &str, u64); 18] = [
+        let counters: [(&str, &str, u64); 19] = [
             (
                 "records_processed",
                 "Input records processed live (all partitions)",
@@ -223,6 +223,7 @@ impl Collector for AppCounters {
                 "Failed records written to the dead-letter topic",
                 s.records_dead_lettered,
             ),
+            ("timers_fired", "Stream-time timers fired", s.timers_fired),
             (
                 "record_errors",
                 "Records that failed to decode or to process",

@@ -36,6 +36,7 @@ struct Counters {
     records_processed: AtomicU64,
     records_skipped: AtomicU64,
     records_dead_lettered: AtomicU64,
+    timers_fired: AtomicU64,
     record_errors: AtomicU64,
     output_records: AtomicU64,
     transactions_committed: AtomicU64,
@@ -75,6 +76,8 @@ pub struct MetricsSnapshot {
     pub records_skipped: u64,
     /// Records written to the dead-letter topic.
     pub records_dead_lettered: u64,
+    /// Stream-time timers fired live (not counting replays; see [`Timers`](crate::Timers)).
+    pub timers_fired: u64,
     /// Records that failed to decode or to process, under any policy.
     pub record_errors: u64,
     /// Records produced to output topics (dead letters excluded).
@@ -159,6 +162,7 @@ impl Metrics {
             records_processed: get(&c.records_processed),
             records_skipped: get(&c.records_skipped),
             records_dead_lettered: get(&c.records_dead_lettered),
+            timers_fired: get(&c.timers_fired),
             record_errors: get(&c.record_errors),
             output_records: get(&c.output_records),
             transactions_committed: get(&c.transactions_committed),
@@ -210,6 +214,12 @@ impl Metrics {
         self.inner
             .records_dead_lettered
             .fetch_add(1, Ordering::Relaxed);
+    }
+    /// Stream-time timers fired after a record.
+    pub(crate) fn timers_fired(&self, fired: u64) {
+        if fired > 0 {
+            self.inner.timers_fired.fetch_add(fired, Ordering::Relaxed);
+        }
     }
     /// A record failed to decode or to process.
     pub(crate) fn record_error(&self) {

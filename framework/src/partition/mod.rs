@@ -30,7 +30,7 @@ use crate::config::{AppConfig, ErrorPolicy};
 use crate::error::Error;
 use crate::metrics::{AbortCause, Metrics, PartitionMetrics};
 use crate::processor::{
-    dead_letter_record, process_raw, Output, OutputRecord, Processor, RawRecord,
+    dead_letter_record, panic_message, Output, OutputRecord, Processor, RawRecord, RecordError,
 };
 use crate::proto::{FullSnapshotRef, IncrementalSnapshot};
 use crate::recovery::{recover, Recovered, RecoveryCost, RecoveryTarget, READ_STALL_TIMEOUT};
@@ -43,6 +43,7 @@ use crate::snapshot::store::{
 use crate::snapshot::trim::Trimmer;
 use crate::snapshot::OutputDigest;
 use crate::state::{Committed, LocalState, StoreSet};
+use crate::step::{process_step, StepError};
 
 mod full_snapshot;
 
@@ -879,41 +880,40 @@ impl<P: Processor> PartitionWorker<P> {
         out: &mut Output,
     ) -> Result<(), LiveExit> {
         let started = Instant::now();
-        live.stores.begin_record();
+        let mut dead_letters = Vec::new();
+        let mut on_failure = |error: RecordError, _: &mut Output| {
+            self.metrics.record_error();
+            match &self.config.error_policy {
+                ErrorPolicy::Skip => {
+                    tracing::warn!(offset = raw.offset, kind = error.kind(), error = %error, "skipping a record");
+                    self.metrics.records_skipped();
+                }
+                ErrorPolicy::DeadLetter { topic } => {
+                    tracing::warn!(offset = raw.offset, kind = error.kind(), error = %error, dead_letter_topic = %topic, "dead-lettering a record");
+                    // Not part of the output digest: a replay skips the failure again.
+                    dead_letters.push(dead_letter_record(topic, raw, &error));
+                    self.metrics.records_dead_lettered();
+                }
+                _ => return Err(error),
+            }
+            Ok(())
+        };
         let (processor, state) = (&*self.processor, &mut live.state);
-        let processed = live
-            .stores
-            .build(|| process_raw(processor, state, raw, out));
+        let stepped = process_step(processor, state, &live.stores, raw, out, &mut on_failure);
+        live.unsent.append(&mut dead_letters);
         // Replaying the record costs about as much again.
         live.recovery_cost.replay += started.elapsed();
         if let Some(reason) = self.local.take_failure() {
             return Err(LiveExit::Failed(self.local_failure("processing", reason)));
         }
-        if processed.is_err() {
-            // Skipped or dead-lettered: its writes to the stores go with it.
-            live.stores.rollback_record();
-        }
-        match processed {
-            Ok(()) => {}
-            Err(error) => match &self.config.error_policy {
-                ErrorPolicy::Fail => {
-                    self.metrics.record_error();
-                    return Err(LiveExit::Failed(Error::Record(error)));
-                }
-                ErrorPolicy::Skip => {
-                    tracing::warn!(offset = raw.offset, kind = error.kind(), error = %error, "skipping a record");
-                    self.metrics.record_error();
-                    self.metrics.records_skipped();
-                }
-                ErrorPolicy::DeadLetter { topic } => {
-                    tracing::warn!(offset = raw.offset, kind = error.kind(), error = %error, dead_letter_topic = %topic, "dead-lettering a record");
-                    live.unsent.push(dead_letter_record(topic, raw, &error));
-                    self.metrics.record_error();
-                    self.metrics.records_dead_lettered();
-                }
-                #[allow(unreachable_patterns)]
-                _ => return Err(LiveExit::Failed(Error::Record(error))),
-            },
+        match stepped {
+            Ok(fired) => self.metrics.timers_fired(fired),
+            Err(StepError::Failed(error)) => return Err(LiveExit::Failed(Error::Record(error))),
+            Err(StepError::Store(error)) => {
+                return Err(LiveExit::Failed(
+                    self.local_failure("processing", error.to_string()),
+                ))
+            }
         }
         let outputs = out.take();
         self.metrics.output_records(outputs.len() as u64);
@@ -1343,17 +1343,6 @@ pub(crate) fn spawn<P: Processor>(
             });
         let _ = outcome.send(result);
     })
-}
-
-/// The text of a panic payload (`panic!("...")` gives a `&str` or a `String`).
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(text) = payload.downcast_ref::<&str>() {
-        (*text).to_owned()
-    } else if let Some(text) = payload.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "a panic with a non-text payload".to_owned()
-    }
 }
 
 #[cfg(test)]

@@ -6,23 +6,27 @@
 //! - `backend`: where committed entries live (RocksDB, or memory in the test driver);
 //! - `local`: a partition's local directory: its committed position, warm restarts, and
 //!   discarding a store that cannot be used;
-//! - `image`: a state with stores as a full snapshot (the state's bytes, then every entry).
+//! - `image`: a state with stores as a full snapshot (the state's bytes, then every entry);
+//! - `timers`: stream-time [`Timers`], kept as the entries of a store.
 
 mod backend;
 mod image;
 mod local;
 mod store;
+mod timers;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use store::{Entries, Store};
+pub use timers::{Timer, Timers};
 
 #[allow(unused_imports)] // the runtime (partition worker, recovery, test driver) uses them
 pub(crate) use image::{decode_image, encode_image, Image, ImageStream, Piece, STORES_ENCODING};
 #[allow(unused_imports)]
 pub(crate) use local::{Committed, LocalPosition, LocalState};
 pub(crate) use store::StoreSet;
+pub(crate) use timers::{advance_stream_time, take_due};
 
 /// A keyed store could not be read or written.
 #[derive(Debug, thiserror::Error)]

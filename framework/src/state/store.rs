@@ -159,7 +159,7 @@ fn encode_key<K: Format>(key: &K::Item) -> Result<Vec<u8>, StoreError> {
     K::encode(key)?.ok_or(StoreError::AbsentKey)
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -170,7 +170,7 @@ impl<K: Format, V: Format> Default for Store<K, V> {
     /// state, else in memory.
     fn default() -> Self {
         Store {
-            core: StoreSet::current_or_memory().attach(None),
+            core: StoreSet::current_or_memory().attach(None, false),
             _types: PhantomData,
         }
     }
@@ -191,10 +191,10 @@ impl<K: Format, V: Format> fmt::Debug for Store<K, V> {
 /// entries (checked against the entries when a snapshot is restored, and part of the state
 /// fingerprint). The entries themselves travel beside the state (see `state::image`).
 #[derive(Serialize, Deserialize)]
-struct Descriptor {
-    store: u32,
-    entries: u64,
-    fingerprint: u64,
+pub(super) struct Descriptor {
+    pub(super) store: u32,
+    pub(super) entries: u64,
+    pub(super) fingerprint: u64,
 }
 
 impl<K: Format, V: Format> Serialize for Store<K, V> {
@@ -216,7 +216,7 @@ impl<'de, K: Format, V: Format> Deserialize<'de> for Store<K, V> {
             return Err(serde::de::Error::custom("store id out of range"));
         }
         Ok(Store {
-            core: StoreSet::current_or_memory().attach(Some(descriptor)),
+            core: StoreSet::current_or_memory().attach(Some(descriptor), false),
             _types: PhantomData,
         })
     }
@@ -224,14 +224,16 @@ impl<'de, K: Format, V: Format> Deserialize<'de> for Store<K, V> {
 
 /// Decoded entries of a [`Store`], in key order.
 pub type Entries<K, V> = Vec<(<K as crate::Encode>::Item, <V as crate::Encode>::Item)>;
-/// Encoded entries (key, value) in key order.
-type RawEntries = Vec<(Vec<u8>, Vec<u8>)>;
+/// An encoded entry (key, value).
+pub(super) type RawEntry = (Vec<u8>, Vec<u8>);
+/// Encoded entries in key order.
+type RawEntries = Vec<RawEntry>;
 /// A key and the overlay entry a write replaced (`None`: there was none).
 type Undo = (Vec<u8>, Option<Option<Vec<u8>>>);
 
 /// One store's side of the runtime: its open-transaction overlay and running summary.
 pub(crate) struct Core {
-    id: u32,
+    pub(super) id: u32,
     backend: Backend,
     /// Writes of the open transaction, by full key; `None` is a delete.
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
@@ -240,12 +242,15 @@ pub(crate) struct Core {
     /// Entries and fingerprint as of the savepoint (the start of the current record).
     saved: (u64, u64),
     /// Entries and fingerprint including the overlay.
-    count: u64,
-    fingerprint: u64,
+    pub(super) count: u64,
+    pub(super) fingerprint: u64,
+    /// `Some` for the store of a [`Timers`](crate::Timers): no live entry's key is below this
+    /// one (see `state::timers`). Rolling back resets it to the store's start.
+    pub(super) timer_floor: Option<Vec<u8>>,
 }
 
 impl Core {
-    fn lookup(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    pub(super) fn lookup(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let full = full_key(self.id, key);
         match self.overlay.get(&full) {
             Some(value) => Ok(value.clone()),
@@ -253,7 +258,7 @@ impl Core {
         }
     }
 
-    fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<(), StoreError> {
+    pub(super) fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<(), StoreError> {
         if let Some(old) = self.lookup(&key)? {
             self.count -= 1;
             self.fingerprint = self.fingerprint.wrapping_sub(entry_hash(&key, &old));
@@ -312,6 +317,33 @@ impl Core {
             .collect())
     }
 
+    /// The first entry with an encoded key in `[from, to)`: committed entries merged with the
+    /// overlay. Costs a seek plus one step per entry the open transaction deleted on the way.
+    pub(super) fn first(&self, from: &[u8], to: &[u8]) -> Result<Option<RawEntry>, StoreError> {
+        let (from, to) = (full_key(self.id, from), full_key(self.id, to));
+        if from >= to {
+            return Ok(None);
+        }
+        let mut committed: Option<RawEntry> = None;
+        self.backend.scan(&from, Some(&to), |k, v| {
+            if matches!(self.overlay.get(k), Some(None)) {
+                return true; // deleted by the open transaction
+            }
+            committed = Some((k.to_vec(), v.to_vec()));
+            false
+        })?;
+        let open = self
+            .overlay
+            .range::<Vec<u8>, _>((Bound::Included(&from), Bound::Excluded(&to)))
+            .find_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone())));
+        let first = match (committed, open) {
+            // The overlay's value wins for a key in both.
+            (Some(c), Some(o)) => Some(if o.0 <= c.0 { o } else { c }),
+            (c, o) => c.or(o),
+        };
+        Ok(first.map(|(k, v)| (k[4..].to_vec(), v)))
+    }
+
     fn savepoint(&mut self) {
         self.undo.clear();
         self.saved = (self.count, self.fingerprint);
@@ -325,6 +357,10 @@ impl Core {
             };
         }
         (self.count, self.fingerprint) = self.saved;
+        if let Some(floor) = &mut self.timer_floor {
+            // Restored entries may lie below it.
+            floor.clear();
+        }
     }
 }
 
@@ -399,14 +435,15 @@ impl StoreSet {
         build()
     }
 
-    fn current_or_memory() -> StoreSet {
+    pub(super) fn current_or_memory() -> StoreSet {
         BUILDING
             .with(|b| b.borrow().clone())
             .unwrap_or_else(StoreSet::in_memory)
     }
 
-    /// A new store (`None`: the next free id, empty) or the store a snapshot describes.
-    fn attach(&self, described: Option<Descriptor>) -> Arc<Mutex<Core>> {
+    /// A new store (`None`: the next free id, empty) or the store a snapshot describes;
+    /// `timers`: the store of a [`Timers`](crate::Timers).
+    pub(super) fn attach(&self, described: Option<Descriptor>, timers: bool) -> Arc<Mutex<Core>> {
         let mut cores = lock(&self.0.cores);
         let (id, count, fingerprint) = match described {
             Some(d) => (d.store, d.entries, d.fingerprint),
@@ -423,6 +460,7 @@ impl StoreSet {
             saved: (count, fingerprint),
             count,
             fingerprint,
+            timer_floor: timers.then(Vec::new),
         }));
         cores.push(Arc::clone(&core));
         core
@@ -442,6 +480,17 @@ impl StoreSet {
                 (c.id, c.count, c.fingerprint)
             })
             .collect()
+    }
+
+    /// The stores of the state's [`Timers`](crate::Timers), in id order.
+    pub(super) fn timer_cores(&self) -> Vec<Arc<Mutex<Core>>> {
+        let mut timers: Vec<_> = lock(&self.0.cores)
+            .iter()
+            .filter(|c| lock(c).timer_floor.is_some())
+            .cloned()
+            .collect();
+        timers.sort_by_key(|c| lock(c).id);
+        timers
     }
 
     /// Marks the start of a record: [`Self::rollback_record`] undoes what follows.

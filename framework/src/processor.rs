@@ -155,6 +155,32 @@ pub trait Processor: Send + Sync + 'static {
         .into())
     }
 
+    /// How often the runtime calls [`on_wall_clock`](Self::on_wall_clock) on each partition,
+    /// whether or not input arrives. `None`, the default: never.
+    fn wall_clock_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Periodic work by the wall clock (a *punctuation*), for what must happen while no input
+    /// arrives: `now_ms` is the wall-clock time (ms since the Unix epoch) the runtime decided to
+    /// fire at, every [`wall_clock_interval`](Self::wall_clock_interval). Use `now_ms`, never
+    /// the clock itself.
+    ///
+    /// Replay-safe by logging: the runtime records each call (after which input record, with
+    /// which `now_ms`) in the transaction that carries its effects, and a replay after a crash
+    /// makes the same call at the same place with the same time. A call whose transaction did
+    /// not commit never happened, and is decided anew. Outputs without a timestamp get
+    /// `now_ms`; failures follow the [`ErrorPolicy`](crate::ErrorPolicy) (kind `"wall-clock"`).
+    fn on_wall_clock(
+        &self,
+        state: &mut Self::State,
+        now_ms: i64,
+        out: &mut Output,
+    ) -> Result<(), ProcessError> {
+        let _ = (state, now_ms, out);
+        Ok(())
+    }
+
     /// The version of this processor's code, recorded with every committed transaction.
     ///
     /// Recovery after a crash replays the input since the last full snapshot and checks that
@@ -651,6 +677,21 @@ pub enum RecordError {
         #[source]
         source: ProcessError,
     },
+    /// [`Processor::on_wall_clock`] failed (returned an error or panicked).
+    #[error("processor failed on the wall-clock tick at {time} of {topic}/{partition} (before the record at offset {offset}): {source}")]
+    WallClock {
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+        /// The partition's next input offset when the tick fired.
+        offset: i64,
+        /// The tick's time (ms since the Unix epoch).
+        time: i64,
+        /// The processor's error (or panic message).
+        #[source]
+        source: ProcessError,
+    },
 }
 
 impl RecordError {
@@ -660,7 +701,8 @@ impl RecordError {
             RecordError::Decode { topic, .. }
             | RecordError::Processor { topic, .. }
             | RecordError::Panic { topic, .. }
-            | RecordError::Timer { topic, .. } => topic,
+            | RecordError::Timer { topic, .. }
+            | RecordError::WallClock { topic, .. } => topic,
         }
     }
     /// Input partition of the failed record.
@@ -669,7 +711,8 @@ impl RecordError {
             RecordError::Decode { partition, .. }
             | RecordError::Processor { partition, .. }
             | RecordError::Panic { partition, .. }
-            | RecordError::Timer { partition, .. } => *partition,
+            | RecordError::Timer { partition, .. }
+            | RecordError::WallClock { partition, .. } => *partition,
         }
     }
     /// Offset of the failed record.
@@ -678,11 +721,13 @@ impl RecordError {
             RecordError::Decode { offset, .. }
             | RecordError::Processor { offset, .. }
             | RecordError::Panic { offset, .. }
-            | RecordError::Timer { offset, .. } => *offset,
+            | RecordError::Timer { offset, .. }
+            | RecordError::WallClock { offset, .. } => *offset,
         }
     }
     /// Short machine-readable kind: `"decode-key"`, `"decode-value"`, `"processor"`,
-    /// `"panic"` or `"timer"` (also the `exactly.error.kind` header of dead-lettered records).
+    /// `"panic"`, `"timer"` or `"wall-clock"` (also the `exactly.error.kind` header of
+    /// dead-lettered records).
     pub fn kind(&self) -> &'static str {
         match self {
             RecordError::Decode {
@@ -696,6 +741,7 @@ impl RecordError {
             RecordError::Processor { .. } => "processor",
             RecordError::Panic { .. } => "panic",
             RecordError::Timer { .. } => "timer",
+            RecordError::WallClock { .. } => "wall-clock",
         }
     }
 }
@@ -787,52 +833,71 @@ pub mod dead_letter_headers {
     /// Offset of the failed record (decimal); for a failed timer, of the record after which
     /// it fell due.
     pub const SOURCE_OFFSET: &str = "exactly.source.offset";
-    /// For a failed timer (kind `"timer"`; the dead letter's key is the timer's key): its
-    /// time (decimal ms).
+    /// For a failed timer (kind `"timer"`; the dead letter's key is the timer's key) or
+    /// wall-clock tick (kind `"wall-clock"`; no key): its time (decimal ms).
     pub const TIMER_TIME: &str = "exactly.timer.time";
 }
 
 /// The record written to the dead-letter topic for a failed input record: the original key,
 /// value, timestamp and headers (headers without a value are kept with an empty value),
 /// followed by the `exactly.*` headers of [`dead_letter_headers`]. For a failed timer: the
-/// timer's key and time, no value.
+/// timer's key and time, no value; for a failed wall-clock tick: its time only.
 pub(crate) fn dead_letter_record(
     dead_letter_topic: &str,
-    raw: &RawRecord,
+    raw: Option<&RawRecord>,
     error: &RecordError,
 ) -> OutputRecord {
     use dead_letter_headers as h;
     let mut r = OutputRecord::new(dead_letter_topic);
-    if let RecordError::Timer { time, key, .. } = error {
+    match error {
         // Not the record's fault: the timer's key, no value, the timer's time.
-        r.key = Some(key.clone().into_bytes());
-        r.timestamp = Some(*time);
-        r.headers
-            .push((h::TIMER_TIME.to_owned(), time.to_string().into_bytes()));
-    } else {
-        r.key = raw.key.clone();
-        r.value = raw.value.clone();
-        r.timestamp = raw.timestamp;
-        r.headers = raw
-            .headers
-            .iter()
-            .map(|(n, v)| (n.clone(), v.clone().unwrap_or_default()))
-            .collect();
+        RecordError::Timer { time, key, .. } => {
+            r.key = Some(key.clone().into_bytes());
+            r.timestamp = Some(*time);
+            r.headers
+                .push((h::TIMER_TIME.to_owned(), time.to_string().into_bytes()));
+        }
+        RecordError::WallClock { time, .. } => {
+            r.timestamp = Some(*time);
+            r.headers
+                .push((h::TIMER_TIME.to_owned(), time.to_string().into_bytes()));
+        }
+        _ => {
+            if let Some(raw) = raw {
+                r.key = raw.key.clone();
+                r.value = raw.value.clone();
+                r.timestamp = raw.timestamp;
+                r.headers = raw
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.clone().unwrap_or_default()))
+                    .collect();
+            }
+        }
     }
-    r.headers.extend([
+    r.headers.extend(source_headers(error));
+    r
+}
+
+/// The `exactly.*` headers naming a failure and where it happened.
+fn source_headers(error: &RecordError) -> [(String, Vec<u8>); 5] {
+    use dead_letter_headers as h;
+    [
         (h::ERROR_KIND.to_owned(), error.kind().as_bytes().to_vec()),
         (h::ERROR_MESSAGE.to_owned(), error.to_string().into_bytes()),
-        (h::SOURCE_TOPIC.to_owned(), raw.topic.as_bytes().to_vec()),
+        (
+            h::SOURCE_TOPIC.to_owned(),
+            error.topic().as_bytes().to_vec(),
+        ),
         (
             h::SOURCE_PARTITION.to_owned(),
-            raw.partition.to_string().into_bytes(),
+            error.partition().to_string().into_bytes(),
         ),
         (
             h::SOURCE_OFFSET.to_owned(),
-            raw.offset.to_string().into_bytes(),
+            error.offset().to_string().into_bytes(),
         ),
-    ]);
-    r
+    ]
 }
 
 #[cfg(test)]
@@ -972,7 +1037,7 @@ mod tests {
         let r = raw(4, Some("a"), Some("x"));
         let mut out = Output::new();
         let err = process_raw(&Summer, &mut 0, &r, &mut out).unwrap_err();
-        let dl = dead_letter_record("dlq", &r, &err);
+        let dl = dead_letter_record("dlq", Some(&r), &err);
         assert_eq!(dl.topic, "dlq");
         assert_eq!(dl.value.as_deref(), Some(&b"x"[..]));
         assert_eq!(dl.timestamp, Some(1004));

@@ -28,13 +28,15 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use crate::config::{ErrorPolicy, StartFrom};
 use crate::error::Error;
 use crate::metrics::{Metrics, PartitionMetrics};
-use crate::processor::{read_state, Output, Processor, RawRecord, StateRead, StateReadError};
+use crate::processor::{
+    read_state, Output, Processor, RawRecord, RecordError, StateRead, StateReadError,
+};
 use crate::progress::Progress;
-use crate::proto::{FullSnapshotRef, IncrementalSnapshot};
+use crate::proto::{snapshot_record, FullSnapshotRef, IncrementalSnapshot, WallClockTick};
 use crate::snapshot::store::{find_latest_incremental, load_full_snapshot, Flow, PartitionReader};
-use crate::snapshot::{fingerprint, OutputDigest};
+use crate::snapshot::{decode_record, fingerprint, OutputDigest, SnapshotError};
 use crate::state::{decode_image, Committed, LocalState, StoreSet};
-use crate::step::{process_step, StepError};
+use crate::step::{process_step, tick_step, Position, StepError};
 
 /// Which partition to recover and how.
 pub(crate) struct RecoveryTarget<'a> {
@@ -68,6 +70,8 @@ pub(crate) struct Recovered<S> {
     pub(crate) base_input_offset: i64,
     pub(crate) digest: OutputDigest,
     pub(crate) records_since_base: u64,
+    /// Wall-clock ticks since the base's state was taken.
+    pub(crate) ticks_since_base: u64,
     pub(crate) transaction_seq: u64,
     /// What this recovery would cost again: loading its base, and replaying.
     pub(crate) cost: RecoveryCost,
@@ -156,6 +160,7 @@ fn recover_from<P: Processor>(
         mut state,
         stores,
         input_offset: start,
+        transaction_seq: base_seq,
         since_base,
         warm,
         timing,
@@ -163,8 +168,15 @@ fn recover_from<P: Processor>(
     let end = inc.next_input_offset;
     check_input_holds(target, reader, start, end)?;
     let replay_started = started.elapsed();
+    let ticks = recorded_ticks(target, reader, inc, base_seq, warm)?;
     let Some(replayed) = replay(
-        processor, target, reader, &mut state, &stores, start, end, since_base,
+        processor,
+        target,
+        reader,
+        (&mut state, &stores),
+        (start, end),
+        &ticks,
+        since_base,
     )?
     else {
         tracing::info!(
@@ -202,6 +214,7 @@ fn recover_from<P: Processor>(
         base_input_offset: inc.base_input_offset,
         digest: replayed.digest,
         records_since_base: inc.records_since_base,
+        ticks_since_base: inc.ticks_since_base,
         transaction_seq: inc.transaction_seq,
         cost: RecoveryCost {
             base: timing.decoded - timing.found,
@@ -258,6 +271,7 @@ fn fresh_start<S: Default>(
         base_input_offset: start,
         digest: OutputDigest::new(0),
         records_since_base: 0,
+        ticks_since_base: 0,
         transaction_seq: 0,
         cost: RecoveryCost::default(),
     })
@@ -306,6 +320,8 @@ struct Base<S> {
     state: S,
     stores: StoreSet,
     input_offset: i64,
+    /// The last transaction whose effects the state includes (0: none, or not recorded).
+    transaction_seq: u64,
     since_base: Replayed,
     /// From the local store.
     warm: bool,
@@ -360,6 +376,7 @@ fn warm_base<P: Processor>(
         state,
         stores,
         input_offset: position.next_offset,
+        transaction_seq: position.transaction_seq,
         since_base: Replayed {
             records: position.records_since_base,
             replayed: 0,
@@ -393,6 +410,7 @@ fn load_base<P: Processor>(
             state: stores.build(P::State::default),
             stores,
             input_offset: inc.base_input_offset,
+            transaction_seq: 0,
             since_base,
             warm: false,
             timing: BaseTiming::at(found),
@@ -421,6 +439,7 @@ fn load_base<P: Processor>(
         state,
         stores,
         input_offset: reference.input_offset,
+        transaction_seq: reference.transaction_seq,
         since_base,
         warm: false,
         timing: BaseTiming {
@@ -516,25 +535,95 @@ struct Replayed {
     digest: OutputDigest,
 }
 
-/// Replays input `[start, end)` through the processor into `state`, outputs into a digest.
-/// `None`: interrupted by the stop flag.
-#[allow(clippy::too_many_arguments)]
+/// Step 4: the wall-clock ticks committed after the base's state was taken, in the order they
+/// fired, read from the incremental records since the base (only when the latest says there
+/// are any). From a full snapshot's base, they must number what the latest record counts.
+fn recorded_ticks(
+    target: &RecoveryTarget<'_>,
+    reader: &PartitionReader,
+    inc: &IncrementalSnapshot,
+    base_seq: u64,
+    warm: bool,
+) -> Result<Vec<WallClockTick>, Error> {
+    if inc.ticks_since_base == 0 {
+        return Ok(Vec::new());
+    }
+    let (topic, partition) = (target.snapshot_topic, target.partition);
+    // Every incremental record after the base's state was taken lies after its first chunk.
+    let from = match &inc.base {
+        Some(base) => base.first_chunk_offset,
+        None => reader.bounds(topic, partition)?.0,
+    };
+    let mut ticks = Vec::new();
+    reader.read(topic, partition, from, |message| {
+        let Some(payload) = message.payload() else {
+            return Ok(Flow::Continue);
+        };
+        let record = decode_record(payload).map_err(|source| Error::PartitionSnapshot {
+            topic: topic.to_owned(),
+            partition,
+            source,
+        })?;
+        let Some(snapshot_record::Kind::Incremental(record)) = record.kind else {
+            return Ok(Flow::Continue);
+        };
+        let ours = *record.input_topic == **target.input_topic
+            && record.input_partition == target.partition;
+        if ours && record.transaction_seq > base_seq {
+            ticks.extend(record.wall_clock_ticks);
+        }
+        Ok(if ours && record.transaction_seq >= inc.transaction_seq {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        })
+    })?;
+    if !warm && ticks.len() as u64 != inc.ticks_since_base {
+        return Err(Error::PartitionSnapshot {
+            topic: topic.to_owned(),
+            partition,
+            source: SnapshotError::Corrupt {
+                snapshot_id: inc.base.as_ref().map(|b| b.snapshot_id.clone()).unwrap_or_default(),
+                chunk: None,
+                what: format!(
+                    "the incremental records since it hold {} wall-clock tick(s), the latest (transaction {}) counts {}",
+                    ticks.len(),
+                    inc.transaction_seq,
+                    inc.ticks_since_base
+                ),
+            },
+        });
+    }
+    Ok(ticks)
+}
+
+/// Replays input `[start, end)` through the processor into `state`, with the recorded
+/// wall-clock `ticks` at the places they fired, outputs into a digest. `None`: interrupted by
+/// the stop flag.
 fn replay<P: Processor>(
     processor: &P,
     target: &RecoveryTarget<'_>,
     reader: &PartitionReader,
-    state: &mut P::State,
-    stores: &StoreSet,
-    start: i64,
-    end: i64,
+    (state, stores): (&mut P::State, &StoreSet),
+    (start, end): (i64, i64),
+    ticks: &[WallClockTick],
     since_base: Replayed,
 ) -> Result<Option<Replayed>, Error> {
     let mut replayed = since_base;
+    let mut ticks = ticks.iter().peekable();
+    let mut out = Output::new();
     if end <= start {
+        replay_ticks(
+            processor,
+            target,
+            (state, stores),
+            &mut ticks,
+            end,
+            &mut replayed,
+        )?;
         return Ok(Some(replayed));
     }
     let mut interrupted = false;
-    let mut out = Output::new();
     let mut progress = Progress::new(
         "replay",
         "offsets",
@@ -553,15 +642,19 @@ fn replay<P: Processor>(
             interrupted = true;
             return Ok(Flow::Stop);
         }
+        let offset = message.offset();
+        replay_ticks(
+            processor,
+            target,
+            (state, stores),
+            &mut ticks,
+            offset,
+            &mut replayed,
+        )?;
         replayed.records += 1;
         replayed.replayed += 1;
         let raw = raw_record(target.input_topic, message);
-        // It committed before, so the policy let its failures through then: skipped or
-        // dead-lettered calls are skipped again, and leave no trace in the stores.
-        let mut on_failure = |error, _: &mut Output| match target.error_policy {
-            ErrorPolicy::Fail => Err(error),
-            _ => Ok(()),
-        };
+        let mut on_failure = replay_failure(target);
         match process_step(processor, state, stores, &raw, &mut out, &mut on_failure) {
             Ok(_) => {}
             Err(StepError::Failed(error)) => return Err(Error::Record(error)),
@@ -581,13 +674,73 @@ fn replay<P: Processor>(
         for record in out.take() {
             replayed.digest.update(&record);
         }
-        Ok(if message.offset() + 1 >= end {
+        Ok(if offset + 1 >= end {
             Flow::Stop
         } else {
             Flow::Continue
         })
     })?;
-    Ok((!interrupted).then_some(replayed))
+    if interrupted {
+        return Ok(None);
+    }
+    replay_ticks(
+        processor,
+        target,
+        (state, stores),
+        &mut ticks,
+        end,
+        &mut replayed,
+    )?;
+    Ok(Some(replayed))
+}
+
+/// Replays the ticks that fired before the record at `offset` (with the partition's next
+/// input offset at or below it).
+fn replay_ticks<'t, P: Processor>(
+    processor: &P,
+    target: &RecoveryTarget<'_>,
+    (state, stores): (&mut P::State, &StoreSet),
+    ticks: &mut std::iter::Peekable<impl Iterator<Item = &'t WallClockTick>>,
+    offset: i64,
+    replayed: &mut Replayed,
+) -> Result<(), Error> {
+    let mut out = Output::new();
+    while let Some(tick) = ticks.next_if(|t| t.next_input_offset <= offset) {
+        let at = Position {
+            topic: target.input_topic,
+            partition: target.partition,
+            offset: tick.next_input_offset,
+        };
+        let mut on_failure = replay_failure(target);
+        let ticked = tick_step(
+            processor,
+            state,
+            stores,
+            (&at, tick.time_ms),
+            &mut out,
+            &mut on_failure,
+        );
+        match ticked {
+            Ok(_) => {}
+            Err(StepError::Failed(error)) => return Err(Error::Record(error)),
+            Err(StepError::Store(source)) => return Err(local_error(target, source)),
+        }
+        for record in out.take() {
+            replayed.digest.update(&record);
+        }
+    }
+    Ok(())
+}
+
+/// A replayed call committed before, so the policy let its failure through then: skipped or
+/// dead-lettered calls are skipped again (their store writes rolled back).
+fn replay_failure<'a>(
+    target: &'a RecoveryTarget<'_>,
+) -> impl FnMut(RecordError, &mut Output) -> Result<(), RecordError> + 'a {
+    move |error, _| match target.error_policy {
+        ErrorPolicy::Fail => Err(error),
+        _ => Ok(()),
+    }
 }
 
 /// The replay must have met as many records as were processed the first time (else the input

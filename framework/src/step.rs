@@ -1,10 +1,11 @@
-//! One step of a partition: an input record, then the timers it made due (DESIGN §8).
+//! One step of a partition: an input record or a wall-clock tick, then the timers it made
+//! due (DESIGN §8).
 //!
-//! The live loop, recovery's replay and the test driver all process input through
-//! [`process_step`], so a replay meets the same calls in the same order as the first run:
-//! the record (which first moves the stream time of the state's [`Timers`](crate::Timers)),
-//! then every due timer in (time, key) order. Each call is its own unit for the error policy:
-//! a failed one's store writes are rolled back and its outputs discarded.
+//! The live loop, recovery's replay and the test driver all go through [`process_step`] and
+//! [`tick_step`], so a replay meets the same calls in the same order as the first run: the
+//! record (which first moves the stream time of the state's [`Timers`](crate::Timers)) or the
+//! tick, then every due timer in (time, key) order. Each call is its own unit for the error
+//! policy: a failed one's store writes are rolled back and its outputs discarded.
 
 use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -45,7 +46,59 @@ pub(crate) fn process_step<P: Processor>(
         on_failure(error, out).map_err(StepError::Failed)?;
         return Ok(0);
     }
-    fire_due_timers(processor, state, stores, raw, out, on_failure)
+    let at = Position {
+        topic: &raw.topic,
+        partition: raw.partition,
+        offset: raw.offset,
+    };
+    fire_due_timers(processor, state, stores, &at, out, on_failure)
+}
+
+/// Where a step happens, to name it in errors: the partition, and the offset of the record
+/// (for a tick, the partition's next input offset).
+pub(crate) struct Position<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+}
+
+/// Calls [`Processor::on_wall_clock`] with `time_ms` (a tick at `at`), then fires the timers
+/// it made due. Returns the number of timers fired.
+pub(crate) fn tick_step<P: Processor>(
+    processor: &P,
+    state: &mut P::State,
+    stores: &StoreSet,
+    (at, time_ms): (&Position<'_>, i64),
+    out: &mut Output,
+    on_failure: &mut OnFailure<'_>,
+) -> Result<u64, StepError> {
+    stores.begin_record();
+    let emitted_before = out.len();
+    let called = catch_unwind(AssertUnwindSafe(|| {
+        stores.build(|| processor.on_wall_clock(state, time_ms, out))
+    }));
+    let failure = match called {
+        Ok(Ok(())) => None,
+        Ok(Err(source)) => Some(source),
+        Err(payload) => Some(format!("panicked: {}", panic_message(payload.as_ref())).into()),
+    };
+    if let Some(source) = failure {
+        out.truncate(emitted_before);
+        stores.rollback_record();
+        let error = RecordError::WallClock {
+            topic: at.topic.to_owned(),
+            partition: at.partition,
+            offset: at.offset,
+            time: time_ms,
+            source,
+        };
+        on_failure(error, out).map_err(StepError::Failed)?;
+        return Ok(0);
+    }
+    for r in out.tail_mut(emitted_before) {
+        r.timestamp.get_or_insert(time_ms);
+    }
+    fire_due_timers(processor, state, stores, at, out, on_failure)
 }
 
 /// Fires every due timer, each in a savepoint of its own. A timer that `on_timer` schedules
@@ -55,7 +108,7 @@ fn fire_due_timers<P: Processor>(
     processor: &P,
     state: &mut P::State,
     stores: &StoreSet,
-    raw: &RawRecord,
+    at: &Position<'_>,
     out: &mut Output,
     on_failure: &mut OnFailure<'_>,
 ) -> Result<u64, StepError> {
@@ -67,10 +120,10 @@ fn fire_due_timers<P: Processor>(
             return Ok(fired);
         };
         let result = if seen.insert(due.timer.clone()) {
-            stores.build(|| on_timer(processor, state, &due.timer, raw, out))
+            stores.build(|| on_timer(processor, state, &due.timer, at, out))
         } else {
             Err(timer_error(
-                raw,
+                at,
                 &due.timer,
                 "on_timer scheduled this timer again at or before the stream time, so it \
                  would fire forever; schedule it later than Timers::stream_time()"
@@ -94,7 +147,7 @@ fn on_timer<P: Processor>(
     processor: &P,
     state: &mut P::State,
     timer: &Timer,
-    raw: &RawRecord,
+    at: &Position<'_>,
     out: &mut Output,
 ) -> Result<(), RecordError> {
     let emitted_before = out.len();
@@ -110,14 +163,14 @@ fn on_timer<P: Processor>(
         Err(payload) => format!("panicked: {}", panic_message(payload.as_ref())).into(),
     };
     out.truncate(emitted_before);
-    Err(timer_error(raw, timer, source))
+    Err(timer_error(at, timer, source))
 }
 
-fn timer_error(raw: &RawRecord, timer: &Timer, source: crate::ProcessError) -> RecordError {
+fn timer_error(at: &Position<'_>, timer: &Timer, source: crate::ProcessError) -> RecordError {
     RecordError::Timer {
-        topic: raw.topic.to_string(),
-        partition: raw.partition,
-        offset: raw.offset,
+        topic: at.topic.to_owned(),
+        partition: at.partition,
+        offset: at.offset,
         time: timer.time,
         key: timer.key.clone(),
         source,
@@ -347,5 +400,164 @@ mod tests {
         assert!(error
             .to_string()
             .contains("does not implement Processor::on_timer"));
+    }
+
+    #[derive(Default, Serialize, Deserialize)]
+    struct Window {
+        /// Records since the last tick, and ticks so far.
+        count: u64,
+        ticks: u64,
+        timers: Timers,
+    }
+
+    /// Every 10 s of wall-clock time reports the records since the last report; the value
+    /// `"fail"` makes the next tick fail; a tick also schedules a timer at the stream time,
+    /// which fires right after it. With `use_clock`, the report (a bug) reads the clock
+    /// instead of `now_ms`.
+    struct Reporter {
+        use_clock: bool,
+    }
+
+    impl Processor for Reporter {
+        type State = Window;
+        type Key = Utf8;
+        type Value = Utf8;
+        fn process(
+            &self,
+            w: &mut Window,
+            r: &Record<'_, String, String>,
+            _: &mut Output,
+        ) -> Result<(), ProcessError> {
+            w.count += if r.value() == "fail" { 1_000 } else { 1 };
+            Ok(())
+        }
+        fn wall_clock_interval(&self) -> Option<Duration> {
+            Some(Duration::from_secs(10))
+        }
+        fn on_wall_clock(
+            &self,
+            w: &mut Window,
+            now_ms: i64,
+            out: &mut Output,
+        ) -> Result<(), ProcessError> {
+            w.ticks += 1;
+            if let Some(now) = w.timers.stream_time()? {
+                w.timers.schedule(now, format!("tick-{}", w.ticks))?;
+            }
+            if w.count >= 1_000 {
+                return Err("a tick refused".into());
+            }
+            let at = if self.use_clock {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_micros() as i64
+            } else {
+                now_ms
+            };
+            out.send_json("reports", &at.to_string(), &w.count)?;
+            w.count = 0;
+            Ok(())
+        }
+        fn on_timer(
+            &self,
+            _: &mut Window,
+            t: &Timer,
+            out: &mut Output,
+        ) -> Result<(), ProcessError> {
+            out.send_json("after-tick", &t.key, &t.time)?;
+            Ok(())
+        }
+    }
+
+    fn pipe(driver: &mut TestDriver<Reporter>, value: &str) {
+        driver
+            .pipe("in", &"k".to_string(), &value.to_string())
+            .unwrap();
+    }
+
+    #[test]
+    fn wall_clock_ticks_replay_where_and_when_they_fired() {
+        let mut driver = TestDriver::new(Reporter { use_clock: false });
+        pipe(&mut driver, "a");
+        pipe(&mut driver, "b");
+        driver.advance_wall_clock(Duration::from_secs(25)).unwrap();
+        pipe(&mut driver, "c");
+        driver.full_snapshot().unwrap();
+        driver.advance_wall_clock(Duration::from_secs(5)).unwrap();
+        pipe(&mut driver, "d");
+        driver.advance_wall_clock(Duration::from_secs(10)).unwrap();
+        let reports: Vec<(String, u64)> = driver.read_json("reports").unwrap();
+        let start = crate::testing::DEFAULT_START_TIME_MS;
+        let times: Vec<i64> = reports.iter().map(|r| r.0.parse().unwrap()).collect();
+        assert_eq!(
+            times,
+            [
+                start + 10_000,
+                start + 20_000,
+                start + 30_000,
+                start + 40_000
+            ]
+        );
+        assert_eq!(
+            reports.iter().map(|r| r.1).collect::<Vec<_>>(),
+            [2, 0, 1, 1]
+        );
+        let report = driver.outputs_to("reports").next().unwrap();
+        assert_eq!(
+            report.timestamp,
+            Some(start + 10_000),
+            "stamped with now_ms"
+        );
+        // Each tick's timer (at the stream time) fired right after it.
+        assert_eq!(driver.outputs_to("after-tick").count(), 4);
+        assert_eq!(driver.wall_clock(), start + 40_000);
+        // Since the snapshot: two ticks and a record, replayed in that order.
+        assert_eq!(driver.verify_determinism().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_tick_that_reads_the_clock_instead_of_now_is_caught_on_replay() {
+        let mut driver = TestDriver::new(Reporter { use_clock: true });
+        pipe(&mut driver, "a");
+        driver.advance_wall_clock(Duration::from_secs(10)).unwrap();
+        let error = driver.verify_determinism().unwrap_err();
+        assert!(
+            matches!(error, TestError::NotDeterministic { .. }),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_failed_tick_is_rolled_back_under_skip_and_stops_the_partition_under_fail() {
+        let mut driver = TestDriver::new(Reporter { use_clock: false }).with_error_policy(
+            ErrorPolicy::DeadLetter {
+                topic: "dlq".into(),
+            },
+        );
+        pipe(&mut driver, "fail");
+        driver.advance_wall_clock(Duration::from_secs(10)).unwrap();
+        assert_eq!(driver.errors()[0].kind(), "wall-clock");
+        let window = driver.state("in", 0).unwrap();
+        assert_eq!(
+            window.ticks, 1,
+            "plain fields are not rolled back (see Processor::process)"
+        );
+        assert!(
+            window.timers.is_empty().unwrap(),
+            "its timer was rolled back"
+        );
+        let dead = driver.outputs_to("dlq").next().unwrap();
+        assert_eq!(
+            dead.timestamp,
+            Some(crate::testing::DEFAULT_START_TIME_MS + 10_000)
+        );
+        driver.verify_determinism().unwrap();
+
+        let mut driver = TestDriver::new(Reporter { use_clock: false });
+        pipe(&mut driver, "fail");
+        let error = driver
+            .advance_wall_clock(Duration::from_secs(10))
+            .unwrap_err();
+        assert!(error.to_string().contains("a tick refused"), "{error}");
     }
 }

@@ -63,7 +63,7 @@ use crate::snapshot::{
     assemble_chunks, fingerprint, full_snapshot_ref, split_into_chunks, OutputDigest, SnapshotError,
 };
 use crate::state::{decode_image, encode_image, Image, StoreSet};
-use crate::step::{process_step, StepError};
+use crate::step::{process_step, tick_step, Position, StepError};
 
 /// A key-value pair decoded with the formats `KF` and `VF`.
 pub type Decoded<KF, VF> = (<KF as Encode>::Item, <VF as Encode>::Item);
@@ -247,6 +247,12 @@ enum Base {
     },
 }
 
+/// What recovery replays: an input record, or a wall-clock tick at its recorded time.
+enum Step {
+    Record(RawRecord),
+    Tick { time_ms: i64, next_offset: i64 },
+}
+
 struct PartitionState<S> {
     state: S,
     /// The stores `state` holds, in memory.
@@ -254,8 +260,8 @@ struct PartitionState<S> {
     next_offset: i64,
     failed_at: Option<i64>,
     base: Base,
-    /// Records processed since `base`, as recovery would replay them.
-    since_base: Vec<RawRecord>,
+    /// Records and wall-clock ticks since `base`, as recovery would replay them.
+    since_base: Vec<Step>,
     /// Digest of the outputs since `base`.
     digest: OutputDigest,
     snapshots: u64,
@@ -327,6 +333,10 @@ pub struct TestDriver<P: Processor> {
     /// Wall-clock ms of the last processed record: the replay must run at a later wall-clock
     /// time so that a processor reading the clock is caught.
     last_wall_ms: u128,
+    /// The driver's wall clock (ms), which [`Processor::on_wall_clock`] ticks follow.
+    wall_clock_ms: i64,
+    /// When the next tick is due by [`Processor::wall_clock_interval`].
+    next_tick_ms: Option<i64>,
 }
 
 /// The encoded state `data` (written by processor version `from_version`) as `processor`'s
@@ -404,6 +414,8 @@ impl<P: Processor> TestDriver<P> {
             outputs: Vec::new(),
             errors: Vec::new(),
             last_wall_ms: 0,
+            wall_clock_ms: DEFAULT_START_TIME_MS,
+            next_tick_ms: None,
         }
     }
 
@@ -439,6 +451,116 @@ impl<P: Processor> TestDriver<P> {
     pub fn advance_time(&mut self, by: Duration) {
         let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
         self.time_ms = self.time_ms.saturating_add(ms);
+    }
+
+    /// The driver's wall clock (ms), which [`advance_wall_clock`](Self::advance_wall_clock)
+    /// moves; separate from [`time`](Self::time), the records' clock.
+    pub fn wall_clock(&self) -> i64 {
+        self.wall_clock_ms
+    }
+
+    /// Moves the wall clock forward and, for every [`Processor::wall_clock_interval`] that
+    /// elapses, calls [`Processor::on_wall_clock`] on every partition that has seen a record,
+    /// as the runtime would while no input arrives (the first tick comes one interval after
+    /// the driver's start). [`verify_determinism`](Self::verify_determinism) replays the
+    /// ticks where they happened, with their times, as recovery does.
+    ///
+    /// Errors: like [`pipe_raw`](Self::pipe_raw), for a tick that fails under
+    /// [`ErrorPolicy::Fail`].
+    ///
+    /// ```
+    /// use exactly::testing::TestDriver;
+    /// use exactly::{Output, ProcessError, Processor, Record, Utf8};
+    /// use std::time::Duration;
+    ///
+    /// /// Reports how many records arrived, every minute of wall-clock time.
+    /// struct Report;
+    /// impl Processor for Report {
+    ///     type State = u64;
+    ///     type Key = Utf8;
+    ///     type Value = Utf8;
+    ///     fn process(&self, n: &mut u64, _: &Record<'_, String, String>,
+    ///                _: &mut Output) -> Result<(), ProcessError> {
+    ///         *n += 1;
+    ///         Ok(())
+    ///     }
+    ///     fn wall_clock_interval(&self) -> Option<Duration> {
+    ///         Some(Duration::from_secs(60))
+    ///     }
+    ///     fn on_wall_clock(&self, n: &mut u64, now_ms: i64,
+    ///                      out: &mut Output) -> Result<(), ProcessError> {
+    ///         out.send_json("reports", &now_ms.to_string(), n)?;
+    ///         *n = 0;
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// let mut driver = TestDriver::new(Report);
+    /// driver.pipe("in", &"a".to_string(), &"x".to_string()).unwrap();
+    /// driver.advance_wall_clock(Duration::from_secs(150)).unwrap(); // two ticks
+    /// let reports: Vec<(String, u64)> = driver.read_json("reports").unwrap();
+    /// assert_eq!(reports.iter().map(|r| r.1).collect::<Vec<_>>(), [1, 0]);
+    /// driver.verify_determinism().unwrap();
+    /// ```
+    pub fn advance_wall_clock(&mut self, by: Duration) -> Result<(), TestError> {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        let until = self.wall_clock_ms.saturating_add(ms);
+        let every = self
+            .processor
+            .wall_clock_interval()
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1));
+        if let Some(every) = every {
+            let mut next = self
+                .next_tick_ms
+                .unwrap_or_else(|| DEFAULT_START_TIME_MS.saturating_add(every));
+            while next <= until {
+                self.wall_clock_ms = next;
+                self.tick_all(next)?;
+                next = next.saturating_add(every);
+            }
+            self.next_tick_ms = Some(next);
+        }
+        self.wall_clock_ms = until;
+        Ok(())
+    }
+
+    /// One wall-clock tick at `time_ms` on every partition that has not failed.
+    fn tick_all(&mut self, time_ms: i64) -> Result<(), TestError> {
+        for ((topic, partition), entry) in &mut self.partitions {
+            if entry.failed_at.is_some() {
+                continue;
+            }
+            let mut out = Output::new();
+            let mut errors = Vec::new();
+            let at = Position {
+                topic,
+                partition: *partition,
+                offset: entry.next_offset,
+            };
+            let result = process_tick(
+                &self.processor,
+                &self.error_policy,
+                (&mut entry.state, &entry.stores),
+                (&at, time_ms),
+                &mut out,
+                &mut errors,
+            );
+            self.errors.extend(errors);
+            if let Err(error) = result {
+                entry.failed_at = Some(entry.next_offset);
+                return Err(TestError::Record(error));
+            }
+            let produced = out.take();
+            for r in &produced {
+                entry.digest.update(r);
+            }
+            entry.since_base.push(Step::Tick {
+                time_ms,
+                next_offset: entry.next_offset,
+            });
+            self.outputs.extend(produced);
+        }
+        Ok(())
     }
 
     /// Pipes a record to partition 0 of `topic`, encoding key and value with the processor's
@@ -584,7 +706,7 @@ impl<P: Processor> TestDriver<P> {
             entry.digest.update(r);
         }
         entry.next_offset = offset.saturating_add(1);
-        entry.since_base.push(raw);
+        entry.since_base.push(Step::Record(raw));
         self.outputs.extend(produced);
         Ok(())
     }
@@ -757,6 +879,8 @@ impl<P: Processor> TestDriver<P> {
             outputs: Vec::new(),
             errors: Vec::new(),
             last_wall_ms: self.last_wall_ms,
+            wall_clock_ms: self.wall_clock_ms,
+            next_tick_ms: None,
         })
     }
 
@@ -863,20 +987,45 @@ impl<P: Processor> TestDriver<P> {
             };
             let mut digest = OutputDigest::new(0);
             let mut outputs = 0usize;
-            for raw in &p.since_base {
+            for step in &p.since_base {
                 let mut out = Output::new();
-                let result = process_record(
-                    &self.processor,
-                    &self.error_policy,
-                    (&mut state, &stores),
-                    raw,
-                    &mut out,
-                    &mut Vec::new(),
-                );
+                let (result, at) = match step {
+                    Step::Record(raw) => (
+                        process_record(
+                            &self.processor,
+                            &self.error_policy,
+                            (&mut state, &stores),
+                            raw,
+                            &mut out,
+                            &mut Vec::new(),
+                        ),
+                        format!("the record at offset {}", raw.offset),
+                    ),
+                    Step::Tick {
+                        time_ms,
+                        next_offset,
+                    } => (
+                        process_tick(
+                            &self.processor,
+                            &self.error_policy,
+                            (&mut state, &stores),
+                            (
+                                &Position {
+                                    topic,
+                                    partition: *partition,
+                                    offset: *next_offset,
+                                },
+                                *time_ms,
+                            ),
+                            &mut out,
+                            &mut Vec::new(),
+                        ),
+                        format!("the wall-clock tick at {time_ms}"),
+                    ),
+                };
                 if let Err(error) = result {
                     return Err(not_deterministic(format!(
-                        "a failure at or after the record at offset {} that succeeded live: {error}",
-                        raw.offset
+                        "a failure at or after {at} that succeeded live: {error}"
                     )));
                 }
                 let produced = out.take();
@@ -919,7 +1068,9 @@ fn process_record<P: Processor>(
         match policy {
             ErrorPolicy::Fail => return Err(error),
             ErrorPolicy::Skip => {}
-            ErrorPolicy::DeadLetter { topic } => out.send(dead_letter_record(topic, raw, &error)),
+            ErrorPolicy::DeadLetter { topic } => {
+                out.send(dead_letter_record(topic, Some(raw), &error))
+            }
         }
         errors.push(error);
         Ok(())
@@ -935,6 +1086,47 @@ fn process_record<P: Processor>(
             topic: raw.topic.to_string(),
             partition: raw.partition,
             offset: raw.offset,
+            source: Box::new(error),
+        }),
+    }
+}
+
+/// Calls [`Processor::on_wall_clock`] with `time_ms` as the runtime does on a partition (`at`
+/// its next offset), and the timers it makes due, like [`process_record`].
+fn process_tick<P: Processor>(
+    processor: &P,
+    policy: &ErrorPolicy,
+    (state, stores): (&mut P::State, &StoreSet),
+    (at, time_ms): (&Position<'_>, i64),
+    out: &mut Output,
+    errors: &mut Vec<RecordError>,
+) -> Result<(), RecordError> {
+    let mut on_failure = |error: RecordError, out: &mut Output| {
+        match policy {
+            ErrorPolicy::Fail => return Err(error),
+            ErrorPolicy::Skip => {}
+            ErrorPolicy::DeadLetter { topic } => out.send(dead_letter_record(topic, None, &error)),
+        }
+        errors.push(error);
+        Ok(())
+    };
+    let result = tick_step(
+        processor,
+        state,
+        stores,
+        (at, time_ms),
+        out,
+        &mut on_failure,
+    );
+    let _ = stores.commit(Vec::new());
+    match result {
+        Ok(_) => Ok(()),
+        Err(StepError::Failed(error)) => Err(error),
+        Err(StepError::Store(error)) => Err(RecordError::WallClock {
+            topic: at.topic.to_owned(),
+            partition: at.partition,
+            offset: at.offset,
+            time: time_ms,
             source: Box::new(error),
         }),
     }

@@ -275,6 +275,8 @@ fn rewrite_snapshot_partition(config: &AppConfig, m: &Move) -> Result<(), CliErr
         records_since_base: 0,
         transaction_seq: 0,
         processor_version: 0,
+        wall_clock_ticks: Vec::new(),
+        ticks_since_base: 0,
     });
     let bytes = encode_record(&record);
     producer

@@ -39,6 +39,8 @@ pub(super) struct NewBase {
     pub(super) digest: OutputDigest,
     /// Records since the snapshot's input offset.
     pub(super) records: u64,
+    /// Wall-clock ticks since the snapshot's state was taken.
+    pub(super) ticks: u64,
 }
 
 /// A full snapshot of a state with stores on its way out.
@@ -53,9 +55,12 @@ pub(super) struct Streaming {
     started: Instant,
     /// Time spent writing its pieces: what fetching them again would cost, about.
     sending: Duration,
-    /// Outputs and records since `input_offset`.
+    /// Outputs, records and wall-clock ticks since `input_offset`.
     digest: OutputDigest,
     records: u64,
+    ticks: u64,
+    /// The last transaction whose effects the snapshot's state includes.
+    transaction_seq: u64,
 }
 
 impl Streaming {
@@ -65,6 +70,14 @@ impl Streaming {
             self.digest.update(record);
         }
         self.records += 1;
+    }
+
+    /// A wall-clock tick fired after the snapshot's state was taken, with these outputs.
+    pub(super) fn tick_fired(&mut self, outputs: &[OutputRecord]) {
+        for record in outputs {
+            self.digest.update(record);
+        }
+        self.ticks += 1;
     }
 }
 
@@ -133,6 +146,8 @@ impl<P: Processor> PartitionWorker<P> {
             sending: Duration::ZERO,
             digest: OutputDigest::new(0),
             records: 0,
+            ticks: 0,
+            transaction_seq: live.transaction_seq,
         });
         Ok(())
     }
@@ -160,6 +175,13 @@ impl<P: Processor> PartitionWorker<P> {
         let mut done = None;
         loop {
             let piece = match pieces {
+                // The first piece goes with the first transaction after the state was taken,
+                // waited for: its incremental record and every later one then lie after the
+                // first chunk, where recovery looks for their wall-clock ticks (and below
+                // which trimming deletes).
+                _ if streaming.next_index == 0 && chunks.is_empty() => {
+                    Some(streaming.stream.next())
+                }
                 Pieces::Ready(most) if chunks.len() < most => streaming.stream.try_next(),
                 Pieces::Wait(most) if chunks.len() < most => Some(streaming.stream.next()),
                 _ => None,
@@ -216,11 +238,13 @@ impl<P: Processor> PartitionWorker<P> {
             crc32c,
             snapshot_id: streaming.id.clone(),
             processor_version: self.processor.version(),
+            transaction_seq: streaming.transaction_seq,
         };
         Ok(Some(NewBase {
             reference,
             digest: streaming.digest,
             records: streaming.records,
+            ticks: streaming.ticks,
         }))
     }
 
@@ -306,7 +330,7 @@ impl<P: Processor> PartitionWorker<P> {
         );
         let chunk_count = chunks.len() as u32;
         let first_chunk_offset = self.write_chunks(producer, chunks)?;
-        let reference = full_snapshot_ref(
+        let mut reference = full_snapshot_ref(
             &snapshot_id,
             live.next_offset,
             &data,
@@ -314,6 +338,7 @@ impl<P: Processor> PartitionWorker<P> {
             first_chunk_offset,
             self.processor.version(),
         );
+        reference.transaction_seq = live.transaction_seq;
         tracing::debug!(
             input_offset = live.next_offset,
             first_chunk_offset,
@@ -327,6 +352,7 @@ impl<P: Processor> PartitionWorker<P> {
             reference,
             digest: OutputDigest::new(0),
             records: 0,
+            ticks: 0,
         };
         self.commit_open_transaction(producer, live, Some(new_base))?;
         let took = started.elapsed();

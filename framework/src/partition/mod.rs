@@ -26,13 +26,11 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, PurgeConfig};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::{AppConfig, ErrorPolicy};
+use crate::config::AppConfig;
 use crate::error::Error;
 use crate::metrics::{AbortCause, Metrics, PartitionMetrics};
-use crate::processor::{
-    dead_letter_record, panic_message, Output, OutputRecord, Processor, RawRecord, RecordError,
-};
-use crate::proto::{FullSnapshotRef, IncrementalSnapshot};
+use crate::processor::{panic_message, Output, OutputRecord, Processor, RawRecord};
+use crate::proto::{FullSnapshotRef, IncrementalSnapshot, WallClockTick};
 use crate::recovery::{recover, Recovered, RecoveryCost, RecoveryTarget, READ_STALL_TIMEOUT};
 use crate::security::authorization_code;
 use crate::snapshot::fingerprint::Cadence;
@@ -43,9 +41,9 @@ use crate::snapshot::store::{
 use crate::snapshot::trim::Trimmer;
 use crate::snapshot::OutputDigest;
 use crate::state::{Committed, LocalState, StoreSet};
-use crate::step::{process_step, StepError};
 
 mod full_snapshot;
+mod steps;
 
 use full_snapshot::{NewBase, Streaming};
 
@@ -162,13 +160,15 @@ impl AbortStreak {
 /// time, or when recovering from the current one would take too long (half of
 /// [`AppConfig::max_recovery_time`]).
 fn full_snapshot_due<S>(config: &AppConfig, live: &Live<S>, final_snapshot: bool) -> bool {
-    if !config.full_snapshots || live.records_since_base == 0 {
+    // Wall-clock ticks count like records: recovery replays them too.
+    let since_base = live.records_since_base + live.ticks_since_base;
+    if !config.full_snapshots || since_base == 0 {
         return false;
     }
     let every = config.full_snapshot_every_records;
     let interval = config.full_snapshot_interval;
     final_snapshot
-        || (every > 0 && live.records_since_base >= every)
+        || (every > 0 && since_base >= every)
         || (!interval.is_zero() && live.last_full_snapshot.elapsed() >= interval)
         || config
             .max_recovery_time
@@ -193,6 +193,10 @@ struct Live<S> {
     streaming: Option<Streaming>,
     /// The open transaction's outputs, produced when it commits (see [`PartitionWorker::send_unsent`]).
     unsent: Vec<OutputRecord>,
+    /// The wall-clock ticks fired in the open transaction.
+    ticks: Vec<WallClockTick>,
+    /// Ticks fired since the base's state was taken.
+    ticks_since_base: u64,
 }
 
 impl<S> From<Recovered<S>> for Live<S> {
@@ -210,6 +214,8 @@ impl<S> From<Recovered<S>> for Live<S> {
             recovery_cost: r.cost,
             streaming: None,
             unsent: Vec::new(),
+            ticks: Vec::new(),
+            ticks_since_base: r.ticks_since_base,
         }
     }
 }
@@ -789,6 +795,8 @@ impl<P: Processor> PartitionWorker<P> {
         let commit_interval = self.config.commit_interval;
         let commit_when_idle = self.config.commit_when_idle;
         let max_batch = self.config.max_batch_records.max(1);
+        let tick_every = (self.processor.wall_clock_interval()).filter(|every| !every.is_zero());
+        let mut next_tick = tick_every.map(|every| Instant::now() + every);
         let mut out = Output::new();
         let mut batch_records = 0usize;
         loop {
@@ -815,6 +823,9 @@ impl<P: Processor> PartitionWorker<P> {
                 }
                 None => IDLE_POLL,
             };
+            let wait = next_tick.map_or(wait, |at| {
+                wait.min(at.saturating_duration_since(Instant::now()))
+            });
             match self.records.recv_timeout(wait) {
                 Ok(forwarded) => {
                     self.records_bytes
@@ -823,11 +834,9 @@ impl<P: Processor> PartitionWorker<P> {
                         continue;
                     }
                     if open.is_none() {
-                        producer.context().reset();
-                        if let Err(e) = producer.begin_transaction() {
-                            return exit_for(e);
+                        if let Err(exit) = begin(producer, open) {
+                            return exit;
                         }
-                        *open = Some(Instant::now());
                         batch_records = 0;
                     }
                     if let Err(exit) = self.process_one(&mut live, &forwarded.record, &mut out) {
@@ -842,14 +851,26 @@ impl<P: Processor> PartitionWorker<P> {
                     continue;
                 }
             }
+            if let (Some(at), Some(every)) = (next_tick, tick_every) {
+                if Instant::now() >= at {
+                    if open.is_none() {
+                        if let Err(exit) = begin(producer, open) {
+                            return exit;
+                        }
+                        batch_records = 0;
+                    }
+                    if let Err(exit) = self.tick(&mut live, &mut out) {
+                        return exit;
+                    }
+                    next_tick = Some(Instant::now() + every);
+                }
+            }
             if open.is_none() && live.streaming.is_some() {
                 // A full snapshot streams with the transactions: keep them coming while no
                 // input arrives.
-                producer.context().reset();
-                if let Err(e) = producer.begin_transaction() {
-                    return exit_for(e);
+                if let Err(exit) = begin(producer, open) {
+                    return exit;
                 }
-                *open = Some(Instant::now());
                 batch_records = 0;
             }
             // Serve delivery reports now and then so librdkafka's queue does not grow with
@@ -871,64 +892,6 @@ impl<P: Processor> PartitionWorker<P> {
                 }
             }
         }
-    }
-
-    fn process_one(
-        &self,
-        live: &mut Live<P::State>,
-        raw: &RawRecord,
-        out: &mut Output,
-    ) -> Result<(), LiveExit> {
-        let started = Instant::now();
-        let mut dead_letters = Vec::new();
-        let mut on_failure = |error: RecordError, _: &mut Output| {
-            self.metrics.record_error();
-            match &self.config.error_policy {
-                ErrorPolicy::Skip => {
-                    tracing::warn!(offset = raw.offset, kind = error.kind(), error = %error, "skipping a record");
-                    self.metrics.records_skipped();
-                }
-                ErrorPolicy::DeadLetter { topic } => {
-                    tracing::warn!(offset = raw.offset, kind = error.kind(), error = %error, dead_letter_topic = %topic, "dead-lettering a record");
-                    // Not part of the output digest: a replay skips the failure again.
-                    dead_letters.push(dead_letter_record(topic, raw, &error));
-                    self.metrics.records_dead_lettered();
-                }
-                _ => return Err(error),
-            }
-            Ok(())
-        };
-        let (processor, state) = (&*self.processor, &mut live.state);
-        let stepped = process_step(processor, state, &live.stores, raw, out, &mut on_failure);
-        live.unsent.append(&mut dead_letters);
-        // Replaying the record costs about as much again.
-        live.recovery_cost.replay += started.elapsed();
-        if let Some(reason) = self.local.take_failure() {
-            return Err(LiveExit::Failed(self.local_failure("processing", reason)));
-        }
-        match stepped {
-            Ok(fired) => self.metrics.timers_fired(fired),
-            Err(StepError::Failed(error)) => return Err(LiveExit::Failed(Error::Record(error))),
-            Err(StepError::Store(error)) => {
-                return Err(LiveExit::Failed(
-                    self.local_failure("processing", error.to_string()),
-                ))
-            }
-        }
-        let outputs = out.take();
-        self.metrics.output_records(outputs.len() as u64);
-        for record in &outputs {
-            live.digest.update(record);
-        }
-        if let Some(streaming) = &mut live.streaming {
-            streaming.record_processed(&outputs);
-        }
-        live.unsent.extend(outputs);
-        live.next_offset = raw.offset + 1;
-        live.records_since_base += 1;
-        self.metrics.records_processed(1);
-        self.partition_metrics.record_processed();
-        Ok(())
     }
 
     /// Produces the open transaction's outputs, all at once when it commits.
@@ -1076,20 +1039,23 @@ impl<P: Processor> PartitionWorker<P> {
         let txn_timeout = self.txn_timeout();
         let seq = live.transaction_seq + 1;
         let rebased = new_base.is_some();
-        let (base, base_input_offset, digest, records_since_base) = match new_base {
+        let (base, base_input_offset, digest, records_since_base, ticks_since_base) = match new_base
+        {
             Some(NewBase {
                 reference,
                 digest,
                 records,
+                ticks,
             }) => {
                 let at = reference.input_offset;
-                (Some(reference), at, digest, records)
+                (Some(reference), at, digest, records, ticks)
             }
             None => (
                 live.base.clone(),
                 live.base_input_offset,
                 live.digest,
                 live.records_since_base,
+                live.ticks_since_base,
             ),
         };
         let fingerprint = if self.config.state_fingerprint {
@@ -1109,6 +1075,8 @@ impl<P: Processor> PartitionWorker<P> {
             records_since_base,
             transaction_seq: seq,
             processor_version: self.processor.version(),
+            wall_clock_ticks: std::mem::take(&mut live.ticks),
+            ticks_since_base,
         };
         write_incremental(producer, &self.snapshot_topic, self.partition, incremental)
             .map_err(exit_for)?;
@@ -1173,6 +1141,7 @@ impl<P: Processor> PartitionWorker<P> {
         live.base_input_offset = base_input_offset;
         live.digest = digest;
         live.records_since_base = records_since_base;
+        live.ticks_since_base = ticks_since_base;
         Ok(())
     }
 }
@@ -1232,6 +1201,14 @@ const CHUNKS_PER_WRITE: usize = 16;
 /// its delivery report, and a `BaseProducer` only serves those when polled: purge what is
 /// queued or in flight (it is being aborted anyway) and serve the reports first, or the abort
 /// times out on any transaction that failed with messages outstanding.
+/// Begins a transaction; `open` says since when.
+fn begin(producer: &TxnProducer, open: &mut Option<Instant>) -> Result<(), LiveExit> {
+    producer.context().reset();
+    producer.begin_transaction().map_err(exit_for)?;
+    *open = Some(Instant::now());
+    Ok(())
+}
+
 fn abort(producer: &TxnProducer, timeout: Duration) -> Result<(), KafkaError> {
     producer.purge(PurgeConfig::default().queue().inflight());
     if let Err(error) = flush_promptly(producer, PURGED_REPORTS_TIMEOUT) {
@@ -1366,6 +1343,8 @@ mod tests {
             },
             streaming: None,
             unsent: Vec::new(),
+            ticks: Vec::new(),
+            ticks_since_base: 0,
         }
     }
 

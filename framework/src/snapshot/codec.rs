@@ -92,6 +92,7 @@ pub(crate) fn full_snapshot_ref(
         total_bytes: data.len() as u64,
         crc32c: crc32c::crc32c(data),
         snapshot_id: snapshot_id.to_owned(),
+        transaction_seq: 0,
     }
 }
 
@@ -560,6 +561,11 @@ mod tests {
             records_since_base: 49,
             transaction_seq: 5,
             processor_version: 2,
+            wall_clock_ticks: vec![crate::proto::WallClockTick {
+                next_input_offset: 98,
+                time_ms: 1_700_000_000_000,
+            }],
+            ticks_since_base: 3,
         };
         let rec = incremental_record(inc.clone());
         let back = decode_record(&encode_record(&rec)).unwrap();

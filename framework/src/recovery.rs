@@ -197,6 +197,7 @@ fn recover_from<P: Processor>(
         base_offset = start,
         next_offset = end,
         replayed = replayed.replayed,
+        wall_clock_ticks = ticks.len(),
         from_full_snapshot,
         from_local_store = warm,
         elapsed_ms = elapsed.as_millis() as u64,

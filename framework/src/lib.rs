@@ -151,6 +151,7 @@ mod state;
 mod step;
 mod stuck;
 pub mod testing;
+pub mod window;
 
 #[doc = include_str!("../DESIGN.md")]
 pub mod design {}

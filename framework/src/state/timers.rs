@@ -26,12 +26,15 @@ const TIMER: u8 = 0x01;
 const END_OF_TIMERS: [u8; 1] = [0x02];
 
 /// A timer that fired: the stream time it was scheduled at and the key it was scheduled for.
+/// [`Timers::owns`] tells which of the state's `Timers` it came from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timer {
     /// The stream time (ms, as record timestamps) the timer was scheduled at.
     pub time: i64,
     /// The key it was scheduled for.
     pub key: String,
+    /// The id of the store of the `Timers` it came from.
+    store: u32,
 }
 
 /// Stream-time timers of a processor, held in its `State` like a [`Store`](crate::Store).
@@ -141,7 +144,13 @@ impl Timers {
         let core = lock(&self.core);
         Ok(core
             .first(&[TIMER], &END_OF_TIMERS)?
-            .and_then(|(k, _)| parse_timer(&k)))
+            .and_then(|(k, _)| parse_timer(core.id, &k)))
+    }
+
+    /// Whether `timer` was scheduled with these `Timers` (a state may hold several, e.g. its
+    /// own and a [`window`](crate::window) helper's).
+    pub fn owns(&self, timer: &Timer) -> bool {
+        lock(&self.core).id == timer.store
     }
 
     /// Number of scheduled timers.
@@ -210,7 +219,7 @@ fn timer_key(time_ms: i64, key: &str) -> Vec<u8> {
     entry
 }
 
-fn parse_timer(entry: &[u8]) -> Option<Timer> {
+fn parse_timer(store: u32, entry: &[u8]) -> Option<Timer> {
     let (&tag, rest) = entry.split_first()?;
     if tag != TIMER || rest.len() < 8 {
         return None;
@@ -218,7 +227,7 @@ fn parse_timer(entry: &[u8]) -> Option<Timer> {
     let (time, key) = rest.split_at(8);
     let time = (u64::from_be_bytes(time.try_into().ok()?) ^ (1 << 63)) as i64;
     let key = String::from_utf8(key.to_vec()).ok()?;
-    Some(Timer { time, key })
+    Some(Timer { time, key, store })
 }
 
 fn stream_time(core: &Core) -> Result<Option<i64>, StoreError> {
@@ -283,7 +292,7 @@ fn first_due(core: &mut Core) -> Result<Option<Timer>, StoreError> {
         return Ok(None);
     };
     let floor = core.timer_floor.clone().unwrap_or_default();
-    if parse_timer(&floor).is_some_and(|t| t.time > now) {
+    if parse_timer(core.id, &floor).is_some_and(|t| t.time > now) {
         return Ok(None);
     }
     let from = if floor.is_empty() { vec![TIMER] } else { floor };
@@ -294,7 +303,7 @@ fn first_due(core: &mut Core) -> Result<Option<Timer>, StoreError> {
     };
     core.timer_floor = Some(next);
     Ok(found
-        .and_then(|(k, _)| parse_timer(&k))
+        .and_then(|(k, _)| parse_timer(core.id, &k))
         .filter(|t| t.time <= now))
 }
 
@@ -318,10 +327,11 @@ mod tests {
         assert!(timer_key(3, "a") < timer_key(3, "b"));
         assert!(timer_key(3, "zzz") < timer_key(4, ""));
         assert_eq!(
-            parse_timer(&timer_key(-5, "ada")),
+            parse_timer(3, &timer_key(-5, "ada")),
             Some(Timer {
                 time: -5,
-                key: "ada".into()
+                key: "ada".into(),
+                store: 3
             })
         );
     }

@@ -106,6 +106,10 @@
 //! - [`Processor`], [`Record`], [`Output`], [`OutputRecord`]: the processing API.
 //! - [`Store`]: a keyed state store for state too large to snapshot whole or keep in memory
 //!   (RocksDB on local disk, warm restarts, O(changes) commits).
+//! - Time, replay-safe: [`Timers`] (stream-time timers, fired into
+//!   [`Processor::on_timer`]), wall-clock ticks ([`Processor::on_wall_clock`], recorded per
+//!   transaction and replayed from the log), and [`window`] (tumbling, hopping and session
+//!   windows with a grace period).
 //! - [`Format`] with [`Raw`], [`Utf8`], [`Json`]: typed keys and values (how each treats
 //!   absent, null, keys and values is tabled on [`Format`]).
 //! - [`AppConfig`]: builder, `EXACTLY_*` environment overrides, and any librdkafka property
@@ -120,8 +124,9 @@
 //! # Determinism
 //!
 //! Recovery replays input records through `process`, so it must depend only on the state and
-//! the record: use [`Record::timestamp`], not the wall clock; no random numbers; no `HashMap`
-//! iteration order deciding outputs. Violations are detected (state fingerprint and output
+//! the record: use [`Record::timestamp`] (or stream-time [`Timers`], or the `now_ms` of a
+//! wall-clock tick), not the wall clock; no random numbers; no `HashMap` iteration order
+//! deciding outputs. Violations are detected (state fingerprint and output
 //! digest mismatch) and reported instead of silently diverging.
 #![warn(missing_docs)]
 

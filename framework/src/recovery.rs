@@ -536,7 +536,7 @@ struct Replayed {
     digest: OutputDigest,
 }
 
-/// Step 4: the wall-clock ticks committed after the base's state was taken, in the order they
+/// Step 6, before the replay: the wall-clock ticks committed after the base's state was taken, in the order they
 /// fired, read from the incremental records since the base (only when the latest says there
 /// are any). From a full snapshot's base, they must number what the latest record counts.
 fn recorded_ticks(

@@ -2,7 +2,7 @@
 //! period, each window's aggregate handed to the processor once when it closes.
 //!
 //! Built only from the state's pieces: a window's aggregate is an entry of a
-//! [`Store`](crate::Store), and its end is a stream-time timer of [`Timers`]. So windows are
+//! [`Store`], and its end is a stream-time timer of [`Timers`]. So windows are
 //! snapshotted, restored and replayed exactly like the rest of the state, and whether a record
 //! is late, or when a window closes, depends on record timestamps only: never on the clock,
 //! never on how fast records arrived.

@@ -11,8 +11,12 @@
 //! [`verify`] the end-to-end check of the chain's output topics against it (used by the demo
 //! and the chaos suite's workload). [`upgrade`] shows a new version of a service taking over
 //! its predecessor's state (a version bump and a state migration, tested before deploying).
+//!
+//! [`fraud`] is a service made of time: windows of record time, idle timers and wall-clock
+//! reports, checked on Kafka through kill -9 by `fraud --check`.
 
 pub mod bench;
+pub mod fraud;
 pub mod generator;
 pub mod ledger;
 pub mod model;

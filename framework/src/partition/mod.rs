@@ -795,7 +795,10 @@ impl<P: Processor> PartitionWorker<P> {
         let commit_interval = self.config.commit_interval;
         let commit_when_idle = self.config.commit_when_idle;
         let max_batch = self.config.max_batch_records.max(1);
-        let tick_every = (self.processor.wall_clock_interval()).filter(|every| !every.is_zero());
+        let tick_every = self
+            .processor
+            .wall_clock_interval()
+            .filter(|every| !every.is_zero());
         let mut next_tick = tick_every.map(|every| Instant::now() + every);
         let mut out = Output::new();
         let mut batch_records = 0usize;
@@ -1197,10 +1200,6 @@ impl<P: Processor> PartitionWorker<P> {
 /// Snapshot chunks sent between two checks of a chunk transaction's age.
 const CHUNKS_PER_WRITE: usize = 16;
 
-/// Aborts the open transaction. librdkafka's abort waits until every outstanding message has
-/// its delivery report, and a `BaseProducer` only serves those when polled: purge what is
-/// queued or in flight (it is being aborted anyway) and serve the reports first, or the abort
-/// times out on any transaction that failed with messages outstanding.
 /// Begins a transaction; `open` says since when.
 fn begin(producer: &TxnProducer, open: &mut Option<Instant>) -> Result<(), LiveExit> {
     producer.context().reset();
@@ -1209,6 +1208,10 @@ fn begin(producer: &TxnProducer, open: &mut Option<Instant>) -> Result<(), LiveE
     Ok(())
 }
 
+/// Aborts the open transaction. librdkafka's abort waits until every outstanding message has
+/// its delivery report, and a `BaseProducer` only serves those when polled: purge what is
+/// queued or in flight (it is being aborted anyway) and serve the reports first, or the abort
+/// times out on any transaction that failed with messages outstanding.
 fn abort(producer: &TxnProducer, timeout: Duration) -> Result<(), KafkaError> {
     producer.purge(PurgeConfig::default().queue().inflight());
     if let Err(error) = flush_promptly(producer, PURGED_REPORTS_TIMEOUT) {

@@ -12,7 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::processor::{panic_message, process_raw, RawRecord};
 use crate::state::{advance_stream_time, take_due, StoreError, StoreSet, Timer};
-use crate::{Output, Processor, RecordError};
+use crate::{Output, ProcessError, Processor, RecordError};
 
 /// Why a step stopped.
 #[derive(Debug)]
@@ -73,17 +73,12 @@ pub(crate) fn tick_step<P: Processor>(
     on_failure: &mut OnFailure<'_>,
 ) -> Result<u64, StepError> {
     stores.begin_record();
-    let emitted_before = out.len();
-    let called = catch_unwind(AssertUnwindSafe(|| {
-        stores.build(|| processor.on_wall_clock(state, time_ms, out))
-    }));
-    let failure = match called {
-        Ok(Ok(())) => None,
-        Ok(Err(source)) => Some(source),
-        Err(payload) => Some(format!("panicked: {}", panic_message(payload.as_ref())).into()),
-    };
-    if let Some(source) = failure {
-        out.truncate(emitted_before);
+    let called = stores.build(|| {
+        guarded(out, time_ms, |out| {
+            processor.on_wall_clock(state, time_ms, out)
+        })
+    });
+    if let Err(source) = called {
         stores.rollback_record();
         let error = RecordError::WallClock {
             topic: at.topic.to_owned(),
@@ -94,9 +89,6 @@ pub(crate) fn tick_step<P: Processor>(
         };
         on_failure(error, out).map_err(StepError::Failed)?;
         return Ok(0);
-    }
-    for r in out.tail_mut(emitted_before) {
-        r.timestamp.get_or_insert(time_ms);
     }
     fire_due_timers(processor, state, stores, at, out, on_failure)
 }
@@ -141,8 +133,7 @@ fn fire_due_timers<P: Processor>(
     }
 }
 
-/// Calls [`Processor::on_timer`] inside `catch_unwind`; outputs without a timestamp get the
-/// timer's time, and a failed call's outputs are removed.
+/// Calls [`Processor::on_timer`] (see [`guarded`]).
 fn on_timer<P: Processor>(
     processor: &P,
     state: &mut P::State,
@@ -150,12 +141,22 @@ fn on_timer<P: Processor>(
     at: &Position<'_>,
     out: &mut Output,
 ) -> Result<(), RecordError> {
+    guarded(out, timer.time, |out| processor.on_timer(state, timer, out))
+        .map_err(|source| timer_error(at, timer, source))
+}
+
+/// Runs a processor callback inside `catch_unwind`. On success the outputs it emitted without
+/// a timestamp get `time`; on failure (an error, or a panic as its message) they are removed.
+fn guarded(
+    out: &mut Output,
+    time: i64,
+    call: impl FnOnce(&mut Output) -> Result<(), ProcessError>,
+) -> Result<(), ProcessError> {
     let emitted_before = out.len();
-    let result = catch_unwind(AssertUnwindSafe(|| processor.on_timer(state, timer, out)));
-    let source = match result {
+    let source = match catch_unwind(AssertUnwindSafe(|| call(out))) {
         Ok(Ok(())) => {
             for r in out.tail_mut(emitted_before) {
-                r.timestamp.get_or_insert(timer.time);
+                r.timestamp.get_or_insert(time);
             }
             return Ok(());
         }
@@ -163,10 +164,10 @@ fn on_timer<P: Processor>(
         Err(payload) => format!("panicked: {}", panic_message(payload.as_ref())).into(),
     };
     out.truncate(emitted_before);
-    Err(timer_error(at, timer, source))
+    Err(source)
 }
 
-fn timer_error(at: &Position<'_>, timer: &Timer, source: crate::ProcessError) -> RecordError {
+fn timer_error(at: &Position<'_>, timer: &Timer, source: ProcessError) -> RecordError {
     RecordError::Timer {
         topic: at.topic.to_owned(),
         partition: at.partition,

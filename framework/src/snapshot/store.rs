@@ -205,7 +205,9 @@ impl PartitionReader {
 #[derive(Debug, Clone)]
 pub(crate) struct LatestIncremental {
     pub(crate) offset: i64,
-    /// When it was written (producer time, ms since the epoch), if the record carries one.
+    /// When it was written (producer time, ms since the epoch), if the record carries one
+    /// (shown by `exactly inspect`).
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
     pub(crate) timestamp: Option<i64>,
     pub(crate) record: IncrementalSnapshot,
 }

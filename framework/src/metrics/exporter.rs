@@ -207,7 +207,7 @@ struct AppCounters(Metrics);
 impl Collector for AppCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.0.snapshot();
-        let counters: [(&str, &str, u64); 19] = [
+        let counters: [(&str, &str, u64); 20] = [
             (
                 "records_processed",
                 "Input records processed live (all partitions)",

@@ -37,6 +37,7 @@ struct Counters {
     records_skipped: AtomicU64,
     records_dead_lettered: AtomicU64,
     timers_fired: AtomicU64,
+    wall_clock_ticks: AtomicU64,
     record_errors: AtomicU64,
     output_records: AtomicU64,
     transactions_committed: AtomicU64,
@@ -78,6 +79,9 @@ pub struct MetricsSnapshot {
     pub records_dead_lettered: u64,
     /// Stream-time timers fired live (not counting replays; see [`Timers`](crate::Timers)).
     pub timers_fired: u64,
+    /// Wall-clock ticks fired live (see
+    /// [`Processor::on_wall_clock`](crate::Processor::on_wall_clock)).
+    pub wall_clock_ticks: u64,
     /// Records that failed to decode or to process, under any policy.
     pub record_errors: u64,
     /// Records produced to output topics (dead letters excluded).
@@ -163,6 +167,7 @@ impl Metrics {
             records_skipped: get(&c.records_skipped),
             records_dead_lettered: get(&c.records_dead_lettered),
             timers_fired: get(&c.timers_fired),
+            wall_clock_ticks: get(&c.wall_clock_ticks),
             record_errors: get(&c.record_errors),
             output_records: get(&c.output_records),
             transactions_committed: get(&c.transactions_committed),
@@ -220,6 +225,10 @@ impl Metrics {
         if fired > 0 {
             self.inner.timers_fired.fetch_add(fired, Ordering::Relaxed);
         }
+    }
+    /// A wall-clock tick fired.
+    pub(crate) fn wall_clock_tick(&self) {
+        self.inner.wall_clock_ticks.fetch_add(1, Ordering::Relaxed);
     }
     /// A record failed to decode or to process.
     pub(crate) fn record_error(&self) {

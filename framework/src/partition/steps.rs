@@ -74,6 +74,7 @@ impl<P: Processor> PartitionWorker<P> {
         live.recovery_cost.replay += started.elapsed();
         self.step_done(stepped)?;
         tracing::debug!(next_offset = live.next_offset, time_ms, "wall-clock tick");
+        self.metrics.wall_clock_tick();
         let outputs = out.take();
         self.metrics.output_records(outputs.len() as u64);
         for record in &outputs {

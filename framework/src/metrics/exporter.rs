@@ -225,6 +225,11 @@ impl Collector for AppCounters {
             ),
             ("timers_fired", "Stream-time timers fired", s.timers_fired),
             (
+                "wall_clock_ticks",
+                "Wall-clock ticks fired (Processor::on_wall_clock)",
+                s.wall_clock_ticks,
+            ),
+            (
                 "record_errors",
                 "Records that failed to decode or to process",
                 s.record_errors,

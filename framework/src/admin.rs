@@ -130,12 +130,18 @@ async fn prepare_topics_once(config: &AppConfig) -> Result<(), Error> {
     let metadata = fetch_metadata(config).await?;
     let mut to_create: Vec<(String, usize, usize)> = Vec::new();
     let mut to_check: Vec<String> = Vec::new();
+    let mut counts = Vec::new();
     for input in &config.input_topics {
         let Some((partitions, replication)) = describe(&metadata, input) else {
             return Err(Error::TopicNotFound {
                 topic: input.clone(),
             });
         };
+        counts.push((input.as_str(), partitions));
+        if config.unit_inputs(input).first() != Some(input) {
+            // A co-partitioned input whose units are named (and snapshotted) by the first.
+            continue;
+        }
         let snapshot_topic = config.snapshot_topic(input);
         match describe(&metadata, &snapshot_topic) {
             Some((actual, _)) if actual != partitions => {
@@ -149,6 +155,14 @@ async fn prepare_topics_once(config: &AppConfig) -> Result<(), Error> {
             Some(_) => to_check.push(snapshot_topic),
             None => to_create.push((snapshot_topic, partitions, replication)),
         }
+    }
+    if config.co_partitioned && counts.iter().any(|(_, n)| *n != counts[0].1) {
+        let counts = counts
+            .iter()
+            .map(|(topic, n)| format!("{topic}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(Error::NotCoPartitioned { counts });
     }
     let admin: AdminClient<DefaultClientContext> = config
         .admin_config()

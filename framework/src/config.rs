@@ -189,6 +189,8 @@ fn invalid(setting: &str, value: impl ToString, fix: impl Into<String>) -> Confi
 /// | `EXACTLY_MAX_BUFFERED_BYTES` | [`max_buffered_bytes`](Self::max_buffered_bytes) |
 /// | `EXACTLY_MAX_CONSECUTIVE_ABORTS` | [`max_consecutive_aborts`](Self::max_consecutive_aborts) |
 /// | `EXACTLY_GROUP_PROTOCOL` | [`group_protocol`](Self::group_protocol): `consumer` or `cooperative-sticky` |
+/// | `EXACTLY_CO_PARTITIONED` | [`co_partitioned`](Self::co_partitioned): `true` or `false` |
+/// | `EXACTLY_MAX_INPUT_IDLE_MS` | [`max_input_idle`](Self::max_input_idle) |
 /// | `EXACTLY_INSTANCE_ID` | [`instance_id`](Self::instance_id) (empty: none) |
 /// | `EXACTLY_KAFKA_<NAME>` | librdkafka property for every client: `<NAME>` lower-cased, `_` → `.` (`EXACTLY_KAFKA_SASL_MECHANISMS=PLAIN` sets `sasl.mechanisms`) |
 /// | `EXACTLY_CONSUMER_KAFKA_<NAME>`, `EXACTLY_PRODUCER_KAFKA_<NAME>` | the same for the consumer / the producers only |
@@ -243,6 +245,8 @@ pub struct AppConfig {
     pub(crate) auto_offset_reset: StartFrom,
     pub(crate) transaction_timeout: Duration,
     pub(crate) group_protocol: GroupProtocol,
+    pub(crate) co_partitioned: bool,
+    pub(crate) max_input_idle: Duration,
     pub(crate) instance_id: Option<String>,
     pub(crate) max_consecutive_aborts: u32,
     pub(crate) max_buffered_bytes: usize,
@@ -341,12 +345,24 @@ impl AppConfig {
             auto_offset_reset: StartFrom::Earliest,
             transaction_timeout: Duration::from_secs(60),
             group_protocol: GroupProtocol::default(),
+            co_partitioned: false,
+            max_input_idle: Duration::ZERO,
             instance_id: None,
             max_consecutive_aborts: 10,
             max_buffered_bytes: 16 * 1024 * 1024,
             kafka: Properties::default(),
             consumer_kafka: Properties::default(),
             producer_kafka: Properties::default(),
+        }
+    }
+
+    /// The input topics whose partition p forms one unit of work with `topic`'s partition p:
+    /// every input when co-partitioned (the first one naming the unit), else `topic` alone.
+    pub(crate) fn unit_inputs(&self, topic: &str) -> Vec<String> {
+        if self.co_partitioned {
+            self.input_topics.clone()
+        } else {
+            vec![topic.to_owned()]
         }
     }
 
@@ -542,6 +558,30 @@ impl AppConfig {
     /// [`MetricsSnapshot::max_buffered_bytes`](crate::MetricsSnapshot::max_buffered_bytes).
     pub fn max_buffered_bytes(mut self, bytes: usize) -> Self {
         self.max_buffered_bytes = bytes;
+        self
+    }
+
+    /// Whether the input topics are *co-partitioned* (default `false`): then partition p of
+    /// every input topic forms one unit of work, with one state, one transactional producer
+    /// and one snapshot partition (all named after the first input topic), and the processor
+    /// sees the records of all of them, in timestamp order when every input has some
+    /// ([`Record::topic`](crate::Record::topic) tells which). The inputs must have the same
+    /// number of partitions and be partitioned by the same key (checked, the first at start-up);
+    /// the consumer then uses the range assignor, which gives partition p of every input to
+    /// one instance. Otherwise every input partition is a unit of its own.
+    pub fn co_partitioned(mut self, co_partitioned: bool) -> Self {
+        self.co_partitioned = co_partitioned;
+        self
+    }
+
+    /// In a co-partitioned unit, how long a record waits for every other input to have a
+    /// record too, so that it goes in timestamp order with theirs (default 0: a record whose
+    /// other inputs have nothing waiting goes at once, like Kafka Streams' `max.task.idle.ms`
+    /// of 0). Longer waits order records of inputs that lag behind each other better, at the
+    /// cost of that much latency while an input is idle. Whatever order results is recorded
+    /// with the transaction and replayed exactly.
+    pub fn max_input_idle(mut self, wait: Duration) -> Self {
+        self.max_input_idle = wait;
         self
     }
 
@@ -750,6 +790,14 @@ impl AppConfig {
                         "cooperative-sticky" | "classic" => GroupProtocol::CooperativeSticky,
                         "consumer" => GroupProtocol::Consumer,
                         _ => return Err(env_err("expected cooperative-sticky or consumer")),
+                    }
+                }
+                "MAX_INPUT_IDLE_MS" => self.max_input_idle = ms()?,
+                "CO_PARTITIONED" => {
+                    self.co_partitioned = match value.trim().to_ascii_lowercase().as_str() {
+                        "true" | "1" | "yes" => true,
+                        "false" | "0" | "no" => false,
+                        _ => return Err(env_err("expected true or false")),
                     }
                 }
                 "INSTANCE_ID" => {
@@ -1031,6 +1079,16 @@ impl AppConfig {
                 c.set("group.instance.id", id);
             }
             match self.group_protocol {
+                // Co-partitioned inputs: the range assignor gives partition p of every input to
+                // one member.
+                GroupProtocol::CooperativeSticky if self.co_partitioned => {
+                    c.set("partition.assignment.strategy", "range")
+                        .set("session.timeout.ms", DEFAULT_SESSION_TIMEOUT_MS.to_string())
+                        .set(
+                            "heartbeat.interval.ms",
+                            DEFAULT_HEARTBEAT_INTERVAL_MS.to_string(),
+                        );
+                }
                 GroupProtocol::CooperativeSticky => {
                     c.set("partition.assignment.strategy", "cooperative-sticky")
                         .set("session.timeout.ms", DEFAULT_SESSION_TIMEOUT_MS.to_string())
@@ -1041,6 +1099,9 @@ impl AppConfig {
                 }
                 GroupProtocol::Consumer => {
                     c.set("group.protocol", "consumer");
+                    if self.co_partitioned {
+                        c.set("group.remote.assignor", "range");
+                    }
                 }
             }
         } else {

@@ -50,6 +50,13 @@ pub enum Error {
         /// The snapshot topic's partition count.
         actual: usize,
     },
+    /// Co-partitioned input topics (see `AppConfig::co_partitioned`) with different partition
+    /// counts.
+    #[error("the co-partitioned input topics do not have the same number of partitions ({counts}): partition p of every input must hold the same keys. Give them the same partition count (and the same key partitioning), or turn co-partitioning off (AppConfig::co_partitioned / EXACTLY_CO_PARTITIONED)")]
+    NotCoPartitioned {
+        /// `topic: partitions` of every input, comma-separated.
+        counts: String,
+    },
     /// A snapshot topic's configuration would lose or refuse snapshot records.
     #[error("snapshot topic {topic:?} has {setting}={value}: {fix}")]
     SnapshotTopicConfig {
@@ -109,6 +116,19 @@ pub enum Error {
         found_topic: String,
         /// The input partition it names.
         found_partition: i32,
+    },
+    /// The app's input topics of a co-partitioned unit are not those its snapshots were
+    /// written with (an input added, removed or reordered, or co-partitioning switched).
+    #[error("the snapshots of {snapshot_topic}/{partition} were written for inputs {recorded:?}, but the app now reads {configured:?} as one unit: a unit's inputs (and their order) cannot change under its state. Restore the previous input list, or start the new one under a new app id")]
+    InputsChanged {
+        /// The snapshot topic.
+        snapshot_topic: String,
+        /// The partition.
+        partition: i32,
+        /// The inputs the snapshots were written for (one: not co-partitioned).
+        recorded: Vec<String>,
+        /// The inputs the app reads now.
+        configured: Vec<String>,
     },
     /// Recovery needs input records that retention already deleted.
     #[error("retention gap on {topic}/{partition}: recovery must replay from offset {needed_offset} but the log starts at {log_start_offset}; the state cannot be rebuilt (write full snapshots more often than retention deletes input)")]

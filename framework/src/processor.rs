@@ -366,6 +366,18 @@ impl<'a, K, V> Record<'a, K, V> {
     pub fn raw_value(&self) -> Option<&'a [u8]> {
         self.raw_value
     }
+    /// The value decoded with format `F` instead of the processor's own: for inputs whose
+    /// values differ (co-partitioned inputs, see
+    /// [`AppConfig::co_partitioned`](crate::AppConfig::co_partitioned)), with `Value = Raw`
+    /// and a format per [`topic`](Self::topic).
+    pub fn decode_value<F: Format>(&self) -> Result<F::Item, DecodeError> {
+        F::decode(self.raw_value)
+    }
+    /// The key decoded with format `F` instead of the processor's own (see
+    /// [`decode_value`](Self::decode_value)).
+    pub fn decode_key<F: Format>(&self) -> Result<F::Item, DecodeError> {
+        F::decode(self.raw_key)
+    }
     /// All headers in order: `(name, value)`; a header may have no value.
     pub fn headers(&self) -> impl ExactSizeIterator<Item = (&'a str, Option<&'a [u8]>)> + 'a {
         self.headers

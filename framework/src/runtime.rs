@@ -216,7 +216,9 @@ type PartitionKey = (Arc<str>, i32);
 struct Slot {
     records: SyncSender<Forwarded>,
     stop: Arc<AtomicBool>,
-    outcome: Receiver<WorkerOutcome>,
+    /// How the worker ended: in the slot of its unit's first input only (the other inputs of a
+    /// co-partitioned unit share the worker, its channel and its stop flag).
+    outcome: Option<Receiver<WorkerOutcome>>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Seek epoch of the live phase; None while the worker recovers (records are dropped).
     live_epoch: Option<u64>,
@@ -224,8 +226,9 @@ struct Slot {
     fetch_position: Option<FetchPosition>,
     /// Records polled while the worker's channel was full; the partition is paused meanwhile.
     held: Held,
-    /// The partition's series; the consumer keeps its input end current.
-    metrics: PartitionMetrics,
+    /// The unit's series (in its first input's slot); the consumer keeps its input end
+    /// current.
+    metrics: Option<PartitionMetrics>,
     paused_for_backpressure: bool,
     /// Bytes in `records` the worker has not received yet.
     records_bytes: Arc<AtomicUsize>,
@@ -465,9 +468,17 @@ impl<P: Processor> ConsumerContext for RebalanceContext<P> {
             if let Err(error) = consumer.pause(tpl) {
                 tracing::warn!(error = %error, "pausing newly assigned partitions failed");
             }
+            let assignment = consumer.assignment().unwrap_or_else(|_| (*tpl).clone());
+            let mut units: Vec<PartitionKey> = Vec::new();
             for element in tpl.elements() {
-                let topic = self.shared.topic_arc(element.topic());
-                self.shared.start_worker(topic, element.partition());
+                let key = (self.shared.topic_arc(element.topic()), element.partition());
+                let unit = self.shared.unit_of(&key);
+                if !units.contains(&unit[0]) {
+                    units.push(unit[0].clone());
+                }
+            }
+            for unit in units {
+                self.shared.start_unit_if_assigned(unit, &assignment);
             }
         }
     }
@@ -498,8 +509,37 @@ impl<P: Processor> Shared<P> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The input partitions of `key`'s unit of work, its first input's first: `key` alone,
+    /// or partition p of every co-partitioned input (DESIGN §8).
+    fn unit_of(&self, key: &PartitionKey) -> Vec<PartitionKey> {
+        self.config
+            .unit_inputs(&key.0)
+            .iter()
+            .map(|topic| (self.topic_arc(topic), key.1))
+            .collect()
+    }
+
+    /// Starts the worker of the unit named by `unit` once every input partition of it is in
+    /// `assignment` (the range assignor assigns them together; until then they stay paused).
+    fn start_unit_if_assigned(&self, unit: PartitionKey, assignment: &TopicPartitionList) {
+        let members = self.unit_of(&unit);
+        let missing: Vec<&PartitionKey> = members
+            .iter()
+            .filter(|(topic, p)| assignment.find_partition(topic, *p).is_none())
+            .collect();
+        if !missing.is_empty() {
+            tracing::warn!(topic = %unit.0, partition = unit.1, missing = ?missing, "a co-partitioned unit waits for the rest of its input partitions to be assigned here (does the group use the range assignor?)");
+            return;
+        }
+        if self.lock().slots.contains_key(&unit) {
+            return;
+        }
+        self.start_worker(unit.0, unit.1);
+    }
+
     fn start_worker(&self, topic: Arc<str>, partition: i32) {
         self.lock().dormant.remove(&(Arc::clone(&topic), partition));
+        let members = self.unit_of(&(Arc::clone(&topic), partition));
         let (records_tx, records_rx) = mpsc::sync_channel(WORKER_CHANNEL_CAPACITY);
         let records_bytes = Arc::new(AtomicUsize::new(0));
         let (outcome_tx, outcome_rx) = mpsc::sync_channel(1);
@@ -513,6 +553,7 @@ impl<P: Processor> Shared<P> {
             snapshot_topic: self.config.snapshot_topic(&topic),
             transactional_id: self.config.transactional_id(&topic, partition),
             topic: Arc::clone(&topic),
+            inputs: members.iter().map(|(t, _)| Arc::clone(t)).collect(),
             partition,
             group_metadata: Arc::clone(&self.group_metadata),
             trimmer: self.trimmer.clone(),
@@ -533,22 +574,26 @@ impl<P: Processor> Shared<P> {
         match partition::spawn(worker, outcome_tx) {
             Ok(thread) => {
                 self.metrics.partition_assigned();
-                self.watched.add(&topic, partition);
-                self.lock().slots.insert(
-                    (topic, partition),
-                    Slot {
-                        records: records_tx,
-                        stop,
-                        outcome: outcome_rx,
-                        thread: Some(thread),
+                let mut outcome = Some(outcome_rx);
+                let mut thread = Some(thread);
+                let mut metrics = Some(partition_metrics);
+                let mut registry = self.lock();
+                for key in members {
+                    self.watched.add(&key.0, key.1);
+                    let slot = Slot {
+                        records: records_tx.clone(),
+                        stop: Arc::clone(&stop),
+                        outcome: outcome.take(),
+                        thread: thread.take(),
                         live_epoch: None,
                         fetch_position: None,
                         held: Held::default(),
                         paused_for_backpressure: false,
-                        records_bytes,
-                        metrics: partition_metrics,
-                    },
-                );
+                        records_bytes: Arc::clone(&records_bytes),
+                        metrics: metrics.take(),
+                    };
+                    registry.slots.insert(key, slot);
+                }
             }
             Err(source) => {
                 self.metrics.forget_partition(&topic, partition);
@@ -576,12 +621,21 @@ impl<P: Processor> Shared<P> {
     }
 
     fn stop_workers(&self, keys: &[PartitionKey]) {
+        // A unit stops as a whole: every input partition of it.
+        let mut all: Vec<PartitionKey> = Vec::new();
+        for key in keys {
+            for member in self.unit_of(key) {
+                if !all.contains(&member) {
+                    all.push(member);
+                }
+            }
+        }
         let mut slots: Vec<(PartitionKey, Slot)> = {
             let mut registry = self.lock();
-            for key in keys {
+            for key in &all {
                 registry.dormant.remove(key);
             }
-            keys.iter()
+            all.iter()
                 .filter_map(|k| registry.slots.remove_entry(k))
                 .collect()
         };
@@ -595,9 +649,10 @@ impl<P: Processor> Shared<P> {
         // transaction will be aborted by the next owner's init_transactions).
         let deadline = Instant::now() + self.config.transaction_timeout + Duration::from_secs(5);
         for ((topic, partition), slot) in &mut slots {
-            let outcome = slot
-                .outcome
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()));
+            let Some(outcome) = &slot.outcome else {
+                continue; // another input of a unit: its first input's slot waits
+            };
+            let outcome = outcome.recv_timeout(deadline.saturating_duration_since(Instant::now()));
             match outcome {
                 Ok(WorkerOutcome::Failed(error)) => {
                     self.lock().failure.get_or_insert(error);
@@ -959,10 +1014,14 @@ fn readopt_fenced<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, sh
             return;
         }
     };
-    for (topic, partition) in due {
-        if assignment.find_partition(&topic, partition).is_some() {
-            tracing::info!(topic = %topic, partition, "fenced partition still assigned after a session timeout: taking it over again");
-            shared.start_worker(topic, partition);
+    for key in due {
+        let members = shared.unit_of(&key);
+        if members
+            .iter()
+            .all(|(t, p)| assignment.find_partition(t, *p).is_some())
+        {
+            tracing::info!(topic = %key.0, partition = key.1, "fenced partition still assigned after a session timeout: taking it over again");
+            shared.start_worker(key.0, key.1);
         }
     }
 }
@@ -993,7 +1052,10 @@ fn service_slots<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, sha
                 tracing::warn!(error = %error, "resuming a partition failed");
             }
         }
-        match slot.outcome.try_recv() {
+        let Some(outcome) = &slot.outcome else {
+            continue;
+        };
+        match outcome.try_recv() {
             Ok(outcome) => ended.push((key.clone(), outcome)),
             Err(TryRecvError::Empty) => {}
             // The worker's thread ended without a word: never "finished", or the partition
@@ -1008,15 +1070,17 @@ fn service_slots<P: Processor>(consumer: &BaseConsumer<RebalanceContext<P>>, sha
         }
     }
     for (key, outcome) in ended {
-        if let Some(mut slot) = registry.slots.remove(&key) {
-            shared.watched.remove(&key.0, key.1);
-            if let Some(thread) = slot.thread.take() {
-                let _ = thread.join();
+        for member in shared.unit_of(&key) {
+            if let Some(mut slot) = registry.slots.remove(&member) {
+                shared.watched.remove(&member.0, member.1);
+                if let Some(thread) = slot.thread.take() {
+                    let _ = thread.join();
+                }
             }
-            shared.metrics.partition_revoked(&key.0, key.1);
+            // Stop fetching a partition nobody processes; a rebalance will hand it over.
+            let _ = consumer.pause(&single(&member.0, member.1));
         }
-        // Stop fetching a partition nobody processes; a rebalance will hand it over.
-        let _ = consumer.pause(&single(&key.0, key.1));
+        shared.metrics.partition_revoked(&key.0, key.1);
         match outcome {
             WorkerOutcome::Failed(error) => {
                 registry.failure.get_or_insert(error);
@@ -1059,8 +1123,11 @@ fn publish_input_ends<P: Processor>(
 ) {
     let registry = shared.lock();
     for ((topic, partition), slot) in &registry.slots {
+        let Some(metrics) = &slot.metrics else {
+            continue;
+        };
         if let Some((_, high)) = cached_watermarks(consumer, topic, *partition) {
-            slot.metrics.input_end(high);
+            metrics.input_end(high);
         }
     }
 }

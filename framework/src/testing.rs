@@ -258,6 +258,8 @@ struct PartitionState<S> {
     /// The stores `state` holds, in memory.
     stores: StoreSet,
     next_offset: i64,
+    /// The next offsets of a co-partitioned unit's other inputs.
+    other_offsets: BTreeMap<Arc<str>, i64>,
     failed_at: Option<i64>,
     base: Base,
     /// Records and wall-clock ticks since `base`, as recovery would replay them.
@@ -325,6 +327,8 @@ struct PartitionState<S> {
 pub struct TestDriver<P: Processor> {
     processor: P,
     error_policy: ErrorPolicy,
+    /// Co-partitioned input topics (see [`TestDriver::co_partitioned`]), the first first.
+    co_partitioned: Vec<String>,
     max_chunk_bytes: usize,
     time_ms: i64,
     partitions: BTreeMap<(Arc<str>, i32), PartitionState<P::State>>,
@@ -415,6 +419,7 @@ impl<P: Processor> TestDriver<P> {
             errors: Vec::new(),
             last_wall_ms: 0,
             wall_clock_ms: DEFAULT_START_TIME_MS,
+            co_partitioned: Vec::new(),
             next_tick_ms: None,
         }
     }
@@ -638,15 +643,17 @@ impl<P: Processor> TestDriver<P> {
     pub fn pipe_raw(&mut self, input: RawInput) -> Result<(), TestError> {
         let topic: Arc<str> = Arc::from(input.topic.as_str());
         let partition = input.partition;
+        let unit = self.unit_topic(&topic);
         let entry = self
             .partitions
-            .entry((topic.clone(), partition))
+            .entry((unit.clone(), partition))
             .or_insert_with(|| {
                 let stores = StoreSet::in_memory();
                 PartitionState {
                     state: stores.build(P::State::default),
                     stores,
                     next_offset: 0,
+                    other_offsets: BTreeMap::new(),
                     failed_at: None,
                     base: Base::Empty { offset: None },
                     since_base: Vec::new(),
@@ -661,17 +668,21 @@ impl<P: Processor> TestDriver<P> {
                 offset,
             });
         }
-        let offset = input.offset.unwrap_or(entry.next_offset);
-        if offset < entry.next_offset {
+        let next = match topic == unit {
+            true => entry.next_offset,
+            false => entry.other_offsets.get(&topic).copied().unwrap_or(0),
+        };
+        let offset = input.offset.unwrap_or(next);
+        if offset < next {
             return Err(TestError::OffsetNotIncreasing {
                 topic: input.topic,
                 partition,
                 offset,
-                next: entry.next_offset,
+                next,
             });
         }
         let raw = RawRecord {
-            topic,
+            topic: Arc::clone(&topic),
             partition,
             offset,
             timestamp: Some(input.timestamp.unwrap_or(self.time_ms)),
@@ -705,7 +716,11 @@ impl<P: Processor> TestDriver<P> {
         for r in &produced {
             entry.digest.update(r);
         }
-        entry.next_offset = offset.saturating_add(1);
+        if topic == unit {
+            entry.next_offset = offset.saturating_add(1);
+        } else {
+            entry.other_offsets.insert(topic, offset.saturating_add(1));
+        }
         entry.since_base.push(Step::Record(raw));
         self.outputs.extend(produced);
         Ok(())
@@ -767,8 +782,71 @@ impl<P: Processor> TestDriver<P> {
     /// The state of an input partition (`None` if no record reached it).
     pub fn state(&self, topic: &str, partition: i32) -> Option<&P::State> {
         self.partitions
-            .get(&(Arc::from(topic), partition))
+            .get(&(self.unit_topic(topic), partition))
             .map(|p| &p.state)
+    }
+
+    /// Treats `topics` as co-partitioned inputs, as
+    /// [`AppConfig::co_partitioned`](crate::AppConfig::co_partitioned) does: partition p of
+    /// all of them is one unit with one state (named by the first topic), and the records
+    /// reach the processor in the order they are piped, which
+    /// [`verify_determinism`](Self::verify_determinism) replays (as recovery replays the
+    /// recorded interleaving).
+    ///
+    /// ```
+    /// use exactly::testing::{RawInput, TestDriver};
+    /// use exactly::{Output, ProcessError, Processor, Raw, Record, Store, Utf8};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Default, Serialize, Deserialize)]
+    /// struct Limits {
+    ///     per_card: Store<Utf8, Utf8>,
+    /// }
+    ///
+    /// /// Joins each transaction with its card's latest limit (a stream-table join).
+    /// struct Enrich;
+    /// impl Processor for Enrich {
+    ///     type State = Limits;
+    ///     type Key = Utf8;
+    ///     type Value = Raw;
+    ///     fn process(&self, s: &mut Limits, r: &Record<'_, String, Option<Vec<u8>>>,
+    ///                out: &mut Output) -> Result<(), ProcessError> {
+    ///         let value = r.decode_value::<Utf8>()?;
+    ///         match r.topic() {
+    ///             "limits" => s.per_card.put(r.key(), &value)?,
+    ///             _ => {
+    ///                 let limit = s.per_card.get(r.key())?.unwrap_or_else(|| "none".into());
+    ///                 out.send_json("enriched", r.key(), &(value, limit))?;
+    ///             }
+    ///         }
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// let mut driver = TestDriver::new(Enrich).co_partitioned(["tx", "limits"]);
+    /// driver.pipe_raw(RawInput::new("tx").key("ada").value("5")).unwrap();
+    /// driver.pipe_raw(RawInput::new("limits").key("ada").value("100")).unwrap();
+    /// driver.pipe_raw(RawInput::new("tx").key("ada").value("7")).unwrap();
+    /// let enriched: Vec<(String, (String, String))> = driver.read_json("enriched").unwrap();
+    /// assert_eq!(enriched[0].1, ("5".to_string(), "none".to_string()));
+    /// assert_eq!(enriched[1].1, ("7".to_string(), "100".to_string()));
+    /// driver.verify_determinism().unwrap();
+    /// ```
+    pub fn co_partitioned<I, T>(mut self, topics: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.co_partitioned = topics.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The topic naming `topic`'s unit: the first co-partitioned input, or itself.
+    fn unit_topic(&self, topic: &str) -> Arc<str> {
+        match self.co_partitioned.iter().any(|t| t == topic) {
+            true => Arc::from(self.co_partitioned[0].as_str()),
+            false => Arc::from(topic),
+        }
     }
 
     /// The input partitions seen so far.
@@ -862,6 +940,7 @@ impl<P: Processor> TestDriver<P> {
                 state,
                 stores,
                 next_offset: p.next_offset,
+                other_offsets: p.other_offsets.clone(),
                 failed_at: p.failed_at,
                 base: Base::Full { reference, chunks },
                 since_base: Vec::new(),
@@ -880,6 +959,7 @@ impl<P: Processor> TestDriver<P> {
             errors: Vec::new(),
             last_wall_ms: self.last_wall_ms,
             wall_clock_ms: self.wall_clock_ms,
+            co_partitioned: self.co_partitioned.clone(),
             next_tick_ms: None,
         })
     }

@@ -277,6 +277,10 @@ fn rewrite_snapshot_partition(config: &AppConfig, m: &Move) -> Result<(), CliErr
         processor_version: 0,
         wall_clock_ticks: Vec::new(),
         ticks_since_base: 0,
+        input_topics: Vec::new(),
+        next_input_offsets: Vec::new(),
+        base_input_offsets: Vec::new(),
+        interleaving: Vec::new(),
     });
     let bytes = encode_record(&record);
     producer

@@ -46,8 +46,10 @@ pub(super) struct NewBase {
 /// A full snapshot of a state with stores on its way out.
 pub(super) struct Streaming {
     id: String,
-    /// The input offset the snapshot is at.
+    /// The input offset the snapshot is at ...
     input_offset: i64,
+    /// ... and every input's, in a co-partitioned unit (else empty).
+    input_offsets: Vec<i64>,
     stream: ImageStream,
     next_index: u32,
     first_chunk_offset: Option<i64>,
@@ -110,6 +112,16 @@ impl<P: Processor> PartitionWorker<P> {
     }
 
     /// Unique per attempt: an attempt cut short by a crash may have committed some chunks.
+    /// Every input's offset, for a co-partitioned unit's full snapshot (else none: the
+    /// reference's `input_offset` says it).
+    fn input_offsets(&self, live: &Live<P::State>) -> Vec<i64> {
+        if self.inputs.len() > 1 {
+            live.all_next()
+        } else {
+            Vec::new()
+        }
+    }
+
     fn snapshot_id(&self, live: &Live<P::State>) -> String {
         let attempt = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -138,6 +150,7 @@ impl<P: Processor> PartitionWorker<P> {
         live.streaming = Some(Streaming {
             id,
             input_offset: live.next_offset,
+            input_offsets: self.input_offsets(live),
             stream,
             next_index: 0,
             first_chunk_offset: None,
@@ -239,6 +252,7 @@ impl<P: Processor> PartitionWorker<P> {
             snapshot_id: streaming.id.clone(),
             processor_version: self.processor.version(),
             transaction_seq: streaming.transaction_seq,
+            input_offsets: streaming.input_offsets.clone(),
         };
         Ok(Some(NewBase {
             reference,
@@ -339,6 +353,7 @@ impl<P: Processor> PartitionWorker<P> {
             self.processor.version(),
         );
         reference.transaction_seq = live.transaction_seq;
+        reference.input_offsets = self.input_offsets(live);
         tracing::debug!(
             input_offset = live.next_offset,
             first_chunk_offset,

@@ -43,7 +43,11 @@ use crate::snapshot::OutputDigest;
 use crate::state::{Committed, LocalState, StoreSet};
 
 mod full_snapshot;
+mod inputs;
 mod steps;
+
+use inputs::Interleave;
+pub(crate) use inputs::TICK_SOURCE;
 
 use full_snapshot::{NewBase, Streaming};
 
@@ -119,7 +123,12 @@ pub(crate) struct PartitionWorker<P: Processor> {
     pub(crate) metrics: Metrics,
     /// This partition's series (lag, throughput, recovery progress, latencies).
     pub(crate) partition_metrics: PartitionMetrics,
+    /// The unit's first input topic: it names the transactional id, the snapshot topic and
+    /// the local store.
     pub(crate) topic: Arc<str>,
+    /// Every input topic of the unit, `topic` first: more than one when co-partitioned
+    /// (DESIGN §8).
+    pub(crate) inputs: Vec<Arc<str>>,
     pub(crate) partition: i32,
     pub(crate) snapshot_topic: String,
     pub(crate) transactional_id: String,
@@ -180,7 +189,17 @@ struct Live<S> {
     state: S,
     /// The stores `state` holds.
     stores: StoreSet,
+    /// The next offset of the unit's first input ...
     next_offset: i64,
+    /// ... and of the others (co-partitioned units).
+    others: Vec<i64>,
+    /// The base's offsets of the other inputs.
+    base_others: Vec<i64>,
+    /// Records waiting per input, and the open transaction's interleaving (co-partitioned
+    /// units).
+    interleave: Option<Interleave>,
+    /// Records in the open transaction.
+    batch_records: usize,
     base: Option<FullSnapshotRef>,
     base_input_offset: i64,
     digest: OutputDigest,
@@ -199,12 +218,44 @@ struct Live<S> {
     ticks_since_base: u64,
 }
 
+impl<S> Live<S> {
+    /// The next offset of input `input`.
+    fn next_of(&self, input: usize) -> i64 {
+        match input {
+            0 => self.next_offset,
+            i => self.others.get(i - 1).copied().unwrap_or(0),
+        }
+    }
+
+    fn set_next(&mut self, input: usize, offset: i64) {
+        match input {
+            0 => self.next_offset = offset,
+            i => {
+                if let Some(next) = self.others.get_mut(i - 1) {
+                    *next = offset;
+                }
+            }
+        }
+    }
+
+    /// The next offset of every input, the first's first.
+    fn all_next(&self) -> Vec<i64> {
+        std::iter::once(self.next_offset)
+            .chain(self.others.iter().copied())
+            .collect()
+    }
+}
+
 impl<S> From<Recovered<S>> for Live<S> {
     fn from(r: Recovered<S>) -> Self {
         Live {
             state: r.state,
             stores: r.stores,
             next_offset: r.next_offset,
+            others: r.others,
+            base_others: r.base_others,
+            interleave: None,
+            batch_records: 0,
             base: r.base,
             base_input_offset: r.base_input_offset,
             digest: r.digest,
@@ -218,6 +269,18 @@ impl<S> From<Recovered<S>> for Live<S> {
             ticks_since_base: r.ticks_since_base,
         }
     }
+}
+
+/// What a transaction's incremental record counts from: its base (a new one when the
+/// transaction completes a full snapshot), and what happened since.
+struct Since {
+    base: Option<FullSnapshotRef>,
+    base_input_offset: i64,
+    /// The base's offsets of the other inputs (co-partitioned units).
+    base_others: Vec<i64>,
+    digest: OutputDigest,
+    records: u64,
+    ticks: u64,
 }
 
 /// Why the live loop ended.
@@ -406,16 +469,15 @@ impl<P: Processor> PartitionWorker<P> {
                     epoch = self.epoch,
                     "going live"
                 );
-                if self
-                    .requests
-                    .send(ConsumerRequest::Seek {
-                        topic: Arc::clone(&self.topic),
+                let seeks = self.inputs.iter().enumerate().map(|(i, topic)| {
+                    self.requests.send(ConsumerRequest::Seek {
+                        topic: Arc::clone(topic),
                         partition: self.partition,
-                        offset: live.next_offset,
+                        offset: live.next_of(i),
                         epoch: self.epoch,
                     })
-                    .is_err()
-                {
+                });
+                if seeks.collect::<Result<Vec<()>, _>>().is_err() {
                     // The consumer thread is gone: the app is shutting down.
                     return WorkerOutcome::Finished;
                 }
@@ -694,6 +756,7 @@ impl<P: Processor> PartitionWorker<P> {
         let committed_offset = || self.group_committed_offset();
         let target = RecoveryTarget {
             input_topic: &self.topic,
+            inputs: &self.inputs,
             partition: self.partition,
             snapshot_topic: &self.snapshot_topic,
             start_from: self.config.auto_offset_reset,
@@ -738,13 +801,13 @@ impl<P: Processor> PartitionWorker<P> {
         written.and(aborted)
     }
 
-    /// The offset the app's consumer group has committed for this partition, if any (read
-    /// without joining the group).
+    /// The offset the app's consumer group has committed for this partition of the unit's
+    /// inputs (the first found), if any (read without joining the group).
     fn group_committed_offset(&self) -> Result<Option<i64>, Error> {
         let context = || {
             format!(
-                "reading group {}'s committed offset of {}/{}",
-                self.config.app_id, self.topic, self.partition
+                "reading group {}'s committed offsets of partition {} of {:?}",
+                self.config.app_id, self.partition, self.inputs
             )
         };
         // A plain reader with the group's id: it never joins (and so never takes part in the
@@ -755,16 +818,20 @@ impl<P: Processor> PartitionWorker<P> {
             .create()
             .map_err(|source| Error::kafka(context(), source))?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.topic, self.partition);
+        for topic in &self.inputs {
+            tpl.add_partition(topic, self.partition);
+        }
         let committed =
             rdkafka::consumer::Consumer::committed_offsets(&consumer, tpl, READ_STALL_TIMEOUT)
                 .map_err(|source| Error::kafka(context(), source))?;
-        Ok(committed
-            .find_partition(&self.topic, self.partition)
-            .and_then(|element| match element.offset() {
-                Offset::Offset(offset) if offset >= 0 => Some(offset),
-                _ => None,
-            }))
+        Ok(self.inputs.iter().find_map(|topic| {
+            committed
+                .find_partition(topic, self.partition)
+                .and_then(|element| match element.offset() {
+                    Offset::Offset(offset) if offset >= 0 => Some(offset),
+                    _ => None,
+                })
+        }))
     }
 
     /// Processes records in transactions until told to stop or a transaction fails. A
@@ -801,7 +868,12 @@ impl<P: Processor> PartitionWorker<P> {
             .filter(|every| !every.is_zero());
         let mut next_tick = tick_every.map(|every| Instant::now() + every);
         let mut out = Output::new();
-        let mut batch_records = 0usize;
+        if self.inputs.len() > 1 {
+            live.interleave = Some(Interleave::new(
+                self.inputs.len(),
+                self.config.max_input_idle,
+            ));
+        }
         loop {
             if self.stopping() {
                 if open.is_some() {
@@ -826,26 +898,23 @@ impl<P: Processor> PartitionWorker<P> {
                 }
                 None => IDLE_POLL,
             };
-            let wait = next_tick.map_or(wait, |at| {
-                wait.min(at.saturating_duration_since(Instant::now()))
-            });
-            match self.records.recv_timeout(wait) {
+            let now = Instant::now();
+            let wait = next_tick.map_or(wait, |at| wait.min(at.saturating_duration_since(now)));
+            let wait = live
+                .interleave
+                .as_ref()
+                .and_then(|waiting| waiting.until_due(now))
+                .map_or(wait, |due| wait.min(due));
+            let received = self.records.recv_timeout(wait);
+            match received {
                 Ok(forwarded) => {
                     self.records_bytes
                         .fetch_sub(forwarded.size(), Ordering::AcqRel);
-                    if forwarded.epoch != self.epoch || forwarded.record.offset < live.next_offset {
-                        continue;
-                    }
-                    if open.is_none() {
-                        if let Err(exit) = begin(producer, open) {
-                            return exit;
-                        }
-                        batch_records = 0;
-                    }
-                    if let Err(exit) = self.process_one(&mut live, &forwarded.record, &mut out) {
+                    if let Err(exit) =
+                        self.take_record(producer, &mut live, forwarded, open, &mut out)
+                    {
                         return exit;
                     }
-                    batch_records += 1;
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
@@ -854,13 +923,16 @@ impl<P: Processor> PartitionWorker<P> {
                     continue;
                 }
             }
+            if let Err(exit) = self.process_waiting(producer, &mut live, open, &mut out) {
+                return exit;
+            }
             if let (Some(at), Some(every)) = (next_tick, tick_every) {
                 if Instant::now() >= at {
                     if open.is_none() {
                         if let Err(exit) = begin(producer, open) {
                             return exit;
                         }
-                        batch_records = 0;
+                        live.batch_records = 0;
                     }
                     if let Err(exit) = self.tick(&mut live, &mut out) {
                         return exit;
@@ -874,20 +946,21 @@ impl<P: Processor> PartitionWorker<P> {
                 if let Err(exit) = begin(producer, open) {
                     return exit;
                 }
-                batch_records = 0;
+                live.batch_records = 0;
             }
             // Serve delivery reports now and then so librdkafka's queue does not grow with
             // them (every record: measurable CPU for nothing; commits serve the rest).
-            if batch_records % DELIVERY_REPORTS_EVERY == 0 {
+            if live.batch_records % DELIVERY_REPORTS_EVERY == 0 {
                 producer.poll(Duration::ZERO);
             }
             if let Some(started) = *open {
                 let age = started.elapsed();
                 // Idle: nothing of this partition is waiting (the bytes forwarded and not yet
-                // taken are none).
-                let idle =
-                    age >= commit_when_idle && self.records_bytes.load(Ordering::Acquire) == 0;
-                if batch_records >= max_batch || age >= commit_interval || idle {
+                // taken are none, and no record waits for the other inputs).
+                let idle = age >= commit_when_idle
+                    && self.records_bytes.load(Ordering::Acquire) == 0
+                    && live.interleave.as_ref().is_none_or(Interleave::is_empty);
+                if live.batch_records >= max_batch || age >= commit_interval || idle {
                     if let Err(exit) = self.commit(producer, &mut live, false, open) {
                         return exit;
                     }
@@ -895,6 +968,74 @@ impl<P: Processor> PartitionWorker<P> {
                 }
             }
         }
+    }
+
+    /// Takes a record the consumer forwarded: drops it if it is stale (an older seek epoch, or
+    /// below the input's next offset), else processes it, or, in a co-partitioned unit,
+    /// queues it for [`Self::process_waiting`].
+    fn take_record(
+        &self,
+        producer: &TxnProducer,
+        live: &mut Live<P::State>,
+        forwarded: Forwarded,
+        open: &mut Option<Instant>,
+        out: &mut Output,
+    ) -> Result<(), LiveExit> {
+        let Some(input) = self
+            .inputs
+            .iter()
+            .position(|t| *t == forwarded.record.topic)
+        else {
+            return Ok(());
+        };
+        if forwarded.epoch != self.epoch || forwarded.record.offset < live.next_of(input) {
+            return Ok(());
+        }
+        if let Some(waiting) = &mut live.interleave {
+            waiting.push(input, forwarded.record);
+            return Ok(());
+        }
+        self.process_in_transaction(producer, live, input, &forwarded.record, open, out)
+    }
+
+    /// Processes the records of a co-partitioned unit that may go now (see [`Interleave`]),
+    /// noting their order for the transaction's incremental record.
+    fn process_waiting(
+        &self,
+        producer: &TxnProducer,
+        live: &mut Live<P::State>,
+        open: &mut Option<Instant>,
+        out: &mut Output,
+    ) -> Result<(), LiveExit> {
+        loop {
+            let now = Instant::now();
+            let Some((input, record)) = live.interleave.as_mut().and_then(|w| w.next(now)) else {
+                return Ok(());
+            };
+            self.process_in_transaction(producer, live, input, &record, open, out)?;
+            if let Some(waiting) = &mut live.interleave {
+                waiting.record_step(input as u32);
+            }
+        }
+    }
+
+    /// Processes a record of input `input`, in the open transaction or a new one.
+    fn process_in_transaction(
+        &self,
+        producer: &TxnProducer,
+        live: &mut Live<P::State>,
+        input: usize,
+        record: &RawRecord,
+        open: &mut Option<Instant>,
+        out: &mut Output,
+    ) -> Result<(), LiveExit> {
+        if open.is_none() {
+            begin(producer, open)?;
+            live.batch_records = 0;
+        }
+        self.process_one(live, input, record, out)?;
+        live.batch_records += 1;
+        Ok(())
     }
 
     /// Produces the open transaction's outputs, all at once when it commits.
@@ -1042,55 +1183,38 @@ impl<P: Processor> PartitionWorker<P> {
         let txn_timeout = self.txn_timeout();
         let seq = live.transaction_seq + 1;
         let rebased = new_base.is_some();
-        let (base, base_input_offset, digest, records_since_base, ticks_since_base) = match new_base
-        {
+        let next = match new_base {
             Some(NewBase {
                 reference,
                 digest,
                 records,
                 ticks,
-            }) => {
-                let at = reference.input_offset;
-                (Some(reference), at, digest, records, ticks)
-            }
-            None => (
-                live.base.clone(),
-                live.base_input_offset,
-                live.digest,
-                live.records_since_base,
-                live.ticks_since_base,
-            ),
+            }) => Since {
+                base_others: reference.input_offsets.iter().skip(1).copied().collect(),
+                base_input_offset: reference.input_offset,
+                base: Some(reference),
+                digest,
+                records,
+                ticks,
+            },
+            None => Since {
+                base: live.base.clone(),
+                base_input_offset: live.base_input_offset,
+                base_others: live.base_others.clone(),
+                digest: live.digest,
+                records: live.records_since_base,
+                ticks: live.ticks_since_base,
+            },
         };
         let fingerprint = if self.config.state_fingerprint {
             self.fingerprints.borrow_mut().take(&live.state, rebased)
         } else {
             None
         };
-        let incremental = IncrementalSnapshot {
-            input_topic: self.topic.to_string(),
-            input_partition: self.partition,
-            next_input_offset: live.next_offset,
-            base: base.clone(),
-            base_input_offset,
-            state_fingerprint: fingerprint.unwrap_or(0),
-            state_fingerprint_enabled: fingerprint.is_some(),
-            output_digest: digest.value(),
-            records_since_base,
-            transaction_seq: seq,
-            processor_version: self.processor.version(),
-            wall_clock_ticks: std::mem::take(&mut live.ticks),
-            ticks_since_base,
-        };
+        let incremental = self.incremental_record(live, seq, &next, fingerprint);
         write_incremental(producer, &self.snapshot_topic, self.partition, incremental)
             .map_err(exit_for)?;
-        let mut offsets = TopicPartitionList::new();
-        offsets
-            .add_partition_offset(
-                &self.topic,
-                self.partition,
-                Offset::Offset(live.next_offset),
-            )
-            .map_err(LiveExit::Abort)?;
+        let offsets = self.consumed_offsets(live)?;
         let commit_started = Instant::now();
         // Flushed here (promptly) so that commit_transaction's own flush finds nothing left.
         retry(|| flush_promptly(producer, txn_timeout))?;
@@ -1129,10 +1253,10 @@ impl<P: Processor> PartitionWorker<P> {
         self.commit_local(
             live,
             seq,
-            &base,
-            base_input_offset,
-            digest,
-            records_since_base,
+            &next.base,
+            next.base_input_offset,
+            next.digest,
+            next.records,
         )?;
         self.metrics.transaction_committed(path_started.elapsed());
         self.partition_metrics
@@ -1140,12 +1264,72 @@ impl<P: Processor> PartitionWorker<P> {
         self.partition_metrics.committed_position(live.next_offset);
         self.commits.set(self.commits.get() + 1);
         live.transaction_seq = seq;
-        live.base = base;
-        live.base_input_offset = base_input_offset;
-        live.digest = digest;
-        live.records_since_base = records_since_base;
-        live.ticks_since_base = ticks_since_base;
+        live.base = next.base;
+        live.base_input_offset = next.base_input_offset;
+        live.base_others = next.base_others;
+        live.digest = next.digest;
+        live.records_since_base = next.records;
+        live.ticks_since_base = next.ticks;
         Ok(())
+    }
+
+    /// The incremental record of the open transaction (sequence `seq`).
+    fn incremental_record(
+        &self,
+        live: &mut Live<P::State>,
+        seq: u64,
+        since: &Since,
+        fingerprint: Option<u64>,
+    ) -> IncrementalSnapshot {
+        let co_partitioned = self.inputs.len() > 1;
+        IncrementalSnapshot {
+            input_topic: self.topic.to_string(),
+            input_partition: self.partition,
+            next_input_offset: live.next_offset,
+            base: since.base.clone(),
+            base_input_offset: since.base_input_offset,
+            state_fingerprint: fingerprint.unwrap_or(0),
+            state_fingerprint_enabled: fingerprint.is_some(),
+            output_digest: since.digest.value(),
+            records_since_base: since.records,
+            transaction_seq: seq,
+            processor_version: self.processor.version(),
+            wall_clock_ticks: std::mem::take(&mut live.ticks),
+            ticks_since_base: since.ticks,
+            input_topics: if co_partitioned {
+                self.inputs.iter().map(|t| t.to_string()).collect()
+            } else {
+                Vec::new()
+            },
+            next_input_offsets: if co_partitioned {
+                live.all_next()
+            } else {
+                Vec::new()
+            },
+            base_input_offsets: if co_partitioned {
+                std::iter::once(since.base_input_offset)
+                    .chain(since.base_others.iter().copied())
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            interleaving: live
+                .interleave
+                .as_mut()
+                .map(Interleave::take_order)
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The offsets the open transaction consumed up to: every input's next offset.
+    fn consumed_offsets(&self, live: &Live<P::State>) -> Result<TopicPartitionList, LiveExit> {
+        let mut offsets = TopicPartitionList::new();
+        for (i, topic) in self.inputs.iter().enumerate() {
+            offsets
+                .add_partition_offset(topic, self.partition, Offset::Offset(live.next_of(i)))
+                .map_err(LiveExit::Abort)?;
+        }
+        Ok(offsets)
     }
 }
 
@@ -1348,6 +1532,10 @@ mod tests {
             unsent: Vec::new(),
             ticks: Vec::new(),
             ticks_since_base: 0,
+            others: Vec::new(),
+            base_others: Vec::new(),
+            interleave: None,
+            batch_records: 0,
         }
     }
 

@@ -4,7 +4,7 @@
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use super::{Live, LiveExit, PartitionWorker};
+use super::{Live, LiveExit, PartitionWorker, TICK_SOURCE};
 use crate::config::ErrorPolicy;
 use crate::error::Error;
 use crate::processor::{dead_letter_record, Output, OutputRecord, Processor, RawRecord};
@@ -17,6 +17,7 @@ impl<P: Processor> PartitionWorker<P> {
     pub(super) fn process_one(
         &self,
         live: &mut Live<P::State>,
+        input: usize,
         raw: &RawRecord,
         out: &mut Output,
     ) -> Result<(), LiveExit> {
@@ -39,7 +40,7 @@ impl<P: Processor> PartitionWorker<P> {
             streaming.record_processed(&outputs);
         }
         live.unsent.extend(outputs);
-        live.next_offset = raw.offset + 1;
+        live.set_next(input, raw.offset + 1);
         live.records_since_base += 1;
         self.metrics.records_processed(1);
         self.partition_metrics.record_processed();
@@ -88,6 +89,9 @@ impl<P: Processor> PartitionWorker<P> {
             next_input_offset: live.next_offset,
             time_ms,
         });
+        if let Some(waiting) = &mut live.interleave {
+            waiting.record_step(TICK_SOURCE);
+        }
         live.ticks_since_base += 1;
         Ok(())
     }

@@ -93,6 +93,7 @@ pub(crate) fn full_snapshot_ref(
         crc32c: crc32c::crc32c(data),
         snapshot_id: snapshot_id.to_owned(),
         transaction_seq: 0,
+        input_offsets: Vec::new(),
     }
 }
 
@@ -566,6 +567,10 @@ mod tests {
                 time_ms: 1_700_000_000_000,
             }],
             ticks_since_base: 3,
+            input_topics: vec!["a".into(), "b".into()],
+            next_input_offsets: vec![100, 7],
+            base_input_offsets: vec![50, 3],
+            interleaving: vec![0, 2, 1, 1, u32::MAX, 1],
         };
         let rec = incremental_record(inc.clone());
         let back = decode_record(&encode_record(&rec)).unwrap();

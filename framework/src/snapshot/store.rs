@@ -151,6 +151,78 @@ impl PartitionReader {
         result
     }
 
+    /// Reads several partitions side by side, each `(topic, partition, from)`, handing each
+    /// record to `on_record` with the index of its partition, until it returns
+    /// [`Flow::Stop`]. The caller knows what it needs: records past it are handed over too,
+    /// and a read that gets nothing for the stall timeout fails.
+    pub(crate) fn read_many(
+        &self,
+        parts: &[(&str, i32, i64)],
+        mut on_record: impl FnMut(usize, &BorrowedMessage<'_>) -> Result<Flow, Error>,
+    ) -> Result<(), Error> {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, from) in parts {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*from))
+                .map_err(|source| Error::kafka(format!("assigning {topic}/{partition}"), source))?;
+        }
+        self.consumer
+            .assign(&tpl)
+            .map_err(|source| Error::kafka("assigning the partitions to replay", source))?;
+        let result = self.read_assigned_many(parts, &mut on_record);
+        let _ = self.consumer.unassign();
+        result
+    }
+
+    fn read_assigned_many(
+        &self,
+        parts: &[(&str, i32, i64)],
+        on_record: &mut impl FnMut(usize, &BorrowedMessage<'_>) -> Result<Flow, Error>,
+    ) -> Result<(), Error> {
+        let mut last_progress = Instant::now();
+        let mut positions: Vec<i64> = parts.iter().map(|(_, _, from)| *from).collect();
+        loop {
+            match self.consumer.poll(Duration::from_millis(100)) {
+                None | Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Ok(message)) => {
+                    let found = parts
+                        .iter()
+                        .position(|(t, p, _)| *t == message.topic() && *p == message.partition());
+                    let Some(i) = found else {
+                        continue;
+                    };
+                    if message.offset() < parts[i].2 {
+                        continue;
+                    }
+                    last_progress = Instant::now();
+                    positions[i] = message.offset() + 1;
+                    if on_record(i, &message)? == Flow::Stop {
+                        return Ok(());
+                    }
+                }
+                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                    let (topic, partition, _) = parts[0];
+                    return Err(Error::OffsetOutOfRange {
+                        topic: topic.to_owned(),
+                        partition,
+                        offset: positions[0],
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "transient consumer error while replaying");
+                }
+            }
+            if last_progress.elapsed() > self.stall_timeout {
+                let (topic, partition, _) = parts[0];
+                return Err(Error::ReadStalled {
+                    topic: topic.to_owned(),
+                    partition,
+                    offset: positions[0],
+                    waited: self.stall_timeout,
+                });
+            }
+        }
+    }
+
     fn read_assigned(
         &self,
         topic: &str,

@@ -32,15 +32,23 @@ use crate::processor::{
     read_state, Output, Processor, RawRecord, RecordError, StateRead, StateReadError,
 };
 use crate::progress::Progress;
-use crate::proto::{snapshot_record, FullSnapshotRef, IncrementalSnapshot, WallClockTick};
+use crate::proto::{FullSnapshotRef, IncrementalSnapshot, WallClockTick};
 use crate::snapshot::store::{find_latest_incremental, load_full_snapshot, Flow, PartitionReader};
-use crate::snapshot::{decode_record, fingerprint, OutputDigest, SnapshotError};
+use crate::snapshot::{fingerprint, OutputDigest};
 use crate::state::{decode_image, Committed, LocalState, StoreSet};
 use crate::step::{process_step, tick_step, Position, StepError};
 
+mod history;
+mod interleaved;
+
+use history::recorded_history;
+
 /// Which partition to recover and how.
 pub(crate) struct RecoveryTarget<'a> {
+    /// The unit's first input topic (it names the snapshot partition).
     pub(crate) input_topic: &'a Arc<str>,
+    /// Every input topic of the unit, the first first (more than one when co-partitioned).
+    pub(crate) inputs: &'a [Arc<str>],
     pub(crate) partition: i32,
     pub(crate) snapshot_topic: &'a str,
     pub(crate) start_from: StartFrom,
@@ -63,8 +71,12 @@ pub(crate) struct Recovered<S> {
     pub(crate) state: S,
     /// The stores `state` holds (none for a plain state).
     pub(crate) stores: StoreSet,
-    /// offsetEND: the next input offset to process.
+    /// offsetEND: the next input offset to process (of the unit's first input) ...
     pub(crate) next_offset: i64,
+    /// ... and of its other inputs (co-partitioned units).
+    pub(crate) others: Vec<i64>,
+    /// The base's offsets of the other inputs.
+    pub(crate) base_others: Vec<i64>,
     /// The full snapshot the state derives from (None: the default state at `base_input_offset`).
     pub(crate) base: Option<FullSnapshotRef>,
     pub(crate) base_input_offset: i64,
@@ -132,7 +144,14 @@ pub(crate) fn recover<P: Processor>(
     };
     let inc = latest.record;
     check_record_names_partition(target, latest.offset, &inc)?;
-    if let Some(base) = warm_base(processor, target, &inc, started)? {
+    check_inputs(target, &inc)?;
+    // A co-partitioned unit's local position holds only its first input's offset: it
+    // restores from Kafka.
+    let warm = match target.inputs.len() {
+        1 => warm_base(processor, target, &inc, started)?,
+        _ => None,
+    };
+    if let Some(base) = warm {
         match recover_from(processor, target, reader, metrics, &inc, base, started) {
             Err(error @ (Error::NonDeterministic { .. } | Error::ReplayMismatch { .. })) => {
                 // A local store can be damaged in ways RocksDB's checksums miss; Kafka decides.
@@ -160,25 +179,42 @@ fn recover_from<P: Processor>(
         mut state,
         stores,
         input_offset: start,
+        others: others_start,
         transaction_seq: base_seq,
         since_base,
         warm,
         timing,
     } = base;
     let end = inc.next_input_offset;
-    check_input_holds(target, reader, start, end)?;
+    let ranges = input_ranges(inc, start, &others_start);
+    for (topic, (from, to)) in target.inputs.iter().zip(&ranges) {
+        check_input_holds(target, reader, topic, *from, *to)?;
+    }
     let replay_started = started.elapsed();
-    let ticks = recorded_ticks(target, reader, inc, base_seq, warm)?;
-    let Some(replayed) = replay(
-        processor,
-        target,
-        reader,
-        (&mut state, &stores),
-        (start, end),
-        &ticks,
-        since_base,
-    )?
-    else {
+    let history = recorded_history(target, reader, inc, base_seq, warm)?;
+    let ticks = &history.ticks;
+    let replayed = if target.inputs.len() > 1 {
+        interleaved::replay(
+            processor,
+            target,
+            reader,
+            (&mut state, &stores),
+            &ranges,
+            &history,
+            since_base,
+        )?
+    } else {
+        replay(
+            processor,
+            target,
+            reader,
+            (&mut state, &stores),
+            (start, end),
+            ticks,
+            since_base,
+        )?
+    };
+    let Some(replayed) = replayed else {
         tracing::info!(
             topic = %target.input_topic,
             partition = target.partition,
@@ -211,6 +247,8 @@ fn recover_from<P: Processor>(
         state,
         stores,
         next_offset: end,
+        others: inc.next_input_offsets.iter().skip(1).copied().collect(),
+        base_others: inc.base_input_offsets.iter().skip(1).copied().collect(),
         base: inc.base.clone(),
         base_input_offset: inc.base_input_offset,
         digest: replayed.digest,
@@ -249,12 +287,17 @@ fn fresh_start<S: Default>(
             snapshot_topic: target.snapshot_topic.to_owned(),
         });
     }
-    let start = match target.start_from {
-        StartFrom::Earliest => reader.bounds(topic, partition)?.0,
+    let start_of = |topic: &str| match target.start_from {
+        StartFrom::Earliest => Ok(reader.bounds(topic, partition)?.0),
         // The last stable offset, not the high watermark: records of a transaction open
         // right now may still commit and must not be skipped.
-        StartFrom::Latest => reader.stable_end(topic, partition)?,
+        StartFrom::Latest => reader.stable_end(topic, partition),
     };
+    let start = start_of(topic)?;
+    let others = target.inputs[1..]
+        .iter()
+        .map(|t| start_of(t))
+        .collect::<Result<Vec<i64>, Error>>()?;
     tracing::info!(
         topic,
         partition,
@@ -268,6 +311,8 @@ fn fresh_start<S: Default>(
         state: stores.build(S::default),
         stores,
         next_offset: start,
+        base_others: others.clone(),
+        others,
         base: None,
         base_input_offset: start,
         digest: OutputDigest::new(0),
@@ -275,6 +320,37 @@ fn fresh_start<S: Default>(
         ticks_since_base: 0,
         transaction_seq: 0,
         cost: RecoveryCost::default(),
+    })
+}
+
+/// The range of offsets to replay of each of the unit's inputs: from the base to `inc`.
+fn input_ranges(inc: &IncrementalSnapshot, start: i64, others_start: &[i64]) -> Vec<(i64, i64)> {
+    let others_end = inc.next_input_offsets.iter().skip(1);
+    std::iter::once((start, inc.next_input_offset))
+        .chain(others_start.iter().copied().zip(others_end.copied()))
+        .collect()
+}
+
+/// The record must have been written for the unit's inputs (in order): one input topic,
+/// or the same co-partitioned ones.
+fn check_inputs(target: &RecoveryTarget<'_>, inc: &IncrementalSnapshot) -> Result<(), Error> {
+    let configured: Vec<String> = target.inputs.iter().map(|t| t.to_string()).collect();
+    let recorded = if inc.input_topics.is_empty() {
+        vec![inc.input_topic.clone()]
+    } else {
+        inc.input_topics.clone()
+    };
+    let offsets_match = configured.len() == 1
+        || (inc.next_input_offsets.len() == configured.len()
+            && inc.base_input_offsets.len() == configured.len());
+    if recorded == configured && offsets_match {
+        return Ok(());
+    }
+    Err(Error::InputsChanged {
+        snapshot_topic: target.snapshot_topic.to_owned(),
+        partition: target.partition,
+        recorded,
+        configured,
     })
 }
 
@@ -321,6 +397,8 @@ struct Base<S> {
     state: S,
     stores: StoreSet,
     input_offset: i64,
+    /// The offsets of the unit's other inputs (co-partitioned units).
+    others: Vec<i64>,
     /// The last transaction whose effects the state includes (0: none, or not recorded).
     transaction_seq: u64,
     since_base: Replayed,
@@ -377,6 +455,7 @@ fn warm_base<P: Processor>(
         state,
         stores,
         input_offset: position.next_offset,
+        others: Vec::new(),
         transaction_seq: position.transaction_seq,
         since_base: Replayed {
             records: position.records_since_base,
@@ -411,6 +490,7 @@ fn load_base<P: Processor>(
             state: stores.build(P::State::default),
             stores,
             input_offset: inc.base_input_offset,
+            others: inc.base_input_offsets.iter().skip(1).copied().collect(),
             transaction_seq: 0,
             since_base,
             warm: false,
@@ -440,6 +520,7 @@ fn load_base<P: Processor>(
         state,
         stores,
         input_offset: reference.input_offset,
+        others: reference.input_offsets.iter().skip(1).copied().collect(),
         transaction_seq: reference.transaction_seq,
         since_base,
         warm: false,
@@ -494,10 +575,11 @@ fn decode_or_migrate<P: Processor>(
 fn check_input_holds(
     target: &RecoveryTarget<'_>,
     reader: &PartitionReader,
+    topic: &str,
     start: i64,
     end: i64,
 ) -> Result<(), Error> {
-    let (topic, partition) = (&**target.input_topic, target.partition);
+    let partition = target.partition;
     let (log_start, mut log_end) = reader.bounds(topic, partition)?;
     // A leader that restarted shows its last checkpointed high watermark until something is
     // written in its new epoch (upstream writes soon while it runs): give it that time before
@@ -536,68 +618,6 @@ struct Replayed {
     digest: OutputDigest,
 }
 
-/// Step 6, before the replay: the wall-clock ticks committed after the base's state was taken, in the order they
-/// fired, read from the incremental records since the base (only when the latest says there
-/// are any). From a full snapshot's base, they must number what the latest record counts.
-fn recorded_ticks(
-    target: &RecoveryTarget<'_>,
-    reader: &PartitionReader,
-    inc: &IncrementalSnapshot,
-    base_seq: u64,
-    warm: bool,
-) -> Result<Vec<WallClockTick>, Error> {
-    if inc.ticks_since_base == 0 {
-        return Ok(Vec::new());
-    }
-    let (topic, partition) = (target.snapshot_topic, target.partition);
-    // Every incremental record after the base's state was taken lies after its first chunk.
-    let from = match &inc.base {
-        Some(base) => base.first_chunk_offset,
-        None => reader.bounds(topic, partition)?.0,
-    };
-    let mut ticks = Vec::new();
-    reader.read(topic, partition, from, |message| {
-        let Some(payload) = message.payload() else {
-            return Ok(Flow::Continue);
-        };
-        let record = decode_record(payload).map_err(|source| Error::PartitionSnapshot {
-            topic: topic.to_owned(),
-            partition,
-            source,
-        })?;
-        let Some(snapshot_record::Kind::Incremental(record)) = record.kind else {
-            return Ok(Flow::Continue);
-        };
-        let ours = *record.input_topic == **target.input_topic
-            && record.input_partition == target.partition;
-        if ours && record.transaction_seq > base_seq {
-            ticks.extend(record.wall_clock_ticks);
-        }
-        Ok(if ours && record.transaction_seq >= inc.transaction_seq {
-            Flow::Stop
-        } else {
-            Flow::Continue
-        })
-    })?;
-    if !warm && ticks.len() as u64 != inc.ticks_since_base {
-        return Err(Error::PartitionSnapshot {
-            topic: topic.to_owned(),
-            partition,
-            source: SnapshotError::Corrupt {
-                snapshot_id: inc.base.as_ref().map(|b| b.snapshot_id.clone()).unwrap_or_default(),
-                chunk: None,
-                what: format!(
-                    "the incremental records since it hold {} wall-clock tick(s), the latest (transaction {}) counts {}",
-                    ticks.len(),
-                    inc.transaction_seq,
-                    inc.ticks_since_base
-                ),
-            },
-        });
-    }
-    Ok(ticks)
-}
-
 /// Replays input `[start, end)` through the processor into `state`, with the recorded
 /// wall-clock `ticks` at the places they fired, outputs into a digest. `None`: interrupted by
 /// the stop flag.
@@ -612,7 +632,6 @@ fn replay<P: Processor>(
 ) -> Result<Option<Replayed>, Error> {
     let mut replayed = since_base;
     let mut ticks = ticks.iter().peekable();
-    let mut out = Output::new();
     if end <= start {
         replay_ticks(
             processor,
@@ -652,29 +671,8 @@ fn replay<P: Processor>(
             offset,
             &mut replayed,
         )?;
-        replayed.records += 1;
-        replayed.replayed += 1;
         let raw = raw_record(target.input_topic, message);
-        let mut on_failure = replay_failure(target);
-        match process_step(processor, state, stores, &raw, &mut out, &mut on_failure) {
-            Ok(_) => {}
-            Err(StepError::Failed(error)) => return Err(Error::Record(error)),
-            Err(StepError::Store(source)) => return Err(local_error(target, source)),
-        }
-        if let Some(failure) = target.local.take_failure() {
-            return Err(Error::LocalState {
-                topic: target.input_topic.to_string(),
-                partition: target.partition,
-                source: crate::state::StoreError::Local {
-                    dir: target.local.dir().to_owned(),
-                    what: "replaying",
-                    reason: failure,
-                },
-            });
-        }
-        for record in out.take() {
-            replayed.digest.update(&record);
-        }
+        replay_record(processor, target, (state, stores), &raw, &mut replayed)?;
         Ok(if offset + 1 >= end {
             Flow::Stop
         } else {
@@ -705,30 +703,75 @@ fn replay_ticks<'t, P: Processor>(
     offset: i64,
     replayed: &mut Replayed,
 ) -> Result<(), Error> {
-    let mut out = Output::new();
     while let Some(tick) = ticks.next_if(|t| t.next_input_offset <= offset) {
-        let at = Position {
-            topic: target.input_topic,
-            partition: target.partition,
-            offset: tick.next_input_offset,
-        };
-        let mut on_failure = replay_failure(target);
-        let ticked = tick_step(
-            processor,
-            state,
-            stores,
-            (&at, tick.time_ms),
-            &mut out,
-            &mut on_failure,
-        );
-        match ticked {
-            Ok(_) => {}
-            Err(StepError::Failed(error)) => return Err(Error::Record(error)),
-            Err(StepError::Store(source)) => return Err(local_error(target, source)),
-        }
-        for record in out.take() {
-            replayed.digest.update(&record);
-        }
+        replay_tick(processor, target, (state, stores), tick, replayed)?;
+    }
+    Ok(())
+}
+
+/// Replays one record (and the timers it makes due) into `replayed`.
+fn replay_record<P: Processor>(
+    processor: &P,
+    target: &RecoveryTarget<'_>,
+    (state, stores): (&mut P::State, &StoreSet),
+    raw: &RawRecord,
+    replayed: &mut Replayed,
+) -> Result<(), Error> {
+    replayed.records += 1;
+    replayed.replayed += 1;
+    let mut out = Output::new();
+    let mut on_failure = replay_failure(target);
+    match process_step(processor, state, stores, raw, &mut out, &mut on_failure) {
+        Ok(_) => {}
+        Err(StepError::Failed(error)) => return Err(Error::Record(error)),
+        Err(StepError::Store(source)) => return Err(local_error(target, source)),
+    }
+    if let Some(failure) = target.local.take_failure() {
+        return Err(local_error(
+            target,
+            crate::state::StoreError::Local {
+                dir: target.local.dir().to_owned(),
+                what: "replaying",
+                reason: failure,
+            },
+        ));
+    }
+    for record in out.take() {
+        replayed.digest.update(&record);
+    }
+    Ok(())
+}
+
+/// Replays one recorded wall-clock tick (and the timers it makes due) into `replayed`.
+fn replay_tick<P: Processor>(
+    processor: &P,
+    target: &RecoveryTarget<'_>,
+    (state, stores): (&mut P::State, &StoreSet),
+    tick: &WallClockTick,
+    replayed: &mut Replayed,
+) -> Result<(), Error> {
+    let at = Position {
+        topic: target.input_topic,
+        partition: target.partition,
+        offset: tick.next_input_offset,
+    };
+    let mut out = Output::new();
+    let mut on_failure = replay_failure(target);
+    let ticked = tick_step(
+        processor,
+        state,
+        stores,
+        (&at, tick.time_ms),
+        &mut out,
+        &mut on_failure,
+    );
+    match ticked {
+        Ok(_) => {}
+        Err(StepError::Failed(error)) => return Err(Error::Record(error)),
+        Err(StepError::Store(source)) => return Err(local_error(target, source)),
+    }
+    for record in out.take() {
+        replayed.digest.update(&record);
     }
     Ok(())
 }

@@ -143,6 +143,7 @@ mod codec;
 mod config;
 mod continuity;
 mod error;
+pub mod join;
 mod metrics;
 mod partition;
 mod partitioner;

@@ -12,7 +12,9 @@ use exactly_examples::fraud::check::{run_check, CheckArgs};
 use exactly_examples::fraud::{FraudDetector, Topics};
 
 #[derive(Debug, Parser)]
-#[command(about = "exactly example: a fraud detector (windows, timers, wall-clock reports)")]
+#[command(
+    about = "exactly example: a fraud detector (a profile join, windows, timers, wall-clock reports)"
+)]
 struct Cli {
     #[command(subcommand)]
     service: Option<Command>,
@@ -38,6 +40,12 @@ struct ServiceArgs {
     /// The transactions topic.
     #[arg(long, default_value = "fraud.transactions")]
     input: String,
+    /// The card profiles topic (co-partitioned with the transactions).
+    #[arg(long, default_value = "fraud.profiles")]
+    profiles: String,
+    /// How long a record waits for the other input to have one too, in ms.
+    #[arg(long, default_value_t = 0)]
+    max_input_idle_ms: u64,
     /// Prefix of the output topics (`<prefix>.alerts`, ...).
     #[arg(long, default_value = "fraud")]
     prefix: String,
@@ -87,11 +95,14 @@ fn main() -> std::process::ExitCode {
 
 async fn run_service(args: ServiceArgs) -> anyhow::Result<()> {
     let config = AppConfig::new(&args.app_id, &args.brokers)
-        .input_topic(&args.input)
+        .input_topics([&args.input, &args.profiles])
+        .co_partitioned(true)
+        .max_input_idle(Duration::from_millis(args.max_input_idle_ms))
         .commit_interval(Duration::from_millis(args.commit_interval_ms))
         .commit_when_idle(Duration::from_millis(args.commit_when_idle_ms))
         .from_env()?;
     let detector = FraudDetector {
+        profiles_topic: args.profiles.clone(),
         topics: Topics::with_prefix(&args.prefix),
         report_every: Duration::from_millis(args.report_ms),
     };

@@ -1,7 +1,8 @@
 //! `fraud --check`: the detector on Kafka through kill -9 restarts, its outputs compared with
 //! the [reference model](super::model).
 //!
-//! Two instances of the detector share the input's partitions. While the input streams in,
+//! Every card's profile is produced first; then two instances of the detector share the
+//! inputs' partitions (profiles and transactions co-partitioned). While the input streams in,
 //! one is killed mid-stream, and (twice or more) one is killed right after a wall-clock tick
 //! and before the commit that would carry it (checked in its log), and restarted without its
 //! local state, so that recovery replays the ticks committed before from Kafka (at least one
@@ -24,7 +25,7 @@ use exactly_tests::process::{ChildProcess, ProcessSpec};
 use rdkafka::producer::{BaseRecord, Producer};
 use serde::de::DeserializeOwned;
 
-use super::model::{expect, generate, Expected, Input, PartitionEnd};
+use super::model::{expect, generate, profiles, Expected, Input, PartitionEnd, ProfileInput};
 use super::{Alert, CardHour, Expired, Late, Report, Topics};
 use crate::producer::{command_producer, send_waiting};
 use crate::topics::create_topics;
@@ -60,14 +61,17 @@ pub struct CheckArgs {
 
 /// How the detector instances run in the check: a report every 700 ms; a partition's
 /// transaction stays open 1.5 s after its last input, so that a kill right after a tick lands
-/// before the commit that would carry it.
-const SERVICE_FLAGS: [&str; 6] = [
+/// before the commit that would carry it; a transaction waits up to 500 ms for the profiles
+/// input to have records too (they are all older, so they all go first).
+const SERVICE_FLAGS: [&str; 8] = [
     "--report-ms",
     "700",
     "--commit-interval-ms",
     "2000",
     "--commit-when-idle-ms",
     "1500",
+    "--max-input-idle-ms",
+    "500",
 ];
 /// Kills right after a tick that must land before the next commit.
 const TICK_KILLS: usize = 2;
@@ -98,12 +102,15 @@ pub async fn run_check(args: CheckArgs, exe: PathBuf) -> anyhow::Result<bool> {
         }
     };
     let input_topic = format!("{run}.transactions");
+    let profiles_topic = format!("{run}.profiles");
     let topics = Topics::with_prefix(&run);
-    let mut all_topics = vec![input_topic.as_str()];
+    let mut all_topics = vec![input_topic.as_str(), profiles_topic.as_str()];
     all_topics.extend(topics.all());
     create_topics(&bootstrap, &all_topics, args.partitions, &[]).await?;
     let inputs = generate(args.seed, args.count, args.cards, args.partitions);
-    let expected = expect(&inputs);
+    let cards = profiles(args.seed, args.cards, args.partitions);
+    let expected = expect(&inputs, &cards);
+    produce_profiles(&bootstrap, &profiles_topic, &cards)?;
     say(&format_args!(
         "brokers {bootstrap}; {} transactions of {} cards on {} partitions; the model expects {} closed hours, {} alerts, {} expired cards, {} late transactions",
         inputs.len(),
@@ -120,7 +127,8 @@ pub async fn run_check(args: CheckArgs, exe: PathBuf) -> anyhow::Result<bool> {
         ProcessSpec::new(&exe)
             .arg("service")
             .args(["--brokers", &bootstrap, "--app-id", &app])
-            .args(["--input", &input_topic, "--prefix", &run])
+            .args(["--input", &input_topic, "--profiles", &profiles_topic])
+            .args(["--prefix", &run])
             .args(SERVICE_FLAGS)
             .env(
                 "RUST_LOG",
@@ -490,6 +498,25 @@ async fn wait_until(condition: impl Fn() -> bool, producer: &InputProducer) -> a
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(())
+}
+
+/// Produces every card's profile, timestamped before the first transaction.
+fn produce_profiles(bootstrap: &str, topic: &str, cards: &[ProfileInput]) -> anyhow::Result<()> {
+    let producer = command_producer(bootstrap).context("creating the profiles producer")?;
+    for card in cards {
+        let value = serde_json::to_vec(&card.profile)?;
+        let record = BaseRecord::to(topic)
+            .key(card.card.as_str())
+            .payload(value.as_slice())
+            .partition(card.partition)
+            .timestamp(super::model::START_MS - 1);
+        send_waiting(&producer, record)
+            .with_context(|| format!("producing {}'s profile", card.card))?;
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .context("flushing the profiles")?;
     Ok(())
 }
 

@@ -1,11 +1,14 @@
 //! A fraud detector: what a stateful service made of time looks like on `exactly`.
 //!
-//! Input: card transactions (key = card, value = [`Transaction`], timestamp = when it
-//! happened). Per card:
+//! Inputs, co-partitioned ([`AppConfig::co_partitioned`](exactly::AppConfig::co_partitioned),
+//! key = card): transactions ([`Transaction`], timestamp = when it happened) and card
+//! profiles ([`Profile`]: the card's hourly limit, whether it is blocked), joined in the state
+//! (a stream–table join, [`Table`]). Per card:
 //! - its spending per **hour of record time** ([`TimeWindows`], 5 minutes of grace): every
-//!   hour that closes goes to `card-hours`, and an hour over [`ALERT_CENTS`] or with
-//!   [`ALERT_COUNT`] transactions or more raises an [`Alert`]; a transaction for an hour that
-//!   already closed goes to `late` (a side output);
+//!   hour that closes goes to `card-hours`, and an hour of a blocked card, over the card's
+//!   limit (its profile's, else [`ALERT_CENTS`]) or with [`ALERT_COUNT`] transactions or more
+//!   raises an [`Alert`]; a transaction for an hour that already closed goes to `late` (a side
+//!   output);
 //! - **idle expiry** by a stream-time timer: a card without a transaction for [`IDLE_MS`] of
 //!   record time is forgotten, announced on `expired`;
 //! - a **report** per partition by the wall clock ([`Processor::on_wall_clock`]), numbered,
@@ -16,17 +19,15 @@
 //! outputs from the input without the framework; [`check`] runs the detector on Kafka
 //! through kill -9 restarts and compares (`cargo run --release -p exactly-examples --bin fraud
 //! -- --check`).
-//!
-//! Not yet: joining the transactions with a card-profile topic, which needs several
-//! co-partitioned inputs sharing one state (not built yet).
 
 pub mod check;
 pub mod model;
 
 use std::time::Duration;
 
+use exactly::join::Table;
 use exactly::window::{TimeWindows, WindowError, WindowedAggregates};
-use exactly::{Json, Output, ProcessError, Processor, Record, Store, Timer, Timers, Utf8};
+use exactly::{Json, Output, ProcessError, Processor, Raw, Record, Store, Timer, Timers, Utf8};
 use serde::{Deserialize, Serialize};
 
 /// An hour in ms.
@@ -49,6 +50,15 @@ pub struct Transaction {
     pub cents: u64,
 }
 
+/// A card's profile (the value of the profiles input; the key is the card).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    /// Spending per hour that raises an alert.
+    pub limit_cents: u64,
+    /// Every hour of a blocked card raises an alert.
+    pub blocked: bool,
+}
+
 /// One closed hour of a card (`card-hours`; key = card).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct CardHour {
@@ -67,7 +77,7 @@ pub struct CardHour {
 pub struct Alert {
     /// The hour.
     pub hour: CardHour,
-    /// `"amount"` or `"count"`.
+    /// `"blocked"`, `"amount"` or `"count"`.
     pub rule: String,
 }
 
@@ -157,6 +167,8 @@ pub struct Spend {
 /// A partition's state.
 #[derive(Default, Serialize, Deserialize)]
 pub struct FraudState {
+    /// The profiles input, materialized.
+    profiles: Table<Json<Profile>>,
     /// Spending per card and hour.
     hours: WindowedAggregates<Json<Spend>>,
     /// Each known card's latest transaction time.
@@ -173,6 +185,8 @@ pub struct FraudState {
 
 /// The detector.
 pub struct FraudDetector {
+    /// The profiles input (every other input is transactions).
+    pub profiles_topic: String,
     /// Where it writes.
     pub topics: Topics,
     /// How often each partition reports.
@@ -185,9 +199,12 @@ pub fn hours() -> TimeWindows {
         .grace(Duration::from_millis(GRACE_MS as u64))
 }
 
-/// The rule an hour breaks, if any.
-pub fn broken_rule(spend: Spend) -> Option<&'static str> {
-    if spend.cents >= ALERT_CENTS {
+/// The rule an hour of a card with `profile` breaks, if any.
+pub fn broken_rule(spend: Spend, profile: Option<Profile>) -> Option<&'static str> {
+    let limit = profile.map_or(ALERT_CENTS, |p| p.limit_cents);
+    if profile.is_some_and(|p| p.blocked) {
+        Some("blocked")
+    } else if spend.cents >= limit {
         Some("amount")
     } else if spend.count >= ALERT_COUNT {
         Some("count")
@@ -199,38 +216,21 @@ pub fn broken_rule(spend: Spend) -> Option<&'static str> {
 impl Processor for FraudDetector {
     type State = FraudState;
     type Key = Utf8;
-    type Value = Json<Transaction>;
+    type Value = Raw;
 
     fn process(
         &self,
         state: &mut FraudState,
-        tx: &Record<'_, String, Transaction>,
+        record: &Record<'_, String, Option<Vec<u8>>>,
         out: &mut Output,
     ) -> Result<(), ProcessError> {
-        let card = tx.key();
-        let at = tx.timestamp().unwrap_or_default();
-        state.partition.get_or_insert(tx.partition());
-        state.transactions += 1;
-        let cents = tx.value().cents;
-        let added = state.hours.add(&hours(), card, at, |spend| {
-            let spend = spend.unwrap_or_default();
-            Spend {
-                cents: spend.cents + cents,
-                count: spend.count + 1,
-            }
-        });
-        match added {
-            Ok(_) => {}
-            Err(WindowError::Late { .. }) => {
-                let late = Late {
-                    id: tx.value().id.clone(),
-                    timestamp: at,
-                };
-                out.send_json(&self.topics.late, card, &late)?;
-            }
-            Err(other) => return Err(other.into()),
+        if record.topic() == self.profiles_topic {
+            let profile = record.decode_value::<Json<Option<Profile>>>()?;
+            state.profiles.update(record.key(), profile.as_ref())?;
+            return Ok(());
         }
-        self.seen(state, card, at)
+        let tx = record.decode_value::<Json<Transaction>>()?;
+        self.transaction(state, record, &tx, out)
     }
 
     fn on_timer(
@@ -247,7 +247,8 @@ impl Processor for FraudDetector {
                 count: closed.value.count,
             };
             out.send_json(&self.topics.card_hours, &hour.card, &hour)?;
-            if let Some(rule) = broken_rule(closed.value) {
+            let profile = state.profiles.get(&hour.card)?;
+            if let Some(rule) = broken_rule(closed.value, profile) {
                 state.alerts += 1;
                 let alert = Alert {
                     hour: hour.clone(),
@@ -295,6 +296,40 @@ impl Processor for FraudDetector {
 }
 
 impl FraudDetector {
+    /// A transaction: into its hour, and the card's idle timer moves.
+    fn transaction(
+        &self,
+        state: &mut FraudState,
+        record: &Record<'_, String, Option<Vec<u8>>>,
+        tx: &Transaction,
+        out: &mut Output,
+    ) -> Result<(), ProcessError> {
+        let card = record.key();
+        let at = record.timestamp().unwrap_or_default();
+        state.partition.get_or_insert(record.partition());
+        state.transactions += 1;
+        let cents = tx.cents;
+        let added = state.hours.add(&hours(), card, at, |spend| {
+            let spend = spend.unwrap_or_default();
+            Spend {
+                cents: spend.cents + cents,
+                count: spend.count + 1,
+            }
+        });
+        match added {
+            Ok(_) => {}
+            Err(WindowError::Late { .. }) => {
+                let late = Late {
+                    id: tx.id.clone(),
+                    timestamp: at,
+                };
+                out.send_json(&self.topics.late, card, &late)?;
+            }
+            Err(other) => return Err(other.into()),
+        }
+        self.seen(state, card, at)
+    }
+
     /// Notes the card's transaction at `at`: its idle timer moves to its latest transaction
     /// plus [`IDLE_MS`].
     fn seen(&self, state: &mut FraudState, card: &String, at: i64) -> Result<(), ProcessError> {

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use exactly::testing::default_partition;
 
 use super::{
-    broken_rule, Alert, CardHour, Expired, Late, Spend, Transaction, GRACE_MS, HOUR_MS, IDLE_MS,
+    broken_rule, Alert, CardHour, Expired, Late, Profile, Spend, Transaction, GRACE_MS, HOUR_MS,
+    IDLE_MS,
 };
 
 /// Record time of the first transaction (ms): 2023-11-14T22:13:20Z.
@@ -88,6 +89,36 @@ pub fn generate(seed: u64, count: usize, cards: u64, partitions: i32) -> Vec<Inp
     inputs
 }
 
+/// A card's profile, with its partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileInput {
+    /// The card (the key).
+    pub card: String,
+    /// Its partition (as the transactions').
+    pub partition: i32,
+    /// The value.
+    pub profile: Profile,
+}
+
+/// A profile for each of `cards` cards: a limit of 300.00, 500.00 or 800.00 an hour; one card
+/// in fifty blocked. Produced before the transactions, with older timestamps.
+pub fn profiles(seed: u64, cards: u64, partitions: i32) -> Vec<ProfileInput> {
+    let mut rng = Rng(seed ^ 0x5EED);
+    (0..cards)
+        .map(|n| {
+            let card = format!("card-{n:05}");
+            ProfileInput {
+                partition: default_partition(card.as_bytes(), partitions),
+                card,
+                profile: Profile {
+                    limit_cents: [30_000, 50_000, 80_000][rng.below(3) as usize],
+                    blocked: rng.below(50) == 0,
+                },
+            }
+        })
+        .collect()
+}
+
 /// What one partition holds at the end.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PartitionEnd {
@@ -121,22 +152,34 @@ impl Expected {
     }
 }
 
-/// The rules, partition by partition, in the order records arrive.
-pub fn expect(inputs: &[Input]) -> Expected {
+/// The rules, partition by partition, in the order records arrive, every card's profile
+/// known from the start.
+pub fn expect(inputs: &[Input], profiles: &[ProfileInput]) -> Expected {
+    let profiles: BTreeMap<&str, Profile> = profiles
+        .iter()
+        .map(|p| (p.card.as_str(), p.profile))
+        .collect();
     let mut expected = Expected::default();
     let mut by_partition: BTreeMap<i32, Vec<&Input>> = BTreeMap::new();
     for input in inputs {
         by_partition.entry(input.partition).or_default().push(input);
     }
     for (partition, inputs) in by_partition {
-        let end = PartitionModel::default().run(&inputs, &mut expected);
+        let model = PartitionModel {
+            profiles: &profiles,
+            stream_time: i64::MIN,
+            hours: BTreeMap::new(),
+            last_seen: BTreeMap::new(),
+            end: PartitionEnd::default(),
+        };
+        let end = model.run(&inputs, &mut expected);
         expected.partitions.insert(partition, end);
     }
     expected
 }
 
-#[derive(Default)]
-struct PartitionModel {
+struct PartitionModel<'p> {
+    profiles: &'p BTreeMap<&'p str, Profile>,
     stream_time: i64,
     /// Open hours by (card, start).
     hours: BTreeMap<(String, i64), Spend>,
@@ -145,9 +188,8 @@ struct PartitionModel {
     end: PartitionEnd,
 }
 
-impl PartitionModel {
+impl PartitionModel<'_> {
     fn run(mut self, inputs: &[&Input], expected: &mut Expected) -> PartitionEnd {
-        self.stream_time = i64::MIN;
         for input in inputs {
             self.record(input, expected);
             self.close_hours(expected);
@@ -193,7 +235,8 @@ impl PartitionModel {
                 cents: spend.cents,
                 count: spend.count,
             };
-            if let Some(rule) = broken_rule(spend) {
+            let profile = self.profiles.get(hour.card.as_str()).copied();
+            if let Some(rule) = broken_rule(spend, profile) {
                 self.end.alerts += 1;
                 expected.alerts.push(Alert {
                     hour: hour.clone(),
@@ -230,6 +273,7 @@ mod tests {
 
     fn detector() -> FraudDetector {
         FraudDetector {
+            profiles_topic: "profiles".into(),
             topics: Topics::with_prefix("f"),
             report_every: Duration::from_secs(1),
         }
@@ -245,20 +289,35 @@ mod tests {
         let inputs = generate(7, 3_000, 300, 4);
         assert_eq!(inputs.len(), 3_000);
         assert_eq!(generate(7, 3_000, 300, 4), inputs, "seeded");
-        let expected = expect(&inputs);
+        let expected = expect(&inputs, &profiles(7, 300, 4));
         assert!(!expected.late.is_empty());
         assert!(expected.alerts.iter().any(|a| a.rule == "count"));
         assert!(expected.alerts.iter().any(|a| a.rule == "amount"));
+        assert!(expected.alerts.iter().any(|a| a.rule == "blocked"));
         assert!(!expected.expired.is_empty());
     }
 
-    /// The detector, run by the test driver (as the runtime runs it, with wall-clock ticks
-    /// and a full snapshot on the way), produces exactly what the model says, and replays.
+    /// The detector, run by the test driver (as the runtime runs it: profiles and
+    /// transactions as one unit per partition, with wall-clock ticks and a full snapshot on
+    /// the way), produces exactly what the model says, and replays.
     #[test]
     fn the_detector_matches_the_model_and_replays_exactly() {
         let inputs = generate(11, 4_000, 400, 4);
-        let expected = expect(&inputs);
-        let mut driver = TestDriver::new(detector());
+        let cards = profiles(11, 400, 4);
+        let expected = expect(&inputs, &cards);
+        let mut driver = TestDriver::new(detector()).co_partitioned(["transactions", "profiles"]);
+        for card in &cards {
+            let value = serde_json::to_vec(&card.profile).unwrap();
+            driver
+                .pipe_raw(
+                    RawInput::new("profiles")
+                        .partition(card.partition)
+                        .timestamp(START_MS - 1)
+                        .key(card.card.as_str())
+                        .value(value),
+                )
+                .unwrap();
+        }
         for (i, input) in inputs.iter().enumerate() {
             let value = serde_json::to_vec(&input.tx).unwrap();
             driver

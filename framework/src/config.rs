@@ -1395,6 +1395,28 @@ mod tests {
     }
 
     #[test]
+    fn co_partitioned_inputs_use_the_range_assignor_and_form_one_unit() {
+        let c = base().input_topic("profiles").co_partitioned(true);
+        let consumer = c.consumer_config(true);
+        assert_eq!(consumer.get("group.remote.assignor"), Some("range"));
+        let classic = c.clone().group_protocol(GroupProtocol::CooperativeSticky);
+        let consumer = classic.consumer_config(true);
+        assert_eq!(consumer.get("partition.assignment.strategy"), Some("range"));
+        assert_eq!(c.unit_inputs("profiles"), c.input_topics);
+        assert_eq!(base().unit_inputs("payments"), ["payments"]);
+        let from_env = base()
+            .apply_env([
+                ("EXACTLY_CO_PARTITIONED".to_owned(), "true".to_owned()),
+                ("EXACTLY_MAX_INPUT_IDLE_MS".to_owned(), "250".to_owned()),
+            ])
+            .unwrap();
+        assert!(from_env.co_partitioned);
+        assert_eq!(from_env.max_input_idle, Duration::from_millis(250));
+        let refused = base().apply_env([("EXACTLY_CO_PARTITIONED".to_owned(), "maybe".to_owned())]);
+        assert!(refused.is_err());
+    }
+
+    #[test]
     fn cooperative_sticky_sets_the_assignor_and_a_short_session() {
         let c = base().group_protocol(GroupProtocol::CooperativeSticky);
         c.validate().unwrap();

@@ -145,9 +145,10 @@ async fn co_partitioned_inputs_replay_in_the_recorded_order_after_kill_9() {
         unique_name("inputs-out"),
     );
     let app = unique_name("inputs-app");
+    // Timestamps from 1970: retention by time must not delete the records under the test.
     for topic in [&left, &right, &output] {
         cluster
-            .create_topic(topic, PARTITIONS)
+            .create_topic_with_config(topic, PARTITIONS, &[("retention.ms", "-1")])
             .await
             .expect("topic");
     }

@@ -106,7 +106,15 @@ pub async fn run_check(args: CheckArgs, exe: PathBuf) -> anyhow::Result<bool> {
     let topics = Topics::with_prefix(&run);
     let mut all_topics = vec![input_topic.as_str(), profiles_topic.as_str()];
     all_topics.extend(topics.all());
-    create_topics(&bootstrap, &all_topics, args.partitions, &[]).await?;
+    // The records carry their own (past) timestamps: time-based retention must not delete
+    // them (nor the outputs, which carry the same times) while the check runs.
+    create_topics(
+        &bootstrap,
+        &all_topics,
+        args.partitions,
+        &[("retention.ms", "-1")],
+    )
+    .await?;
     let inputs = generate(args.seed, args.count, args.cards, args.partitions);
     let cards = profiles(args.seed, args.cards, args.partitions);
     let expected = expect(&inputs, &cards);

@@ -108,11 +108,25 @@ impl<P: Processor> PartitionWorker<P> {
             self.metrics.record_error();
             match &self.config.error_policy {
                 ErrorPolicy::Skip => {
-                    tracing::warn!(offset = error.offset(), kind = error.kind(), error = %error, "skipping a failed call");
+                    match raw {
+                        Some(_) => {
+                            tracing::warn!(offset = error.offset(), kind = error.kind(), error = %error, "skipping a record")
+                        }
+                        None => {
+                            tracing::warn!(offset = error.offset(), kind = error.kind(), error = %error, "skipping a failed wall-clock tick")
+                        }
+                    }
                     self.metrics.records_skipped();
                 }
                 ErrorPolicy::DeadLetter { topic } => {
-                    tracing::warn!(offset = error.offset(), kind = error.kind(), error = %error, dead_letter_topic = %topic, "dead-lettering a failed call");
+                    match raw {
+                        Some(_) => {
+                            tracing::warn!(offset = error.offset(), kind = error.kind(), error = %error, dead_letter_topic = %topic, "dead-lettering a record")
+                        }
+                        None => {
+                            tracing::warn!(offset = error.offset(), kind = error.kind(), error = %error, dead_letter_topic = %topic, "dead-lettering a failed wall-clock tick")
+                        }
+                    }
                     dead_letters.push(dead_letter_record(topic, raw, &error));
                     self.metrics.records_dead_lettered();
                 }

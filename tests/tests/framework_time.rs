@@ -30,14 +30,14 @@ fn clock_spec(bootstrap: &str, app: &str, input: &str, output: &str) -> ProcessS
             input,
             "--output",
             output,
-            // A tick every second; a transaction stays open 4 s after its last input, so a
-            // kill right after a tick lands before the commit that would carry it.
+            // A tick every 300 ms; a transaction stays open a second after its last input,
+            // so a kill right after a tick lands before the commit that would carry it.
             "--tick-ms",
-            "1000",
+            "300",
             "--commit-interval-ms",
-            "5000",
+            "1500",
             "--commit-when-idle-ms",
-            "4000",
+            "1000",
             "--idle-ms",
             "1000",
         ])

@@ -1,8 +1,9 @@
 //! `fraud --check`: the detector on Kafka through kill -9 restarts, its outputs compared with
 //! the [reference model](super::model).
 //!
-//! Every card's profile is produced first; then two instances of the detector share the
-//! inputs' partitions (profiles and transactions co-partitioned). While the input streams in,
+//! Every card's profile is produced first; two instances of the detector share the inputs'
+//! partitions (profiles and transactions co-partitioned), and the transactions follow once
+//! every partition reports holding its profiles. While the input streams in,
 //! one is killed mid-stream, and (twice or more) one is killed right after a wall-clock tick
 //! and before the commit that would carry it (checked in its log), and restarted without its
 //! local state, so that recovery replays the ticks committed before from Kafka (at least one
@@ -149,6 +150,22 @@ pub async fn run_check(args: CheckArgs, exe: PathBuf) -> anyhow::Result<bool> {
         ChildProcess::spawn("detector-1", spec("detector-1"))?,
         ChildProcess::spawn("detector-2", spec("detector-2"))?,
     ];
+    // The transactions come once every partition holds its profiles (a committed report says
+    // so): which profile a transaction meets then depends on nothing but the input, and every
+    // recovery after that replays the profiles from the recorded order.
+    let loaded: BTreeMap<i32, u64> = expected
+        .partitions
+        .iter()
+        .map(|(p, end)| (*p, end.profiles))
+        .collect();
+    wait_for_profiles(
+        &bootstrap,
+        &topics.reports,
+        &loaded,
+        Duration::from_secs(120),
+    )
+    .await?;
+    say(&"every partition holds its profiles; producing the transactions");
     let producer = InputProducer::start(&bootstrap, &input_topic, inputs.clone(), args.rate)?;
 
     let total = inputs.len() as u64;
@@ -335,6 +352,27 @@ fn recoveries_replaying_ticks(detectors: &[ChildProcess]) -> anyhow::Result<usiz
     Ok(count)
 }
 
+/// Waits until every partition's latest committed report holds its `expected` profiles.
+async fn wait_for_profiles(
+    bootstrap: &str,
+    reports_topic: &str,
+    expected: &BTreeMap<i32, u64>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let latest = latest_reports(bootstrap, reports_topic).await?;
+        let loaded: BTreeMap<i32, u64> = latest.iter().map(|(p, r)| (*p, r.profiles)).collect();
+        if loaded == *expected {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("after {timeout:?} the reports say {loaded:?} profiles; the model expects {expected:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Waits until every partition's latest committed report shows the model's end state.
 async fn wait_for_end_state(
     bootstrap: &str,
@@ -352,6 +390,7 @@ async fn wait_for_end_state(
                     cards: r.cards,
                     alerts: r.alerts,
                     transactions: r.transactions,
+                    profiles: r.profiles,
                 };
                 (*p, end)
             })

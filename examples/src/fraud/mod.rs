@@ -112,6 +112,8 @@ pub struct Report {
     pub alerts: u64,
     /// Transactions it processed so far.
     pub transactions: u64,
+    /// Card profiles it holds.
+    pub profiles: u64,
     /// The wall-clock time of the tick.
     pub time_ms: i64,
 }
@@ -175,7 +177,8 @@ pub struct FraudState {
     last_seen: Store<Utf8, Json<i64>>,
     /// One idle timer per card, at its latest transaction + [`IDLE_MS`].
     idle: Timers,
-    /// The input partition (known from the first record; reports start then).
+    /// The input partition (known from the first record of either input; reports start
+    /// then).
     partition: Option<i32>,
     cards: u64,
     alerts: u64,
@@ -224,6 +227,7 @@ impl Processor for FraudDetector {
         record: &Record<'_, String, Option<Vec<u8>>>,
         out: &mut Output,
     ) -> Result<(), ProcessError> {
+        state.partition.get_or_insert(record.partition());
         if record.topic() == self.profiles_topic {
             let profile = record.decode_value::<Json<Option<Profile>>>()?;
             state.profiles.update(record.key(), profile.as_ref())?;
@@ -288,6 +292,7 @@ impl Processor for FraudDetector {
             cards: state.cards,
             alerts: state.alerts,
             transactions: state.transactions,
+            profiles: state.profiles.len(),
             time_ms: now_ms,
         };
         out.send_json(&self.topics.reports, &partition.to_string(), &report)?;
@@ -306,7 +311,6 @@ impl FraudDetector {
     ) -> Result<(), ProcessError> {
         let card = record.key();
         let at = record.timestamp().unwrap_or_default();
-        state.partition.get_or_insert(record.partition());
         state.transactions += 1;
         let cents = tx.cents;
         let added = state.hours.add(&hours(), card, at, |spend| {

@@ -128,6 +128,8 @@ pub struct PartitionEnd {
     pub alerts: u64,
     /// Transactions processed.
     pub transactions: u64,
+    /// Card profiles held.
+    pub profiles: u64,
 }
 
 /// Everything the detector must have produced once it processed the whole input.
@@ -154,15 +156,17 @@ impl Expected {
 
 /// The rules, partition by partition, in the order records arrive, every card's profile
 /// known from the start.
-pub fn expect(inputs: &[Input], profiles: &[ProfileInput]) -> Expected {
-    let profiles: BTreeMap<&str, Profile> = profiles
-        .iter()
-        .map(|p| (p.card.as_str(), p.profile))
-        .collect();
+pub fn expect(inputs: &[Input], cards: &[ProfileInput]) -> Expected {
+    let profiles: BTreeMap<&str, Profile> =
+        cards.iter().map(|p| (p.card.as_str(), p.profile)).collect();
     let mut expected = Expected::default();
     let mut by_partition: BTreeMap<i32, Vec<&Input>> = BTreeMap::new();
     for input in inputs {
         by_partition.entry(input.partition).or_default().push(input);
+    }
+    let mut profiles_of: BTreeMap<i32, u64> = BTreeMap::new();
+    for card in cards {
+        *profiles_of.entry(card.partition).or_default() += 1;
     }
     for (partition, inputs) in by_partition {
         let model = PartitionModel {
@@ -172,7 +176,8 @@ pub fn expect(inputs: &[Input], profiles: &[ProfileInput]) -> Expected {
             last_seen: BTreeMap::new(),
             end: PartitionEnd::default(),
         };
-        let end = model.run(&inputs, &mut expected);
+        let mut end = model.run(&inputs, &mut expected);
+        end.profiles = profiles_of.get(&partition).copied().unwrap_or(0);
         expected.partitions.insert(partition, end);
     }
     expected
@@ -361,6 +366,7 @@ mod tests {
                 cards: last.cards,
                 alerts: last.alerts,
                 transactions: last.transactions,
+                profiles: last.profiles,
             };
             assert_eq!(got, *end, "partition {partition}");
         }

@@ -209,7 +209,10 @@ pub async fn run_check(args: CheckArgs, exe: PathBuf) -> anyhow::Result<bool> {
         }
         detector.restart()?;
     }
-    producer.finish()?;
+    // Joining the producer's thread blocks: not on the runtime's worker.
+    tokio::task::spawn_blocking(move || producer.finish())
+        .await
+        .map_err(|_| anyhow!("the producer's join task failed"))??;
     say(&format_args!("all {total} transactions produced"));
 
     let drained = wait_for_end_state(

@@ -68,7 +68,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{DecodeError, Encode, EncodeError, Format, Utf8};
-use crate::window::WindowError;
+use crate::window::{flip, millis, unflip, WindowError};
 use crate::{Store, StoreError, Timer, Timers};
 
 /// A table input materialized into the state: the latest value of each key (a record without
@@ -281,18 +281,6 @@ fn partners<T: Format>(
     );
     let found = side.range((Bound::Included(from), Bound::Included(to)))?;
     Ok(found.into_iter().map(|((_, at, _), v)| (at, v)).collect())
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-fn flip(t: i64) -> u64 {
-    (t as u64) ^ (1 << 63)
-}
-
-fn unflip(bits: u64) -> i64 {
-    (bits ^ (1 << 63)) as i64
 }
 
 /// A buffered record's timer key: side, timestamp and id (hex), then the record key.

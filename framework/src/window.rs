@@ -363,16 +363,16 @@ fn late(key: &str, timestamp: i64, stream_time: i64, grace_ms: i64) -> WindowErr
     }
 }
 
-fn millis(d: Duration) -> i64 {
+pub(crate) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Order-preserving bits of a timestamp.
-fn flip(t: i64) -> u64 {
+/// Order-preserving bits of a timestamp (big-endian bytes sort as the times do).
+pub(crate) fn flip(t: i64) -> u64 {
     (t as u64) ^ (1 << 63)
 }
 
-fn unflip(bits: u64) -> i64 {
+pub(crate) fn unflip(bits: u64) -> i64 {
     (bits ^ (1 << 63)) as i64
 }
 

@@ -63,7 +63,7 @@ use crate::snapshot::{
     assemble_chunks, fingerprint, full_snapshot_ref, split_into_chunks, OutputDigest, SnapshotError,
 };
 use crate::state::{decode_image, encode_image, Image, StoreSet};
-use crate::step::{process_step, tick_step, Position, StepError};
+use crate::step::{process_step, tick_step, OnFailure, Position, StepError};
 
 /// A key-value pair decoded with the formats `KF` and `VF`.
 pub type Decoded<KF, VF> = (<KF as Encode>::Item, <VF as Encode>::Item);
@@ -1144,31 +1144,15 @@ fn process_record<P: Processor>(
     out: &mut Output,
     errors: &mut Vec<RecordError>,
 ) -> Result<(), RecordError> {
-    let mut on_failure = |error: RecordError, out: &mut Output| {
-        match policy {
-            ErrorPolicy::Fail => return Err(error),
-            ErrorPolicy::Skip => {}
-            ErrorPolicy::DeadLetter { topic } => {
-                out.send(dead_letter_record(topic, Some(raw), &error))
-            }
-        }
-        errors.push(error);
-        Ok(())
-    };
-    let result = process_step(processor, state, stores, raw, out, &mut on_failure);
-    // In memory: cannot fail.
-    let _ = stores.commit(Vec::new());
-    match result {
-        Ok(_) => Ok(()),
-        Err(StepError::Failed(error)) => Err(error),
-        // The driver's stores are in memory, whose reads and writes do not fail.
-        Err(StepError::Store(error)) => Err(RecordError::Processor {
-            topic: raw.topic.to_string(),
-            partition: raw.partition,
-            offset: raw.offset,
-            source: Box::new(error),
-        }),
-    }
+    let stepped = driver_step(policy, Some(raw), out, errors, |out, on_failure| {
+        process_step(processor, state, stores, raw, out, on_failure)
+    });
+    finish_step(stores, stepped, |error| RecordError::Processor {
+        topic: raw.topic.to_string(),
+        partition: raw.partition,
+        offset: raw.offset,
+        source: Box::new(error),
+    })
 }
 
 /// Calls [`Processor::on_wall_clock`] with `time_ms` as the runtime does on a partition (`at`
@@ -1181,34 +1165,53 @@ fn process_tick<P: Processor>(
     out: &mut Output,
     errors: &mut Vec<RecordError>,
 ) -> Result<(), RecordError> {
+    let stepped = driver_step(policy, None, out, errors, |out, on_failure| {
+        tick_step(processor, state, stores, (at, time_ms), out, on_failure)
+    });
+    finish_step(stores, stepped, |error| RecordError::WallClock {
+        topic: at.topic.to_owned(),
+        partition: at.partition,
+        offset: at.offset,
+        time: time_ms,
+        source: Box::new(error),
+    })
+}
+
+/// Runs `step` with the driver's error policy: under `Skip`/`DeadLetter` a failed call's
+/// error goes to `errors` (and a dead letter of `raw`, if any, to `out`), under `Fail` the step
+/// stops with it.
+fn driver_step(
+    policy: &ErrorPolicy,
+    raw: Option<&RawRecord>,
+    out: &mut Output,
+    errors: &mut Vec<RecordError>,
+    step: impl FnOnce(&mut Output, &mut OnFailure<'_>) -> Result<u64, StepError>,
+) -> Result<u64, StepError> {
     let mut on_failure = |error: RecordError, out: &mut Output| {
         match policy {
             ErrorPolicy::Fail => return Err(error),
             ErrorPolicy::Skip => {}
-            ErrorPolicy::DeadLetter { topic } => out.send(dead_letter_record(topic, None, &error)),
+            ErrorPolicy::DeadLetter { topic } => out.send(dead_letter_record(topic, raw, &error)),
         }
         errors.push(error);
         Ok(())
     };
-    let result = tick_step(
-        processor,
-        state,
-        stores,
-        (at, time_ms),
-        out,
-        &mut on_failure,
-    );
+    step(out, &mut on_failure)
+}
+
+/// Commits the step's store writes (one transaction per step) and reports its failure. The
+/// driver's stores are in memory, whose reads and writes do not fail; `store_failed` names
+/// one anyway.
+fn finish_step(
+    stores: &StoreSet,
+    stepped: Result<u64, StepError>,
+    store_failed: impl FnOnce(crate::state::StoreError) -> RecordError,
+) -> Result<(), RecordError> {
     let _ = stores.commit(Vec::new());
-    match result {
+    match stepped {
         Ok(_) => Ok(()),
         Err(StepError::Failed(error)) => Err(error),
-        Err(StepError::Store(error)) => Err(RecordError::WallClock {
-            topic: at.topic.to_owned(),
-            partition: at.partition,
-            offset: at.offset,
-            time: time_ms,
-            source: Box::new(error),
-        }),
+        Err(StepError::Store(error)) => Err(store_failed(error)),
     }
 }
 

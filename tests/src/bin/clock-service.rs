@@ -1,5 +1,5 @@
 //! A service driven by time, used by the integration tests of wall-clock ticks and stream-time
-//! timers under kill -9 (tests/tests/framework_time.rs).
+//! timers under kill -9 (tests/tests/integration/framework_time.rs).
 //!
 //! Input: key = a card (any UTF-8 string), value = a unique record id (UTF-8).
 //! - Every record's id waits in the state until the next wall-clock tick

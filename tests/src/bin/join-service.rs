@@ -1,4 +1,4 @@
-//! A service over two co-partitioned inputs, used by tests/tests/framework_inputs.rs.
+//! A service over two co-partitioned inputs, used by tests/tests/integration/framework_inputs.rs.
 //!
 //! Inputs `--left` and `--right` (same partition count; key = any UTF-8 string, value = a
 //! unique record id) form one unit per partition (`AppConfig::co_partitioned`). Per unit the

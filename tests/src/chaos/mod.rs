@@ -724,7 +724,7 @@ impl Run {
     /// SIGKILLs the node `target` resolves to now, keeps it down for `down`, starts it again
     /// (same ports, same data) and waits until it serves. Only 3-node runs schedule this: a
     /// single Kafka node loses transaction state it acknowledged when it goes down, by SIGKILL
-    /// (`single_node_crash_keeps_acknowledged_commits` in tests/tests/kafka.rs) and even by a
+    /// (`single_node_crash_keeps_acknowledged_commits` in tests/tests/integration/kafka.rs) and even by a
     /// controlled shutdown (commit markers of a completed transaction missing after the
     /// restart, see the README), which nothing built on Kafka can make exactly-once.
     async fn crash_broker(

@@ -6,12 +6,10 @@
 //! Version 1 is `eos-service` as it is; version 2 adds a defaulted field to its state
 //! (`--state-v2`) and/or appends ` v2` to its outputs (`--output-v2`).
 
-mod framework_support;
-
 use std::time::Duration;
 
+use crate::framework_support::*;
 use exactly_tests::process::ChildProcess;
-use framework_support::*;
 
 /// Full snapshots only at a graceful stop: a crash leaves every processed record to replay.
 const NO_PERIODIC_SNAPSHOTS: [&str; 4] = [

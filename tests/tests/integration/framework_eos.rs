@@ -2,14 +2,12 @@
 //! processes, restarted, and the read_committed output must hold every expected record exactly
 //! once with the counts of the reference model (state survived the crash intact).
 
-mod framework_support;
-
 use std::time::Duration;
 
+use crate::framework_support::*;
 use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::process::ChildProcess;
 use exactly_tests::scrape::{sample, scrape};
-use framework_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_then_restart_is_exactly_once() {

@@ -5,15 +5,13 @@
 //! but arrive later), kills the service with SIGKILL, and checks every unit's output chain
 //! link by link after the replay.
 
-mod framework_support;
-
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
+use crate::framework_support::*;
 use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::process::{ChildProcess, ProcessSpec};
-use framework_support::*;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 

@@ -1,12 +1,10 @@
 //! Recovery refuses what it cannot do correctly: a non-deterministic processor, a retention
 //! gap in the input, a corrupt full snapshot. Each is set up for real on the broker.
 
-mod framework_support;
-
 use std::time::Duration;
 
+use crate::framework_support::*;
 use exactly_tests::cluster::unique_name;
-use framework_support::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;

@@ -3,14 +3,12 @@
 //! recovery where and when they first fired (read from the incremental records), so every
 //! input id leaves through exactly one tick; stream-time timers fire exactly once.
 
-mod framework_support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::framework_support::*;
 use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::process::{ChildProcess, ProcessSpec};
-use framework_support::*;
 
 /// Input records per round; one round per kill.
 const PER_ROUND: usize = 100;

@@ -1,13 +1,11 @@
 //! Several instances of one app: rebalances hand partitions over with their state, and a
 //! paused instance whose partitions moved on is fenced when it wakes up.
 
-mod framework_support;
-
 use std::time::{Duration, Instant};
 
+use crate::framework_support::*;
 use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::process::Supervisor;
-use framework_support::*;
 use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::ClientConfig;
 

@@ -3,14 +3,12 @@
 //! not this partition's is discarded and the partition restores from Kafka; without any local
 //! store the stores restore from their full snapshot; a failed record's store writes vanish.
 
-mod framework_support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::framework_support::*;
 use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::process::ChildProcess;
-use framework_support::*;
 
 /// Two partitions, an app with its counts in a store, its state dir owned by the test.
 struct StoreSetup {

@@ -1,12 +1,10 @@
 //! Bad records under each error policy, and the atomicity of an aborted transaction.
 
-mod framework_support;
-
 use std::time::Duration;
 
+use crate::framework_support::*;
 use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::process::ChildProcess;
-use framework_support::*;
 
 /// Fail policy: the transaction holding the bad record is aborted as a whole — none of its
 /// outputs and no snapshot record become visible — and the service stops with an error naming

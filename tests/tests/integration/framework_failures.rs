@@ -4,14 +4,12 @@
 //! snapshot topics, panics, deleted input, recreated topics, missing snapshots, slow snapshots,
 //! a dropped `run_until`).
 
-mod framework_support;
-
 use std::time::{Duration, Instant};
 
+use crate::framework_support::*;
 use exactly::{App, AppConfig, Output, ProcessError, Processor, Record, Utf8};
 use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::process::ChildProcess;
-use framework_support::*;
 use kafka_protocol::messages::ApiKey;
 use rdkafka::admin::AdminOptions;
 use rdkafka::consumer::{BaseConsumer, Consumer};

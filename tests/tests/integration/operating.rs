@@ -2,12 +2,10 @@
 //! runs and after, `verify-snapshot`, a `reset` that makes it reprocess its input from the
 //! default state, refused while it runs) and the Prometheus endpoint scraped while it runs.
 
-mod framework_support;
-
 use std::time::Duration;
 
+use crate::framework_support::*;
 use exactly::cli::CliError;
-use framework_support::*;
 
 /// Runs `exactly <args> --brokers .. --app ..` in-process; its output, or its error and output.
 async fn exactly_cli(s: &Setup, args: &[&str]) -> Result<String, (CliError, String)> {

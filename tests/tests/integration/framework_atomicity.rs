@@ -8,15 +8,13 @@
 //! reaches the broker. The restarted service's `init_transactions` aborts the open
 //! transaction and recovery rebuilds the state from the last committed incremental record.
 
-mod framework_support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use crate::framework_support::*;
 use exactly_tests::cluster::{unique_name, TestCluster};
 use exactly_tests::process::ChildProcess;
 use exactly_tests::{Proxy, ProxyStats};
-use framework_support::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 

@@ -3,7 +3,7 @@
 //! for CI). Run it with:
 //!
 //! ```text
-//! cargo test -p exactly-examples --test quix_peer -- --ignored --nocapture
+//! cargo test -p exactly-examples --test end_to_end quix_peer -- --ignored --nocapture
 //! ```
 //!
 //! `QUIX_COMMIT_INTERVAL_MS=1000` sets Quix's checkpoint period (default: Quix's 5 s),

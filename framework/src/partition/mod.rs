@@ -44,10 +44,12 @@ use crate::state::{Committed, LocalState, StoreSet};
 
 mod full_snapshot;
 mod inputs;
+mod offsets;
 mod steps;
 
 use inputs::Interleave;
 pub(crate) use inputs::TICK_SOURCE;
+use offsets::GroupOffsets;
 
 use full_snapshot::{NewBase, Streaming};
 
@@ -216,6 +218,8 @@ struct Live<S> {
     ticks: Vec<WallClockTick>,
     /// Ticks fired since the base's state was taken.
     ticks_since_base: u64,
+    /// When transactions also send the consumer group's offsets.
+    group_offsets: GroupOffsets,
 }
 
 impl<S> Live<S> {
@@ -267,6 +271,7 @@ impl<S> From<Recovered<S>> for Live<S> {
             unsent: Vec::new(),
             ticks: Vec::new(),
             ticks_since_base: r.ticks_since_base,
+            group_offsets: GroupOffsets::new(Duration::ZERO),
         }
     }
 }
@@ -874,8 +879,16 @@ impl<P: Processor> PartitionWorker<P> {
                 self.config.max_input_idle,
             ));
         }
+        live.group_offsets = GroupOffsets::new(self.config.group_offsets_interval);
         loop {
             if self.stopping() {
+                // The group's offsets are brought up to date before the partition goes.
+                if open.is_none() && live.group_offsets.behind() {
+                    if let Err(exit) = begin(producer, open) {
+                        return exit;
+                    }
+                    live.batch_records = 0;
+                }
                 if open.is_some() {
                     if let Err(exit) = self.commit(producer, &mut live, true, open) {
                         return exit;
@@ -899,7 +912,14 @@ impl<P: Processor> PartitionWorker<P> {
                 None => IDLE_POLL,
             };
             let now = Instant::now();
-            let wait = next_tick.map_or(wait, |at| wait.min(at.saturating_duration_since(now)));
+            let catch_up = open
+                .is_none()
+                .then(|| live.group_offsets.catch_up_at(commit_interval))
+                .flatten();
+            let wait = [next_tick, catch_up]
+                .into_iter()
+                .flatten()
+                .fold(wait, |wait, at| wait.min(at.saturating_duration_since(now)));
             let wait = live
                 .interleave
                 .as_ref()
@@ -939,6 +959,9 @@ impl<P: Processor> PartitionWorker<P> {
                     }
                     next_tick = Some(Instant::now() + every);
                 }
+            }
+            if let Err(exit) = self.catch_up_group_offsets(producer, &mut live, open) {
+                return exit;
             }
             if open.is_none() && live.streaming.is_some() {
                 // A full snapshot streams with the transactions: keep them coming while no
@@ -1035,6 +1058,30 @@ impl<P: Processor> PartitionWorker<P> {
         }
         self.process_one(live, input, record, out)?;
         live.batch_records += 1;
+        Ok(())
+    }
+
+    /// A partition whose last transaction went without the group's offsets and that has been
+    /// quiet for a commit interval since commits one more transaction to send them (see
+    /// [`AppConfig::group_offsets_interval`]).
+    fn catch_up_group_offsets(
+        &self,
+        producer: &Arc<TxnProducer>,
+        live: &mut Live<P::State>,
+        open: &mut Option<Instant>,
+    ) -> Result<(), LiveExit> {
+        let due = live
+            .group_offsets
+            .catch_up_at(self.config.commit_interval)
+            .is_some_and(|at| Instant::now() >= at);
+        if open.is_some() || !due {
+            return Ok(());
+        }
+        live.group_offsets.catch_up();
+        begin(producer, open)?;
+        live.batch_records = 0;
+        self.commit(producer, live, false, open)?;
+        *open = None;
         Ok(())
     }
 
@@ -1233,9 +1280,13 @@ impl<P: Processor> PartitionWorker<P> {
         // retries AddOffsetsToTxn only after 100 ms; sent beside the outputs'
         // AddPartitionsToTxn, most commits paid that (the state-at-scale case's commit p50
         // went from 7 to 89 ms).
-        send_offsets_bounded(producer, offsets, group_metadata, txn_timeout)?;
+        let send_offsets = self.stopping() || live.group_offsets.due(Instant::now());
+        if send_offsets {
+            send_offsets_bounded(producer, offsets, group_metadata, txn_timeout)?;
+        }
         let offsets_sent = commit_started.elapsed();
         retry(|| producer.commit_transaction(txn_timeout))?;
+        live.group_offsets.committed(send_offsets, Instant::now());
         if let Some((topic, error)) = producer.context().take_first_error() {
             // Cannot happen after a successful commit (librdkafka fails the commit), but a
             // failed output delivery must never pass silently.
@@ -1245,6 +1296,7 @@ impl<P: Processor> PartitionWorker<P> {
             next_offset = live.next_offset,
             transaction_seq = seq,
             full_snapshot = rebased,
+            group_offsets = send_offsets,
             flush_ms = flushed.as_millis() as u64,
             offsets_ms = (offsets_sent - flushed).as_millis() as u64,
             end_ms = (commit_started.elapsed() - offsets_sent).as_millis() as u64,
@@ -1532,6 +1584,7 @@ mod tests {
             unsent: Vec::new(),
             ticks: Vec::new(),
             ticks_since_base: 0,
+            group_offsets: GroupOffsets::new(Duration::ZERO),
             others: Vec::new(),
             base_others: Vec::new(),
             interleave: None,

@@ -329,7 +329,13 @@ fn parent_death_helper() {
 async fn children_die_with_a_test_process_that_dies_without_unwinding() {
     let dir = tempfile::tempdir().unwrap();
     let spec = ProcessSpec::new(std::env::current_exe().unwrap())
-        .args(["--exact", "parent_death_helper", "--ignored", "--nocapture"])
+        // The test's name in this binary: the module's path below the crate, then the name.
+        .args([
+            "--exact",
+            "harness::parent_death_helper",
+            "--ignored",
+            "--nocapture",
+        ])
         .env(PARENT_HELPER_ENV, "1")
         .log_file(dir.path().join("helper.log"));
     let mut helper = ChildProcess::spawn("aborting-test-process", spec).unwrap();

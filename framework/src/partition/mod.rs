@@ -1261,28 +1261,13 @@ impl<P: Processor> PartitionWorker<P> {
         let incremental = self.incremental_record(live, seq, &next, fingerprint);
         write_incremental(producer, &self.snapshot_topic, self.partition, incremental)
             .map_err(exit_for)?;
-        let offsets = self.consumed_offsets(live)?;
         let commit_started = Instant::now();
         // Flushed here (promptly) so that commit_transaction's own flush finds nothing left.
         retry(|| flush_promptly(producer, txn_timeout))?;
         let flushed = commit_started.elapsed();
-        // The current generation / member epoch: a rebalance that kept this partition here
-        // changed it, and the broker rejects offsets sent with an old one.
-        // (None only before the consumer's first rebalance, which started this worker.)
-        let group_metadata =
-            self.group_metadata
-                .current()
-                .ok_or(LiveExit::Abort(KafkaError::ConsumerCommit(
-                    RDKafkaErrorCode::State,
-                )))?;
-        // After the flush, not beside it: the coordinator refuses a second request for the
-        // same transaction while it logs the first (CONCURRENT_TRANSACTIONS), and librdkafka
-        // retries AddOffsetsToTxn only after 100 ms; sent beside the outputs'
-        // AddPartitionsToTxn, most commits paid that (the state-at-scale case's commit p50
-        // went from 7 to 89 ms).
         let send_offsets = self.stopping() || live.group_offsets.due(Instant::now());
         if send_offsets {
-            send_offsets_bounded(producer, offsets, group_metadata, txn_timeout)?;
+            self.send_group_offsets(producer, live, txn_timeout)?;
         }
         let offsets_sent = commit_started.elapsed();
         retry(|| producer.commit_transaction(txn_timeout))?;
@@ -1323,6 +1308,32 @@ impl<P: Processor> PartitionWorker<P> {
         live.records_since_base = next.records;
         live.ticks_since_base = next.ticks;
         Ok(())
+    }
+
+    /// Adds the consumed offsets to the open transaction, with the consumer's current group
+    /// metadata.
+    fn send_group_offsets(
+        &self,
+        producer: &Arc<TxnProducer>,
+        live: &Live<P::State>,
+        txn_timeout: Duration,
+    ) -> Result<(), LiveExit> {
+        let offsets = self.consumed_offsets(live)?;
+        // The current generation / member epoch: a rebalance that kept this partition here
+        // changed it, and the broker rejects offsets sent with an old one.
+        // (None only before the consumer's first rebalance, which started this worker.)
+        let group_metadata =
+            self.group_metadata
+                .current()
+                .ok_or(LiveExit::Abort(KafkaError::ConsumerCommit(
+                    RDKafkaErrorCode::State,
+                )))?;
+        // After the flush, not beside it: the coordinator refuses a second request for the
+        // same transaction while it logs the first (CONCURRENT_TRANSACTIONS), and librdkafka
+        // retries AddOffsetsToTxn only after 100 ms; sent beside the outputs'
+        // AddPartitionsToTxn, most commits paid that (the state-at-scale case's commit p50
+        // went from 7 to 89 ms).
+        send_offsets_bounded(producer, offsets, group_metadata, txn_timeout)
     }
 
     /// The incremental record of the open transaction (sequence `seq`).

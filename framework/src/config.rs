@@ -409,15 +409,16 @@ impl AppConfig {
     /// (default 1 s; zero: every transaction).
     ///
     /// The snapshot topic, not the group, says where a partition resumes, so the group's
-    /// offsets only serve lag tools and `exactly inspect`. Sent with every transaction they
-    /// cost two more requests to the brokers (AddOffsetsToTxn, TxnOffsetCommit) and a marker
-    /// on the group's `__consumer_offsets` partition, which every partition of the app shares:
-    /// in the bench's chain at 1 000 commands/s, sending them with every transaction doubled
-    /// the median commit and end-to-end latency. A transaction sends them once this long has
-    /// passed since the last did, a partition that goes quiet sends them in a small
-    /// transaction of their own at the next [`commit_interval`](Self::commit_interval), and
-    /// the last transaction before a partition is released always does: the group's offsets
-    /// trail the processed input by at most about this long.
+    /// offsets only serve lag tools (`exactly inspect` reads the snapshots). Sent with every
+    /// transaction they cost two more requests to the brokers (AddOffsetsToTxn,
+    /// TxnOffsetCommit) and a marker on the group's `__consumer_offsets` partition, which
+    /// every partition of the app shares: in the bench's chain at 1 000 commands/s, sending
+    /// them with every transaction doubled the median commit and end-to-end latency. A
+    /// transaction sends them once this long has passed since the last did, a partition that
+    /// goes quiet sends them in a small transaction of their own after one
+    /// [`commit_interval`](Self::commit_interval), and the last transaction before a partition
+    /// is released always does: the group's offsets trail the processed input by at most
+    /// about this long.
     pub fn group_offsets_interval(mut self, interval: Duration) -> Self {
         self.group_offsets_interval = interval;
         self

@@ -47,7 +47,24 @@ pub struct LatencyRun {
     /// The 99th percentile of the summaries of commands sent in the second half of the run:
     /// the chain's steady state, without its first seconds (new producers' first requests).
     pub second_half_p99: Option<Duration>,
+    /// The seconds of the run (by when their commands were sent) whose slowest summary took
+    /// longer than [`SLOW_SECOND`]: whether the tail is spread over the run or one stall.
+    pub slow_seconds: Vec<SlowSecond>,
 }
+
+/// A second of the latency run with a slow summary.
+#[derive(Debug, Clone, Copy)]
+pub struct SlowSecond {
+    /// Seconds after the first command.
+    pub at: u64,
+    /// Summaries of the commands sent in that second.
+    pub samples: usize,
+    /// Their slowest.
+    pub max: Duration,
+}
+
+/// A second whose slowest summary took longer than this is listed in the report.
+pub const SLOW_SECOND: Duration = Duration::from_millis(300);
 
 /// One service's transactions in the latency run.
 #[derive(Debug, Clone)]
@@ -82,6 +99,26 @@ impl LatencyRun {
                 t,
                 "  summaries of the commands sent in the second half of the run: p99 {} ms",
                 p99.as_millis()
+            );
+        }
+        if !self.slow_seconds.is_empty() {
+            let seconds: Vec<String> = self
+                .slow_seconds
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}s ({} ms, {} summaries)",
+                        s.at,
+                        s.max.as_millis(),
+                        s.samples
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                t,
+                "  seconds with a summary slower than {} ms (by send time, after the first command): {}",
+                SLOW_SECOND.as_millis(),
+                seconds.join(", ")
             );
         }
         for s in &self.services {
@@ -241,9 +278,26 @@ pub async fn measure_chain_latency(
         p99: quantile(&summaries, 0.99),
         max: quantile(&summaries, 1.0),
         second_half_p99: (!second_half.is_empty()).then(|| quantile(&second_half, 0.99)),
+        slow_seconds: slow_seconds(&last),
         hops: hop_latencies,
         services,
     })
+}
+
+/// The seconds (by send time, ms after the first command) whose slowest latency exceeds
+/// [`SLOW_SECOND`], in time order.
+fn slow_seconds(sampled: &[(i64, Duration)]) -> Vec<SlowSecond> {
+    let mut seconds: std::collections::BTreeMap<u64, (usize, Duration)> = Default::default();
+    for &(sent, latency) in sampled {
+        let second = seconds.entry(sent.max(0) as u64 / 1000).or_default();
+        second.0 += 1;
+        second.1 = second.1.max(latency);
+    }
+    seconds
+        .into_iter()
+        .filter(|(_, (_, max))| *max > SLOW_SECOND)
+        .map(|(at, (samples, max))| SlowSecond { at, samples, max })
+        .collect()
 }
 
 /// `latencies`, sorted.
@@ -416,5 +470,28 @@ impl LatencyReader {
                     .collect()
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_seconds_are_those_whose_slowest_summary_is_over_the_bound() {
+        let ms = Duration::from_millis;
+        let sampled = [
+            (100, ms(120)),
+            (900, ms(310)),
+            (1_500, ms(200)),
+            (2_000, ms(299)),
+            (2_999, ms(900)),
+            (3_100, ms(300)),
+        ];
+        let slow: Vec<(u64, usize, u128)> = slow_seconds(&sampled)
+            .into_iter()
+            .map(|s| (s.at, s.samples, s.max.as_millis()))
+            .collect();
+        assert_eq!(slow, vec![(0, 2, 310), (2, 2, 900)]);
     }
 }

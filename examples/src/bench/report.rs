@@ -357,6 +357,7 @@ mod tests {
                 hops: Vec::new(),
                 services: Vec::new(),
                 second_half_p99: None,
+                slow_seconds: Vec::new(),
             },
             latency_rate: 1_000,
             scale: ScaleResults {

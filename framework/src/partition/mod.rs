@@ -644,7 +644,10 @@ impl<P: Processor> PartitionWorker<P> {
         loop {
             // Fencing first, then reading state.
             match producer.init_transactions(self.txn_timeout()) {
-                Ok(()) => return Ok(Arc::new(producer)),
+                Ok(()) => {
+                    TxnProducerContext::attach_wakeup(&producer);
+                    return Ok(Arc::new(producer));
+                }
                 // No retry can grant an ACL.
                 Err(e) if authorization_code(&e).is_some() => {
                     return Err(ProducerStart::Failed(Error::kafka(

@@ -13,6 +13,7 @@ pub(crate) mod codec;
 pub(crate) mod fingerprint;
 pub(crate) mod store;
 pub(crate) mod trim;
+pub(crate) mod wakeup;
 
 #[allow(unused_imports)] // the runtime (partition worker, recovery) uses the rest
 pub(crate) use codec::{

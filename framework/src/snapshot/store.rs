@@ -7,19 +7,20 @@
 //! A read that makes no progress for `stall_timeout` fails with an error instead.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, DeliveryResult, Message};
-use rdkafka::producer::{BaseProducer, BaseRecord, ProducerContext};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::error::Error;
 use crate::metrics::PartitionMetrics;
 use crate::progress::Progress;
 use crate::proto::{snapshot_record, FullSnapshotChunk, FullSnapshotRef, IncrementalSnapshot};
+use crate::snapshot::wakeup::DeliveryWakeup;
 use crate::snapshot::{
     assemble_chunks, chunk_record, decode_record, encode_record, incremental_record, SnapshotError,
 };
@@ -429,6 +430,9 @@ pub(crate) struct TxnProducerContext {
     /// A topic librdkafka could not add to the open transaction for lack of an ACL. Only its
     /// ADDPARTS log line names it; the error it reports does not.
     refused_topic: Mutex<Option<String>>,
+    /// Signalled by librdkafka when a delivery report is queued (set once the producer
+    /// exists); waits for reports sleep on it.
+    wakeup: OnceLock<DeliveryWakeup>,
 }
 
 impl ClientContext for TxnProducerContext {
@@ -477,6 +481,14 @@ impl ProducerContext for TxnProducerContext {
 }
 
 impl TxnProducerContext {
+    /// Lets waits for `producer`'s delivery reports sleep until one arrives (see
+    /// [`DeliveryWakeup`]); without it they sleep in short steps.
+    pub(crate) fn attach_wakeup(producer: &TxnProducer) {
+        if let Some(wakeup) = DeliveryWakeup::attach(producer.client()) {
+            let _ = producer.context().wakeup.set(wakeup);
+        }
+    }
+
     fn take_tracked(&self, id: usize) -> Option<Result<i64, KafkaError>> {
         self.tracked.lock().ok().and_then(|mut t| t.remove(&id))
     }
@@ -506,11 +518,12 @@ impl TxnProducerContext {
 /// The transactional producer of a partition worker.
 pub(crate) type TxnProducer = BaseProducer<TxnProducerContext>;
 
-/// How long to wait before looking again for delivery reports when none was ready.
+/// How long to wait before looking again for delivery reports when none was ready and the
+/// producer has no [`DeliveryWakeup`].
 const DELIVERY_REPORT_PAUSE: Duration = Duration::from_micros(200);
 
-/// Serves the delivery reports ready now; when there was none, pauses for
-/// [`DELIVERY_REPORT_PAUSE`].
+/// Serves the delivery reports ready now; when there was none, waits for the next (on the
+/// producer's [`DeliveryWakeup`], else for [`DELIVERY_REPORT_PAUSE`]).
 ///
 /// Not `BaseProducer::poll(d)` with a short `d`: rdkafka 0.39's poll runs until its deadline
 /// and truncates what is left of it to whole milliseconds, so a poll of less than a few ms
@@ -520,7 +533,10 @@ fn serve_delivery_reports(producer: &TxnProducer) {
     let before = rdkafka::producer::Producer::in_flight_count(producer);
     producer.poll(Duration::ZERO);
     if rdkafka::producer::Producer::in_flight_count(producer) == before {
-        std::thread::sleep(DELIVERY_REPORT_PAUSE);
+        match producer.context().wakeup.get() {
+            Some(wakeup) => wakeup.wait(),
+            None => std::thread::sleep(DELIVERY_REPORT_PAUSE),
+        }
     }
 }
 

@@ -417,8 +417,9 @@ impl AppConfig {
     /// transaction sends them once this long has passed since the last did, a partition that
     /// goes quiet sends them in a small transaction of their own after one
     /// [`commit_interval`](Self::commit_interval), and the last transaction before a partition
-    /// is released always does: the group's offsets trail the processed input by at most
-    /// about this long.
+    /// is released always does (a recovered partition, whose last owner may have died before
+    /// it sent them, counts as not having sent them): the group's offsets trail the processed
+    /// input by at most about this long.
     pub fn group_offsets_interval(mut self, interval: Duration) -> Self {
         self.group_offsets_interval = interval;
         self

@@ -271,7 +271,7 @@ impl<S> From<Recovered<S>> for Live<S> {
             unsent: Vec::new(),
             ticks: Vec::new(),
             ticks_since_base: r.ticks_since_base,
-            group_offsets: GroupOffsets::new(Duration::ZERO),
+            group_offsets: GroupOffsets::new(Duration::ZERO, false),
         }
     }
 }
@@ -882,7 +882,9 @@ impl<P: Processor> PartitionWorker<P> {
                 self.config.max_input_idle,
             ));
         }
-        live.group_offsets = GroupOffsets::new(self.config.group_offsets_interval);
+        // Recovered (committed transactions before): the group may trail the snapshots.
+        live.group_offsets =
+            GroupOffsets::new(self.config.group_offsets_interval, live.transaction_seq > 0);
         loop {
             if self.stopping() {
                 // The group's offsets are brought up to date before the partition goes.
@@ -1598,7 +1600,7 @@ mod tests {
             unsent: Vec::new(),
             ticks: Vec::new(),
             ticks_since_base: 0,
-            group_offsets: GroupOffsets::new(Duration::ZERO),
+            group_offsets: GroupOffsets::new(Duration::ZERO, false),
             others: Vec::new(),
             base_others: Vec::new(),
             interleave: None,

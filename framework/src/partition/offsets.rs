@@ -21,12 +21,20 @@ pub(super) struct GroupOffsets {
 }
 
 impl GroupOffsets {
-    /// Offsets just recovered are in the group already, or come with the first transaction.
-    pub(super) fn new(interval: Duration) -> Self {
+    /// The schedule of a partition that just started: its first transaction sends them.
+    ///
+    /// A `recovered` partition (one with committed transactions before, not a fresh start)
+    /// counts as behind from the start: its last owner may have committed transactions
+    /// without them and lost the partition before it caught up (killed, fenced), and with no
+    /// more input the group would trail its snapshots for good (lag tools, and any finish
+    /// line that watches the group, would never see the end). Quiet, it commits one small
+    /// transaction to send them after one commit interval.
+    pub(super) fn new(interval: Duration, recovered: bool) -> Self {
+        let now = Instant::now();
         GroupOffsets {
             interval,
-            sent: Instant::now(),
-            behind_since: None,
+            sent: now,
+            behind_since: recovered.then_some(now),
             force: true,
         }
     }
@@ -74,7 +82,7 @@ mod tests {
     #[test]
     fn the_first_transaction_sends_them_then_once_per_interval() {
         let start = Instant::now();
-        let mut offsets = GroupOffsets::new(SECOND);
+        let mut offsets = GroupOffsets::new(SECOND, false);
         assert!(offsets.due(start));
         offsets.committed(true, start);
         let soon = start + Duration::from_millis(300);
@@ -90,7 +98,7 @@ mod tests {
     #[test]
     fn a_quiet_partition_catches_up_after_its_last_transaction() {
         let start = Instant::now();
-        let mut offsets = GroupOffsets::new(SECOND);
+        let mut offsets = GroupOffsets::new(SECOND, false);
         offsets.committed(true, start);
         let last = start + Duration::from_millis(400);
         offsets.committed(false, last);
@@ -105,8 +113,25 @@ mod tests {
     #[test]
     fn a_zero_interval_sends_them_with_every_transaction() {
         let start = Instant::now();
-        let mut offsets = GroupOffsets::new(Duration::ZERO);
+        let mut offsets = GroupOffsets::new(Duration::ZERO, false);
         offsets.committed(true, start);
         assert!(offsets.due(start));
+    }
+
+    #[test]
+    fn a_recovered_partition_catches_up_once_quiet_and_a_fresh_one_does_not() {
+        let fresh = GroupOffsets::new(SECOND, false);
+        assert!(!fresh.behind());
+        assert_eq!(fresh.catch_up_at(QUIET), None);
+        let start = Instant::now();
+        let mut recovered = GroupOffsets::new(SECOND, true);
+        assert!(recovered.behind());
+        let at = recovered.catch_up_at(QUIET).expect("a catch-up");
+        assert!(at >= start + QUIET && at <= Instant::now() + QUIET);
+        // Input first: its transaction sends them, and nothing is left to catch up.
+        assert!(recovered.due(start));
+        recovered.committed(true, start);
+        assert!(!recovered.behind());
+        assert_eq!(recovered.catch_up_at(QUIET), None);
     }
 }

@@ -406,3 +406,69 @@ async fn a_static_member_restarted_after_a_crash_waits_for_its_id() {
     assert!(service.is_running(), "{}", service.log_tail(40));
     stop_cleanly(&mut service).await;
 }
+
+/// The group's committed offset of partition 0 of `topic` (`None`: nothing committed).
+fn group_offset(probe: &exactly_tests::chaos::drain::GroupProbe) -> Option<i64> {
+    probe
+        .committed()
+        .expect("the group's committed offsets")
+        .into_iter()
+        .find(|(partition, _)| *partition == 0)
+        .and_then(|(_, offset)| offset)
+}
+
+/// A partition whose owner committed transactions without the group's offsets (they go once
+/// per `group_offsets_interval`) and was killed before it caught up: the next owner, given
+/// no more input, brings the group's offsets up to its snapshots. Without that, lag tools and
+/// any finish line that watches the group wait for good (a 200-event chaos run did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovered_partition_brings_the_group_offsets_up_to_date() {
+    let setup = Setup::new("offsets-catch-up").await;
+    let records = inputs(0..400, 1);
+    produce(&setup.bootstrap, &setup.input, &records);
+    let spec = service_spec(&setup.bootstrap, &setup.app, &setup.input, &setup.output)
+        // Transactions of 50 records, and only the first sends offsets; a quiet partition
+        // catches the group up a whole commit interval (4 s) after its last transaction,
+        // which leaves the test the time to kill it first.
+        .args(["--commit-interval-ms", "4000", "--max-batch-records", "50"])
+        .env("EXACTLY_GROUP_OFFSETS_INTERVAL_MS", "3600000");
+    let mut service =
+        exactly_tests::process::ChildProcess::spawn(setup.app.clone(), spec).expect("spawn");
+    let seen = wait_for_count(
+        &setup.bootstrap,
+        &setup.output,
+        records.len() as u64,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(seen, records.len() as u64, "{}", service.log_tail(40));
+    let probe =
+        exactly_tests::chaos::drain::GroupProbe::new(&setup.bootstrap, &setup.app, &setup.input, 1)
+            .expect("group probe");
+    let end = records.len() as i64;
+    let before_kill = group_offset(&probe);
+    service.kill_hard().await.expect("kill -9");
+    assert!(
+        before_kill.is_some_and(|offset| offset < end),
+        "the group was meant to trail the input before the kill (only the first transaction sends offsets): {before_kill:?} of {end}\n{}",
+        service.log_tail(40)
+    );
+
+    service.restart().expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut offset = group_offset(&probe);
+    while offset != Some(end) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        offset = group_offset(&probe);
+    }
+    assert_eq!(
+        offset,
+        Some(end),
+        "the recovered partition left the group's offset behind its snapshots:\n{}",
+        service.log_tail(40)
+    );
+    service
+        .terminate(Duration::from_secs(30))
+        .await
+        .expect("terminate");
+}

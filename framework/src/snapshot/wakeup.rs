@@ -87,13 +87,17 @@ mod tests {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     use std::time::Instant;
 
+    fn unattached() -> DeliveryWakeup {
+        DeliveryWakeup {
+            fd: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .expect("eventfd"),
+        }
+    }
+
     #[test]
     fn a_wait_without_a_signal_ends_at_its_bound() {
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:1")
-            .create()
-            .expect("producer");
-        let wakeup = DeliveryWakeup::attach(producer.client()).expect("eventfd");
+        // Not attached to a client: nothing can signal it.
+        let wakeup = unattached();
         let started = Instant::now();
         wakeup.wait();
         let waited = started.elapsed();
@@ -102,6 +106,15 @@ mod tests {
             "{waited:?}"
         );
         assert!(waited < Duration::from_secs(1), "{waited:?}");
+    }
+
+    #[test]
+    fn a_wait_clears_the_signal_that_ended_it() {
+        let wakeup = unattached();
+        wakeup.fd.write(1).expect("signal");
+        wakeup.wait();
+        // Read by the wait: nothing is left to read (non-blocking: EAGAIN).
+        assert!(wakeup.fd.read().is_err());
     }
 
     #[test]

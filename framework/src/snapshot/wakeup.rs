@@ -24,9 +24,8 @@ const LONGEST_WAIT: Duration = Duration::from_millis(5);
 
 /// An eventfd librdkafka writes to when a delivery report is queued for the producer.
 ///
-/// Kept in the producer's context, which librdkafka's client outlives by nothing: the
-/// context is dropped after `rd_kafka_destroy` has joined the threads that write to the fd,
-/// so the fd is never closed under a writer.
+/// Kept in the producer's context, which rdkafka drops only after `rd_kafka_destroy` has
+/// joined the threads that write to the fd, so the fd is never closed under a writer.
 #[derive(Debug)]
 pub(crate) struct DeliveryWakeup {
     fd: EventFd,
@@ -35,7 +34,7 @@ pub(crate) struct DeliveryWakeup {
 impl DeliveryWakeup {
     /// Makes librdkafka signal a new eventfd when an event is queued on `client`'s main queue
     /// (where a producer's delivery reports go). `None` when no eventfd can be made: waits
-    /// then sleep for their whole bound.
+    /// then fall back to looking every 200 µs.
     pub(crate) fn attach<C: ClientContext>(client: &Client<C>) -> Option<Self> {
         let fd = match EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC) {
             Ok(fd) => fd,

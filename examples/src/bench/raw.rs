@@ -29,8 +29,11 @@ pub fn run_raw_pipe(
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         // As every EOS engine reads. On Kafka this costs nothing for an input written without
-        // transactions; on the local broker it takes the same path through the proxy for all.
+        // transactions.
         .set("isolation.level", "read_committed")
+        // As exactly's consumer: librdkafka's 1 s default idles a partition whenever the one
+        // consumer queue holds 100 000 prefetched records, which a fast pipe reaches.
+        .set("fetch.queue.backoff.ms", "20")
         .create()
         .context("creating the raw pipe's consumer")?;
     let producer: BaseProducer<DeliveryCounter> = ClientConfig::new()

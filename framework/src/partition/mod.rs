@@ -35,8 +35,8 @@ use crate::recovery::{recover, Recovered, RecoveryCost, RecoveryTarget, READ_STA
 use crate::security::authorization_code;
 use crate::snapshot::fingerprint::Cadence;
 use crate::snapshot::store::{
-    flush_promptly, send_blocking, write_incremental, PartitionReader, TxnProducer,
-    TxnProducerContext,
+    destroy_in_background, flush_promptly, send_blocking, write_incremental, PartitionReader,
+    TxnProducer, TxnProducerContext,
 };
 use crate::snapshot::trim::Trimmer;
 use crate::snapshot::OutputDigest;
@@ -779,6 +779,7 @@ impl<P: Processor> PartitionWorker<P> {
         self.partition_metrics.recovering(true);
         let recovered =
             recover(&*self.processor, &target, &reader, &self.metrics).map(|r| r.map(Live::from));
+        destroy_in_background(reader);
         self.partition_metrics.recovering(false);
         if let Ok(Some(live)) = &recovered {
             self.partition_metrics.committed_position(live.next_offset);
@@ -830,8 +831,9 @@ impl<P: Processor> PartitionWorker<P> {
             tpl.add_partition(topic, self.partition);
         }
         let committed =
-            rdkafka::consumer::Consumer::committed_offsets(&consumer, tpl, READ_STALL_TIMEOUT)
-                .map_err(|source| Error::kafka(context(), source))?;
+            rdkafka::consumer::Consumer::committed_offsets(&consumer, tpl, READ_STALL_TIMEOUT);
+        destroy_in_background(consumer);
+        let committed = committed.map_err(|source| Error::kafka(context(), source))?;
         Ok(self.inputs.iter().find_map(|topic| {
             committed
                 .find_partition(topic, self.partition)

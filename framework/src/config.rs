@@ -1201,9 +1201,10 @@ impl AppConfig {
 /// prefetched 1 MB fetches pass it, and every partition decided meanwhile waited a whole
 /// second, although the consumer thread drains the queue in a fraction of that. Measured on
 /// 1M records over 8 partitions: each partition got ~8 000 records and then none for
-/// ~800 ms, over and over, with both cores three-quarters idle; at 20 ms the same run took
-/// 3.6–6.0 s instead of 5.4–9.2 s. The framework's own backpressure (held records, then
-/// pause) bounds memory, so a short backoff only costs a cheap re-check.
+/// ~800 ms, over and over, with both cores three-quarters idle; at 20 ms the bench's run at
+/// the default settings took 3.2–6.0 s in six runs instead of 5.4–8.4 s in six. The
+/// framework's own backpressure (held records, then pause) bounds memory, so a short backoff
+/// only costs a cheap re-check.
 const FETCH_QUEUE_BACKOFF_MS: &str = "20";
 
 /// The transactional producers' `linger.ms` (librdkafka's default: 5 ms).

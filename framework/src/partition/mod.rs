@@ -33,6 +33,7 @@ use crate::processor::{panic_message, Output, OutputRecord, Processor, RawRecord
 use crate::proto::{FullSnapshotRef, IncrementalSnapshot, WallClockTick};
 use crate::recovery::{recover, Recovered, RecoveryCost, RecoveryTarget, READ_STALL_TIMEOUT};
 use crate::security::authorization_code;
+use crate::snapshot::connect::connect_to_a_named_broker;
 use crate::snapshot::fingerprint::Cadence;
 use crate::snapshot::store::{
     destroy_in_background, flush_promptly, send_blocking, write_incremental, PartitionReader,
@@ -640,6 +641,7 @@ impl<P: Processor> PartitionWorker<P> {
                     source,
                 ))
             })?;
+        connect_to_a_named_broker(producer.client(), &self.topic);
         let mut attempt = 0;
         loop {
             // Fencing first, then reading state.
@@ -761,6 +763,7 @@ impl<P: Processor> PartitionWorker<P> {
         // is committed to it.
         reader_config.set("group.id", format!("{}.recovery", self.config.app_id));
         let reader = PartitionReader::new(reader_config, READ_STALL_TIMEOUT)?;
+        reader.connect(&self.snapshot_topic);
         let committed_offset = || self.group_committed_offset();
         let target = RecoveryTarget {
             input_topic: &self.topic,

@@ -8,8 +8,11 @@
 //!   digest of output records.
 //! - `store` (the runtime's): reading and writing those records on Kafka.
 //! - `trim` (the runtime's): deleting what lies below a committed full snapshot.
+//! - `connect`, `wakeup`: the Kafka clients' plumbing (a first connection, waiting for delivery
+//!   reports).
 
 pub(crate) mod codec;
+pub(crate) mod connect;
 pub(crate) mod fingerprint;
 pub(crate) mod store;
 pub(crate) mod trim;

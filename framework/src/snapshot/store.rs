@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::metrics::PartitionMetrics;
 use crate::progress::Progress;
 use crate::proto::{snapshot_record, FullSnapshotChunk, FullSnapshotRef, IncrementalSnapshot};
+use crate::snapshot::connect::connect_to_a_named_broker;
 use crate::snapshot::wakeup::DeliveryWakeup;
 use crate::snapshot::{
     assemble_chunks, chunk_record, decode_record, encode_record, incremental_record, SnapshotError,
@@ -94,6 +95,22 @@ impl PartitionReader {
             bounds_client,
             stall_timeout,
         })
+    }
+
+    /// Brings both clients' first broker connections up (side by side), so that the first
+    /// read does not lose librdkafka's connection race (see [`connect_to_a_named_broker`]).
+    pub(crate) fn connect(&self, topic: &str) {
+        std::thread::scope(|scope| {
+            let twin = std::thread::Builder::new()
+                .name("exactly-connect".into())
+                .spawn_scoped(scope, || {
+                    connect_to_a_named_broker(self.bounds_client.client(), topic)
+                });
+            connect_to_a_named_broker(self.consumer.client(), topic);
+            if twin.is_err() {
+                connect_to_a_named_broker(self.bounds_client.client(), topic);
+            }
+        });
     }
 
     /// (log start offset, high watermark) of a partition. The high watermark may exceed the

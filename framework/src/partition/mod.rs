@@ -1008,6 +1008,8 @@ impl<P: Processor> PartitionWorker<P> {
 
     /// Takes `first` and then, without waiting, what else the consumer has forwarded, up to
     /// [`RECEIVE_BURST`] records and the transaction's record limit; returns how many it took.
+    /// A co-partitioned unit takes one record at a time, as its records wait in
+    /// [`Interleave`] before they are processed (and counted against the limit).
     ///
     /// The loop's housekeeping (its clock reads, deadlines and checks) then runs once per
     /// burst: per record it cost more than the channel itself (profiled: reading the clock
@@ -1029,7 +1031,8 @@ impl<P: Processor> PartitionWorker<P> {
                 .fetch_sub(forwarded.size(), Ordering::AcqRel);
             self.take_record(producer, live, forwarded, open, out)?;
             taken += 1;
-            if taken < RECEIVE_BURST && live.batch_records < max_batch {
+            if taken < RECEIVE_BURST && live.batch_records < max_batch && live.interleave.is_none()
+            {
                 next = self.records.try_recv().ok();
             }
         }

@@ -644,7 +644,10 @@ impl<P: Processor> PartitionWorker<P> {
                     source,
                 ))
             })?;
-        connect_to_a_named_broker(producer.client(), &self.topic);
+        // The snapshot topic, which this producer writes anyway: a producer's metadata request
+        // may create a missing topic (librdkafka's producer default), and the input is the
+        // user's.
+        connect_to_a_named_broker(producer.client(), &self.snapshot_topic);
         let mut attempt = 0;
         loop {
             // Fencing first, then reading state.

@@ -352,7 +352,7 @@ struct Shared<P: Processor> {
     /// How long a fenced partition that is still assigned stays without a worker (see
     /// [`Registry::dormant`]): a session timeout plus a margin.
     readopt_after: Duration,
-    topics: HashMap<String, Arc<str>>,
+    topics: Vec<Arc<str>>,
     /// The consumer's current group metadata (generation / member epoch), which every
     /// worker sends with its offsets: a stale one is rejected by the broker.
     group_metadata: Arc<GroupMetadataCell>,
@@ -501,9 +501,12 @@ impl<P: Processor> RebalanceContext<P> {
 }
 
 impl<P: Processor> Shared<P> {
+    /// The shared name of input `topic`, looked up for every polled record: an app has a few
+    /// inputs, and comparing their names costs less than hashing one (profiled).
     fn topic_arc(&self, topic: &str) -> Arc<str> {
         self.topics
-            .get(topic)
+            .iter()
+            .find(|known| ***known == *topic)
             .cloned()
             .unwrap_or_else(|| Arc::from(topic))
     }
@@ -690,7 +693,7 @@ impl<P: Processor> ConsumerLoop<P> {
             .config
             .input_topics
             .iter()
-            .map(|t| (t.clone(), Arc::<str>::from(t.as_str())))
+            .map(|t| Arc::<str>::from(t.as_str()))
             .collect();
         let watched = Arc::new(Watched::default());
         if !self.config.stuck_input_after.is_zero() {

@@ -201,9 +201,12 @@ impl Metrics {
 
     /// A partition has `bytes` of input buffered for its worker now.
     pub(crate) fn buffered_bytes(&self, bytes: usize) {
-        self.inner
-            .max_buffered_bytes
-            .fetch_max(u64::try_from(bytes).unwrap_or(u64::MAX), Ordering::Relaxed);
+        let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        let max = &self.inner.max_buffered_bytes;
+        // Called for every polled record: a read, and a locked update only for a new maximum.
+        if bytes > max.load(Ordering::Relaxed) {
+            max.fetch_max(bytes, Ordering::Relaxed);
+        }
     }
 
     /// `n` input records were processed live.

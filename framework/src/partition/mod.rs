@@ -1055,10 +1055,12 @@ impl<P: Processor> PartitionWorker<P> {
         open: &mut Option<Instant>,
         out: &mut Output,
     ) -> Result<(), LiveExit> {
+        // The consumer forwards the unit's own names: the pointers match (names only if not).
+        let topic = &forwarded.record.topic;
         let Some(input) = self
             .inputs
             .iter()
-            .position(|t| *t == forwarded.record.topic)
+            .position(|t| Arc::ptr_eq(t, topic) || t == topic)
         else {
             return Ok(());
         };
@@ -1160,15 +1162,20 @@ impl<P: Processor> PartitionWorker<P> {
     }
 
     fn send_output(&self, producer: &TxnProducer, record: &OutputRecord) -> Result<(), LiveExit> {
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-        for (name, value) in &record.headers {
-            headers = headers.insert(Header {
-                key: name,
-                value: Some(value),
-            });
-        }
         let mut base: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(&record.topic, 0).headers(headers);
+            BaseRecord::with_opaque_to(&record.topic, 0);
+        // No header list for a record without headers: librdkafka would allocate it, and free
+        // it with the record.
+        if !record.headers.is_empty() {
+            let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+            for (name, value) in &record.headers {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value),
+                });
+            }
+            base = base.headers(headers);
+        }
         if let Some(key) = &record.key {
             base = base.key(key.as_slice());
         }

@@ -45,6 +45,11 @@ impl FetchPosition {
         FetchPosition { next: offset }
     }
 
+    /// The offset of the next record to hand over.
+    pub(crate) fn next(&self) -> i64 {
+        self.next
+    }
+
     /// Checks the record at `offset` and advances past it when it is handed over.
     /// `log_start` is asked only after a gap.
     pub(crate) fn check(

@@ -1081,7 +1081,6 @@ impl AppConfig {
     /// consumer); without it, a group-less consumer for reading snapshot partitions by
     /// assignment.
     pub(crate) fn consumer_config(&self, group: bool) -> ClientConfig {
-        let mut c = ClientConfig::new();
         // Distinct client ids tell the group consumer from snapshot readers in broker logs
         // and quotas.
         let client_id = if group {
@@ -1089,9 +1088,8 @@ impl AppConfig {
         } else {
             format!("exactly-{}-reader", self.app_id)
         };
-        c.set("bootstrap.servers", &self.bootstrap_servers)
-            .set("client.id", client_id)
-            .set("isolation.level", "read_committed")
+        let mut c = self.client(&client_id);
+        c.set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
@@ -1166,10 +1164,8 @@ impl AppConfig {
 
     /// Configuration of the transactional producer `transactional_id`.
     pub(crate) fn producer_config(&self, transactional_id: &str) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.bootstrap_servers)
-            .set("client.id", transactional_id)
-            .set("enable.idempotence", "true")
+        let mut c = self.client(transactional_id);
+        c.set("enable.idempotence", "true")
             .set("acks", "all")
             .set(
                 "transaction.timeout.ms",
@@ -1186,10 +1182,17 @@ impl AppConfig {
 
     /// Configuration of the admin client (snapshot topic creation).
     pub(crate) fn admin_config(&self) -> ClientConfig {
+        let mut c = self.client(&format!("exactly-{}-admin", self.app_id));
+        apply(&mut c, &self.kafka);
+        c
+    }
+
+    /// What every client of the app starts from (the passthrough properties come after).
+    fn client(&self, client_id: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap_servers)
-            .set("client.id", format!("exactly-{}-admin", self.app_id));
-        apply(&mut c, &self.kafka);
+            .set("client.id", client_id)
+            .set("reconnect.backoff.ms", RECONNECT_BACKOFF_MS);
         c
     }
 }
@@ -1207,6 +1210,18 @@ impl AppConfig {
 /// framework's own backpressure (held records, then pause) bounds memory, so a short backoff
 /// only costs a cheap re-check.
 const FETCH_QUEUE_BACKOFF_MS: &str = "20";
+
+/// Every client's `reconnect.backoff.ms` (librdkafka's default: 100 ms).
+///
+/// Besides the first wait before a reconnect (which then doubles up to
+/// `reconnect.backoff.max.ms`), librdkafka derives from it how soon a client may open a
+/// connection to a broker it has not talked to yet: half of it, at least 11 ms. A new client
+/// drops its bootstrap connection once the cluster names its brokers and reconnects to a named
+/// one only then, so every new client paid ~50 ms before its first request: a metadata
+/// request took 55 ms (16 ms at 20), and an app's start pays it several times in a row
+/// (topic checks, each partition's producer and recovery readers). 20 ms gives the 11 ms
+/// floor.
+const RECONNECT_BACKOFF_MS: &str = "20";
 
 /// How long the broker may hold the group consumer's fetch while it has no new records
 /// (librdkafka's default: 500 ms).
@@ -1595,6 +1610,22 @@ mod tests {
             Some(FETCH_WAIT_MAX_MS)
         );
         assert_eq!(c.consumer_config(false).get("fetch.wait.max.ms"), None);
+        for client in [
+            c.consumer_config(true),
+            c.consumer_config(false),
+            c.producer_config("x"),
+            c.admin_config(),
+        ] {
+            assert_eq!(
+                client.get("reconnect.backoff.ms"),
+                Some(RECONNECT_BACKOFF_MS)
+            );
+        }
+        let slower = base().kafka("reconnect.backoff.ms", "100");
+        assert_eq!(
+            slower.producer_config("x").get("reconnect.backoff.ms"),
+            Some("100")
+        );
         assert_eq!(c.producer_config("x").get("linger.ms"), Some("0"));
         let c = base()
             .consumer_kafka("fetch.wait.max.ms", "500")

@@ -16,6 +16,7 @@ use rdkafka::ClientConfig;
 use crate::config::AppConfig;
 use crate::error::Error;
 use crate::security::ProblemWatch;
+use crate::snapshot::store::destroy_in_background;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a freshly created snapshot topic may take to show up in the metadata.
@@ -168,7 +169,21 @@ async fn prepare_topics_once(config: &AppConfig) -> Result<(), Error> {
         .admin_config()
         .create()
         .map_err(|source| Error::kafka("creating the admin client", source))?;
-    check_snapshot_topic_configs(config, &admin, &to_check).await?;
+    let outcome = check_and_create(config, &admin, &to_check, &to_create).await;
+    // Dropping an admin client waits for its polling thread's next 100 ms poll to end.
+    destroy_in_background(admin);
+    outcome
+}
+
+/// Checks the existing snapshot topics' settings and creates the missing ones, until they are
+/// visible with the right partition counts.
+async fn check_and_create(
+    config: &AppConfig,
+    admin: &AdminClient<DefaultClientContext>,
+    to_check: &[String],
+    to_create: &[(String, usize, usize)],
+) -> Result<(), Error> {
+    check_snapshot_topic_configs(config, admin, to_check).await?;
     if to_create.is_empty() {
         return Ok(());
     }
@@ -213,7 +228,7 @@ async fn prepare_topics_once(config: &AppConfig) -> Result<(), Error> {
     loop {
         let metadata = fetch_metadata(config).await?;
         let mut all_ready = true;
-        for (name, partitions, _) in &to_create {
+        for (name, partitions, _) in to_create {
             match describe(&metadata, name) {
                 Some((actual, _)) if actual == *partitions => {}
                 Some((actual, _)) => {

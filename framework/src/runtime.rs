@@ -738,7 +738,7 @@ impl<P: Processor> ConsumerLoop<P> {
         let mut rejoined: Option<Instant> = None;
         let mut instance_id_wait = InstanceIdWait::default();
         while !self.stop.load(Ordering::Acquire) {
-            {
+            let recovering = {
                 let registry = shared.lock();
                 if registry.failure.is_some() {
                     break;
@@ -746,7 +746,11 @@ impl<P: Processor> ConsumerLoop<P> {
                 if !registry.slots.is_empty() {
                     instance_id_wait.joined();
                 }
-            }
+                registry
+                    .slots
+                    .values()
+                    .any(|slot| slot.live_epoch.is_none())
+            };
             if instance_id_wait.must_rejoin {
                 // librdkafka made the consumer unusable (the error is fatal to it): a new one.
                 close_consumer(consumer);
@@ -772,9 +776,10 @@ impl<P: Processor> ConsumerLoop<P> {
             pending_seeks.retain(|request| !serve_request(&consumer, &shared, request));
             let holding = service_slots(&consumer, &shared);
             readopt_fenced(&consumer, &shared);
+            // A worker that is recovering soon asks for its seek, which waits for this poll.
             let timeout = if holding {
                 HOLDING_POLL
-            } else if pending_seeks.is_empty() {
+            } else if pending_seeks.is_empty() && !recovering {
                 Duration::from_millis(100)
             } else {
                 Duration::from_millis(10)

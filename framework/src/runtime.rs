@@ -45,6 +45,7 @@ use crate::partition::{
 use crate::processor::Processor;
 use crate::recovery::raw_record;
 use crate::snapshot::fingerprint::Cadence;
+use crate::snapshot::store::destroy_in_background;
 use crate::snapshot::trim::Trimmer;
 use crate::stuck::{self, Watched};
 
@@ -341,6 +342,9 @@ struct Registry {
     dormant: HashMap<PartitionKey, Instant>,
     /// First fatal partition error.
     failure: Option<Error>,
+    /// Since when librdkafka's report of a fetch position out of range awaits
+    /// [`check_positions_in_range`] (see [`check_reported_ranges`]).
+    range_check: Option<Instant>,
 }
 
 struct Shared<P: Processor> {
@@ -717,6 +721,7 @@ impl<P: Processor> ConsumerLoop<P> {
                 slots: HashMap::new(),
                 dormant: HashMap::new(),
                 failure: None,
+                range_check: None,
             }),
             topics,
             group_metadata: Arc::new(GroupMetadataCell::default()),
@@ -775,6 +780,7 @@ impl<P: Processor> ConsumerLoop<P> {
             pending_seeks.extend(requests_rx.try_iter());
             pending_seeks.retain(|request| !serve_request(&consumer, &shared, request));
             let holding = service_slots(&consumer, &shared);
+            check_reported_ranges(&consumer, &shared);
             readopt_fenced(&consumer, &shared);
             // A worker that is recovering soon asks for its seek, which waits for this poll.
             let timeout = if holding {
@@ -796,7 +802,7 @@ impl<P: Processor> ConsumerLoop<P> {
                     }
                     Some(Err(error)) => {
                         if !instance_id_wait.waits_for(&error, &shared.config) {
-                            handle_consumer_error(&consumer, &shared, error);
+                            handle_consumer_error(&shared, error);
                         }
                         break;
                     }
@@ -1183,18 +1189,16 @@ fn publish_input_ends<P: Processor>(
 }
 
 /// What an error from the group consumer means: most are passing (the client retries); an
-/// offset reset means input this app has not processed is gone (or the log was replaced);
+/// offset reset may mean input this app has not processed is gone (or the log was replaced),
+/// which [`check_reported_ranges`] finds out next;
 /// authorization failures, a fenced static member and fatal errors stop the app.
-fn handle_consumer_error<P: Processor>(
-    consumer: &BaseConsumer<RebalanceContext<P>>,
-    shared: &Shared<P>,
-    error: KafkaError,
-) {
+fn handle_consumer_error<P: Processor>(shared: &Shared<P>, error: KafkaError) {
     let code = error.rdkafka_error_code();
     let fatal = matches!(error, KafkaError::MessageConsumptionFatal(_));
     let fix = match code {
         Some(RDKafkaErrorCode::AutoOffsetReset) => {
-            check_positions_in_range(consumer, shared);
+            let mut registry = shared.lock();
+            registry.range_check.get_or_insert_with(Instant::now);
             return;
         }
         Some(RDKafkaErrorCode::FencedInstanceId | RDKafkaErrorCode::UnreleasedInstanceId) => {
@@ -1225,40 +1229,103 @@ fn handle_consumer_error<P: Processor>(
     });
 }
 
-/// After librdkafka found a fetch position out of range (`auto.offset.reset=error`), finds the
-/// live partitions whose position is outside their log and fails them: below the log start,
-/// unprocessed input was deleted; above the end, the log was replaced. A partition still
-/// recovering has no position yet (its worker seeks): librdkafka's complaint about it is
-/// harmless and ignored.
-fn check_positions_in_range<P: Processor>(
+/// How long the log bounds may stay unreadable after librdkafka reported a fetch position out
+/// of range before the app stops: the partition fetches nothing until then.
+const RANGE_CHECK_BUDGET: Duration = Duration::from_secs(60);
+
+/// Runs [`check_positions_in_range`] after librdkafka reported a fetch position out of range
+/// (`auto.offset.reset=error`), and again on later rounds while log bounds could not be read:
+/// librdkafka stops fetching such a partition and reports it once, so a check that failed is
+/// retried, and past [`RANGE_CHECK_BUDGET`] it stops the app rather than leave the partition
+/// silently still.
+fn check_reported_ranges<P: Processor>(
     consumer: &BaseConsumer<RebalanceContext<P>>,
     shared: &Shared<P>,
 ) {
-    let live: Vec<PartitionKey> = shared
+    let Some(since) = shared.lock().range_check.take() else {
+        return;
+    };
+    let Err(unread) = check_positions_in_range(consumer, shared) else {
+        return;
+    };
+    let mut registry = shared.lock();
+    if since.elapsed() < RANGE_CHECK_BUDGET {
+        registry.range_check.get_or_insert(since);
+        return;
+    }
+    let UnreadBounds {
+        topic,
+        partition,
+        position,
+        source,
+    } = unread;
+    registry.failure.get_or_insert(Error::kafka(
+        format!(
+            "the broker reported the fetch position {position} of {topic}/{partition} out of range, and its log bounds could not be read for {}s to tell deleted input from a replaced log",
+            RANGE_CHECK_BUDGET.as_secs()
+        ),
+        source,
+    ));
+}
+
+/// A live partition whose log bounds could not be read.
+struct UnreadBounds {
+    topic: Arc<str>,
+    partition: i32,
+    position: i64,
+    source: KafkaError,
+}
+
+/// Finds the live partitions whose position is outside their log and fails them: below the
+/// log start, unprocessed input was deleted; above the end, the log was replaced. A partition
+/// still recovering has no position yet (its worker seeks): librdkafka's complaint about it is
+/// harmless and ignored. Err: a partition whose bounds could not be read (the others were
+/// checked).
+///
+/// The position is the record the partition needs next as the consumer thread tracks it:
+/// librdkafka forgets its own at every seek until a record arrives, and a partition sought to
+/// deleted input never gets one. The bounds are read by a group-less client of their own: the
+/// group consumer's requests may wait behind the lookup that went wrong.
+fn check_positions_in_range<P: Processor>(
+    consumer: &BaseConsumer<RebalanceContext<P>>,
+    shared: &Shared<P>,
+) -> Result<(), UnreadBounds> {
+    let live: Vec<(PartitionKey, Option<i64>)> = shared
         .lock()
         .slots
         .iter()
         .filter(|(_, slot)| slot.live_epoch.is_some())
-        .map(|(key, _)| key.clone())
+        .map(|(key, slot)| (key.clone(), slot.fetch_position.map(|p| p.next())))
         .collect();
-    let Ok(positions) = consumer.position() else {
-        return;
-    };
-    for (topic, partition) in live {
-        let Some(Offset::Offset(position)) = positions
-            .find_partition(&topic, partition)
-            .map(|e| e.offset())
-        else {
+    let librdkafka_positions = consumer.position().ok();
+    let reader: Result<BaseConsumer, KafkaError> = shared.config.consumer_config(false).create();
+    let mut unread = None;
+    for ((topic, partition), tracked) in live {
+        let reported = || match librdkafka_positions
+            .as_ref()?
+            .find_partition(&topic, partition)?
+            .offset()
+        {
+            Offset::Offset(offset) => Some(offset),
+            _ => None,
+        };
+        let Some(position) = tracked.or_else(reported) else {
             continue;
         };
-        let (low, high) = match consumer.fetch_watermarks(
-            &topic,
-            partition,
-            Duration::from_secs(10),
-        ) {
+        let bounds = reader
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|reader| reader.fetch_watermarks(&topic, partition, Duration::from_secs(10)));
+        let (low, high) = match bounds {
             Ok(bounds) => bounds,
-            Err(error) => {
-                tracing::warn!(topic = %topic, partition, error = %error, "cannot read the log bounds after an offset-out-of-range report");
+            Err(source) => {
+                tracing::warn!(topic = %topic, partition, error = %source, "cannot read the log bounds after an offset-out-of-range report; retrying");
+                unread = Some(UnreadBounds {
+                    topic,
+                    partition,
+                    position,
+                    source,
+                });
                 continue;
             }
         };
@@ -1283,6 +1350,10 @@ fn check_positions_in_range<P: Processor>(
         let _ = consumer.pause(&single(&topic, partition));
         shared.lock().failure.get_or_insert(failure);
     }
+    if let Ok(reader) = reader {
+        destroy_in_background(reader);
+    }
+    unread.map_or(Ok(()), Err)
 }
 
 fn forward<P: Processor>(

@@ -14,6 +14,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use exactly_examples::bench::{self, footprint, scale, BenchOptions};
 use exactly_tests::cluster::{unique_name, TestCluster};
+use exactly_tests::kafka::{ClusterOptions, Jvm};
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks exactly against a raw pipe and Quix Streams, side by side")]
@@ -195,7 +196,12 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         Some(brokers) => brokers.clone(),
         None => {
             say("starting the local Apache Kafka");
-            let cluster = TestCluster::start()
+            // As Kafka's start script runs a broker, not with the tests' small serial-GC heap.
+            let options = ClusterOptions {
+                jvm: Jvm::KafkaDefaults,
+                ..ClusterOptions::default()
+            };
+            let cluster = TestCluster::start_owned(options)
                 .await
                 .context("starting the local Apache Kafka")?;
             // Straight to the broker: the fault-injecting proxy is for tests, not measurements.

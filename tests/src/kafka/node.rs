@@ -11,7 +11,7 @@ use nix::unistd::Pid;
 
 use super::install::Installation;
 use super::security::{Pki, SecuredPorts};
-use super::ClusterOptions;
+use super::{ClusterOptions, Jvm};
 use crate::error::HarnessError;
 
 /// How long [`KafkaNode::stop`] waits for a controlled shutdown before it sends SIGKILL.
@@ -120,6 +120,7 @@ impl KafkaNode {
         &mut self,
         installation: &Installation,
         heap: &str,
+        jvm: Jvm,
     ) -> Result<(), HarnessError> {
         if self.is_running() {
             return Ok(());
@@ -136,7 +137,7 @@ impl KafkaNode {
             .map_err(|e| HarnessError::io(format!("cloning {}", log_path.display()), e))?;
         let mut command = Command::new(&installation.java);
         command
-            .args(jvm_options(heap))
+            .args(jvm_options(heap, jvm))
             .arg(format!(
                 "-Dlog4j2.configurationFile={}",
                 installation.log4j_config.display()
@@ -218,16 +219,32 @@ impl Drop for KafkaNode {
     }
 }
 
-/// JVM flags sized for 2-core test machines: a small heap, the serial collector (no GC
-/// threads competing with the tests), and a fast exit on OOM instead of a hanging broker.
-fn jvm_options(heap: &str) -> Vec<String> {
-    vec![
-        format!("-Xmx{heap}"),
-        "-Xms128m".into(),
-        "-XX:+UseSerialGC".into(),
+/// JVM flags of a node (see [`Jvm`]); either way a fast exit on OOM instead of a hanging
+/// broker.
+fn jvm_options(heap: &str, jvm: Jvm) -> Vec<String> {
+    let mut options: Vec<String> = match jvm {
+        Jvm::Test => vec![
+            format!("-Xmx{heap}"),
+            "-Xms128m".into(),
+            "-XX:+UseSerialGC".into(),
+        ],
+        // kafka-server-start.sh's KAFKA_HEAP_OPTS and kafka-run-class.sh's
+        // KAFKA_JVM_PERFORMANCE_OPTS (4.x).
+        Jvm::KafkaDefaults => vec![
+            "-Xmx1G".into(),
+            "-Xms1G".into(),
+            "-server".into(),
+            "-XX:+UseG1GC".into(),
+            "-XX:MaxGCPauseMillis=20".into(),
+            "-XX:InitiatingHeapOccupancyPercent=35".into(),
+            "-XX:+ExplicitGCInvokesConcurrent".into(),
+        ],
+    };
+    options.extend([
         "-XX:+ExitOnOutOfMemoryError".into(),
         "-Djava.awt.headless=true".into(),
-    ]
+    ]);
+    options
 }
 
 /// `server.properties` of one combined broker+controller node.

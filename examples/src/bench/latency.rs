@@ -50,6 +50,18 @@ pub struct LatencyRun {
     /// The seconds of the run (by when their commands were sent) whose slowest summary took
     /// longer than [`SLOW_SECOND`]: whether the tail is spread over the run or one stall.
     pub slow_seconds: Vec<SlowSecond>,
+    /// The unmeasured pass of the same chain that ran before this one, if any.
+    pub warm_up: Option<WarmUp>,
+}
+
+/// What the unmeasured warm-up pass of the latency case saw (a broker whose JIT is cold for
+/// this load): reported, never counted.
+#[derive(Debug, Clone, Copy)]
+pub struct WarmUp {
+    /// Median latency of the warm-up pass.
+    pub p50: Duration,
+    /// Its 99th percentile.
+    pub p99: Duration,
 }
 
 /// A second of the latency run with a slow summary.
@@ -84,6 +96,14 @@ impl LatencyRun {
     pub fn hop_table(&self) -> String {
         use std::fmt::Write;
         let mut t = String::new();
+        if let Some(warm_up) = self.warm_up {
+            let _ = writeln!(
+                t,
+                "  warm-up pass before it (not counted; same chain, rate and length, own topics): p50 {} ms, p99 {} ms",
+                warm_up.p50.as_millis(),
+                warm_up.p99.as_millis()
+            );
+        }
         for hop in &self.hops {
             let _ = writeln!(
                 t,
@@ -279,6 +299,7 @@ pub async fn measure_chain_latency(
         max: quantile(&summaries, 1.0),
         second_half_p99: (!second_half.is_empty()).then(|| quantile(&second_half, 0.99)),
         slow_seconds: slow_seconds(&last),
+        warm_up: None,
         hops: hop_latencies,
         services,
     })

@@ -358,6 +358,7 @@ mod tests {
                 services: Vec::new(),
                 second_half_p99: None,
                 slow_seconds: Vec::new(),
+                warm_up: None,
             },
             latency_rate: 1_000,
             scale: ScaleResults {

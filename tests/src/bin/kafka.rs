@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use exactly_tests::kafka::{ClusterOptions, KafkaCluster, KAFKA_VERSION};
+use exactly_tests::kafka::{ClusterOptions, Jvm, KafkaCluster, KAFKA_VERSION};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
@@ -32,6 +32,10 @@ struct Cli {
     /// Nodes: 1, or 3 (replication factor 3, min.insync.replicas 2).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3))]
     nodes: u32,
+    /// Run the nodes with Kafka's own start-script JVM settings (1 GiB heap, G1), as the
+    /// benchmark does, instead of the tests' small serial-GC heap.
+    #[arg(long)]
+    kafka_jvm: bool,
 }
 
 fn parse_topic(text: &str) -> Result<(String, i32), String> {
@@ -70,6 +74,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ClusterOptions::default()
     };
     options.nodes = cli.nodes;
+    if cli.kafka_jvm {
+        options.jvm = Jvm::KafkaDefaults;
+    }
     if let Some(port) = cli.port {
         options.broker_ports = (0..cli.nodes as u16).map(|i| port + i).collect();
     }

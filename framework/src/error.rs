@@ -265,6 +265,18 @@ pub enum Error {
         /// The partition's high watermark.
         log_end_offset: i64,
     },
+    /// A recovery's reads of the snapshot partition no longer hold: another instance wrote to
+    /// it meanwhile (this one was paused past its session timeout and lost the partition) or
+    /// trimmed what it was reading. Retried: the next attempt reads the partition afresh.
+    #[error("snapshot partition {topic}/{partition} changed while this instance recovered from it ({what}); another instance has probably taken the partition over: recovery starts over")]
+    SnapshotChangedDuringRecovery {
+        /// The snapshot topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// What changed.
+        what: String,
+    },
     /// The group has committed offsets for a partition whose snapshot topic holds nothing:
     /// starting from an empty state would reprocess input whose outputs already went out.
     #[error("group {group} has committed offset {committed_offset} for {topic}/{partition}, but snapshot partition {snapshot_topic}/{partition} holds no snapshot record: the app's state is missing (snapshot topic deleted or recreated?); starting from scratch would reprocess input and duplicate outputs downstream. To start over deliberately, delete the group's offsets (kafka-consumer-groups.sh --delete-offsets --group {group} --topic {topic}) and the snapshot topic; to keep state, restore the snapshot topic")]
@@ -355,7 +367,12 @@ impl Error {
     /// error), as opposed to what the data or the processor decide (non-determinism, a
     /// retention gap, a corrupt snapshot, a bad record): those would fail the same way again.
     pub(crate) fn is_transient(&self) -> bool {
-        matches!(self, Error::Kafka { .. } | Error::ReadStalled { .. })
+        matches!(
+            self,
+            Error::Kafka { .. }
+                | Error::ReadStalled { .. }
+                | Error::SnapshotChangedDuringRecovery { .. }
+        )
     }
 
     /// A failed Kafka call; an authorization failure becomes [`Error::NotAuthorized`] (not

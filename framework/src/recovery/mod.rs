@@ -33,7 +33,9 @@ use crate::processor::{
 };
 use crate::progress::Progress;
 use crate::proto::{FullSnapshotRef, IncrementalSnapshot, WallClockTick};
-use crate::snapshot::store::{find_latest_incremental, load_full_snapshot, Flow, PartitionReader};
+use crate::snapshot::store::{
+    find_latest_incremental, load_full_snapshot, Flow, LatestIncremental, PartitionReader,
+};
 use crate::snapshot::{fingerprint, OutputDigest};
 use crate::state::{decode_image, Committed, LocalState, StoreSet};
 use crate::step::{process_step, tick_step, Position, StepError};
@@ -142,7 +144,30 @@ pub(crate) fn recover<P: Processor>(
         metrics.fresh_start();
         return Ok(Some(recovered));
     };
+    let latest_offset = latest.offset;
+    recover_from_latest(processor, target, reader, metrics, latest, started)
+        .map_err(|error| changed_during_recovery(target, reader, latest_offset, error))
+}
+
+/// Steps 2 to 6 from the latest incremental record.
+fn recover_from_latest<P: Processor>(
+    processor: &P,
+    target: &RecoveryTarget<'_>,
+    reader: &PartitionReader,
+    metrics: &Metrics,
+    latest: LatestIncremental,
+    started: Instant,
+) -> Result<Option<Recovered<P::State>>, Error> {
     let inc = latest.record;
+    tracing::debug!(
+        topic = %target.input_topic,
+        partition = target.partition,
+        record_offset = latest.offset,
+        transaction_seq = inc.transaction_seq,
+        next_offset = inc.next_input_offset,
+        base_first_chunk = inc.base.as_ref().map(|b| b.first_chunk_offset),
+        "latest incremental snapshot record found"
+    );
     check_record_names_partition(target, latest.offset, &inc)?;
     check_inputs(target, &inc)?;
     // A co-partitioned unit's local position holds only its first input's offset: it
@@ -163,6 +188,37 @@ pub(crate) fn recover<P: Processor>(
     }
     let base = load_base(processor, target, reader, &inc, started)?;
     recover_from(processor, target, reader, metrics, &inc, base, started)
+}
+
+/// `error` of a recovery from the record at `latest_offset`; when it was a read below the
+/// snapshot partition's log start, and the partition's latest record is another one now,
+/// [`Error::SnapshotChangedDuringRecovery`] (retried) instead: a new owner (this instance was
+/// paused past its session timeout and lost the partition) wrote a full snapshot and trimmed
+/// the one this recovery was reading.
+fn changed_during_recovery(
+    target: &RecoveryTarget<'_>,
+    reader: &PartitionReader,
+    latest_offset: i64,
+    error: Error,
+) -> Error {
+    let below_log_start = matches!(
+        &error,
+        Error::OffsetOutOfRange { topic, .. } if topic == target.snapshot_topic
+    );
+    if !below_log_start {
+        return error;
+    }
+    match find_latest_incremental(reader, target.snapshot_topic, target.partition) {
+        Ok(Some(now)) if now.offset != latest_offset => Error::SnapshotChangedDuringRecovery {
+            topic: target.snapshot_topic.to_owned(),
+            partition: target.partition,
+            what: format!(
+                "its latest snapshot record was at offset {latest_offset}, now at {}, and what it pointed to was deleted",
+                now.offset
+            ),
+        },
+        _ => error,
+    }
 }
 
 /// Steps 3 to 6 from `base`.
@@ -279,6 +335,18 @@ fn fresh_start<S: Default>(
 ) -> Result<Recovered<S>, Error> {
     let (topic, partition) = (&**target.input_topic, target.partition);
     if let Some(committed_offset) = (target.committed_offset)()? {
+        // The snapshot partition was read before the group's offsets: an instance that took
+        // the partition over in between (this one paused past its session timeout) may have
+        // committed both since.
+        if find_latest_incremental(reader, target.snapshot_topic, partition)?.is_some() {
+            return Err(Error::SnapshotChangedDuringRecovery {
+                topic: target.snapshot_topic.to_owned(),
+                partition,
+                what: format!(
+                    "it held no snapshot record when read, and holds one now that the group has committed offset {committed_offset}"
+                ),
+            });
+        }
         return Err(Error::OffsetsWithoutSnapshots {
             group: target.group.to_owned(),
             topic: topic.to_owned(),

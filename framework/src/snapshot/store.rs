@@ -125,6 +125,46 @@ impl PartitionReader {
             .map(|(_, end)| end)
     }
 
+    /// Whether a read of `topic/partition` (from `from`) that got librdkafka's end-of-partition
+    /// event is at the partition's end.
+    ///
+    /// librdkafka signals the end when its fetch position reaches the end the *fetch response*
+    /// named. A leader elected a moment ago answers with its own high watermark, which can
+    /// trail the records its predecessor already served as committed: Kafka keeps ListOffsets
+    /// from going backwards across a leader change (KIP-207), not Fetch. Trusted, such an end
+    /// makes the latest snapshot record look older than it is, or missing (recovery would
+    /// then start from an older state, or refuse to start). So the consumer's position, which
+    /// moves past control records too, is compared with the last stable offset from
+    /// ListOffsets; below it, the read goes on (librdkafka signals the end again once it gets
+    /// there).
+    fn at_stable_end(&self, topic: &str, partition: i32, from: i64) -> Result<bool, Error> {
+        let position = self
+            .consumer
+            .position()
+            .ok()
+            .and_then(|positions| {
+                positions
+                    .find_partition(topic, partition)
+                    .and_then(|element| match element.offset() {
+                        Offset::Offset(offset) => Some(offset),
+                        _ => None,
+                    })
+            })
+            .unwrap_or(from);
+        let end = self.stable_end(topic, partition)?;
+        if position >= end {
+            return Ok(true);
+        }
+        tracing::debug!(
+            topic,
+            partition,
+            position,
+            last_stable_offset = end,
+            "end-of-partition event below the last stable offset (a new leader's lagging high watermark?); reading on"
+        );
+        Ok(false)
+    }
+
     fn watermarks_of(
         &self,
         client: &BaseConsumer<ReaderContext>,
@@ -266,7 +306,12 @@ impl PartitionReader {
                         return Ok(());
                     }
                 }
-                Some(Err(KafkaError::PartitionEOF(p))) if p == partition => return Ok(()),
+                Some(Err(KafkaError::PartitionEOF(p)))
+                    if p == partition && self.at_stable_end(topic, partition, from)? =>
+                {
+                    return Ok(());
+                }
+                // Another partition's, or below the last stable offset: read on.
                 Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
                     return Err(Error::OffsetOutOfRange {
@@ -314,6 +359,10 @@ pub(crate) fn destroy_in_background<T: Send + 'static>(client: T) {
         .spawn(move || drop(client));
 }
 
+/// How often [`find_latest_incremental`] reads the tail again after a trim moved the log start
+/// past it; each trim needs a full snapshot committed, so more in one find means something else.
+const MAX_TRIMS_DURING_FIND: u32 = 3;
+
 /// Finds the last committed incremental record on `snapshot_topic/partition`.
 ///
 /// Reads a tail window up to the end of the partition and keeps the last incremental record;
@@ -328,8 +377,9 @@ pub(crate) fn find_latest_incremental(
     // reading to the end of the partition, never by the watermarks alone: a broker answering
     // a stale or wrong high watermark must not make a partition with snapshots look empty
     // (that would restart it from the default state and reprocess its input).
-    let (low, high) = reader.bounds(snapshot_topic, partition)?;
+    let (mut low, high) = reader.bounds(snapshot_topic, partition)?;
     let high = high.max(low);
+    let mut trims_met = 0;
     // The last transaction ends with its incremental record and its commit marker, so a
     // small window usually holds it. Not a wide one: when that transaction wrote a full
     // snapshot, every chunk in the window is read too (measured: 0.6 s of a 2.3 s restore of
@@ -338,7 +388,7 @@ pub(crate) fn find_latest_incremental(
     loop {
         let start = (high - window).max(low);
         let mut latest: Option<LatestIncremental> = None;
-        reader.read(snapshot_topic, partition, start, |message| {
+        let read = reader.read(snapshot_topic, partition, start, |message| {
             if let Some(payload) = message.payload() {
                 let record = decode_record(payload).map_err(|source| Error::PartitionSnapshot {
                     topic: snapshot_topic.to_owned(),
@@ -354,7 +404,27 @@ pub(crate) fn find_latest_incremental(
                 }
             }
             Ok(Flow::Continue)
-        })?;
+        });
+        match read {
+            // A trim moved the log start past the window while it was read: this partition's
+            // own trim of a full snapshot that committed just before a failed transaction, run
+            // late by the trimming thread (the chaos suite met it after broker outages), or a
+            // new owner's. A trim never deletes the latest record: read the bounds again.
+            Err(Error::OffsetOutOfRange { .. }) if trims_met < MAX_TRIMS_DURING_FIND => {
+                trims_met += 1;
+                let (new_low, _) = reader.bounds(snapshot_topic, partition)?;
+                tracing::debug!(
+                    snapshot_topic,
+                    partition,
+                    start,
+                    log_start_offset = new_low,
+                    "the snapshot partition was trimmed while its tail was read; reading it again"
+                );
+                low = new_low;
+                continue;
+            }
+            read => read?,
+        }
         if latest.is_some() {
             return Ok(latest);
         }

@@ -134,9 +134,11 @@ impl PartitionReader {
     /// from going backwards across a leader change (KIP-207), not Fetch. Trusted, such an end
     /// makes the latest snapshot record look older than it is, or missing (recovery would
     /// then start from an older state, or refuse to start). So the consumer's position, which
-    /// moves past control records too, is compared with the last stable offset from
-    /// ListOffsets; below it, the read goes on (librdkafka signals the end again once it gets
-    /// there).
+    /// moves past control records too, is compared with the ends from ListOffsets; below the
+    /// last stable offset, the read goes on (librdkafka signals the end again once it gets
+    /// there). The high watermark is asked first, by the bounds client: the reader's own
+    /// connection is busy with the fetch the broker holds for `fetch.wait.max.ms` at the end of
+    /// a partition, and a ListOffsets behind it waited for that (20 ms more per recovery).
     fn at_stable_end(&self, topic: &str, partition: i32, from: i64) -> Result<bool, Error> {
         let position = self
             .consumer
@@ -151,6 +153,11 @@ impl PartitionReader {
                     })
             })
             .unwrap_or(from);
+        if position >= self.bounds(topic, partition)?.1 {
+            return Ok(true);
+        }
+        // Below the high watermark: an open transaction ends the committed part, or the end
+        // was stale.
         let end = self.stable_end(topic, partition)?;
         if position >= end {
             return Ok(true);

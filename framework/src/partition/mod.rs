@@ -418,7 +418,9 @@ impl<P: Processor> PartitionWorker<P> {
                 if self.stopping() {
                     return WorkerOutcome::Finished;
                 }
-                let recovered = match self.advance_snapshot_partition_end(&producer) {
+                let barrier = self.advance_snapshot_partition_end(&producer);
+                let producer_stuck = matches!(barrier, Err(BarrierError::Unfinished(_)));
+                let recovered = match barrier.map_err(BarrierError::into_kafka) {
                     Ok(()) => self.recover(),
                     Err(e)
                         if producer.context().take_refused_topic().is_some()
@@ -443,13 +445,22 @@ impl<P: Processor> PartitionWorker<P> {
                             backoff = (backoff * 2).min(Duration::from_secs(5));
                             continue 'producer;
                         }
-                        _ => Err(Error::kafka(
-                            format!(
-                                "writing an aborted barrier record to {}/{} before recovery",
-                                self.snapshot_topic, self.partition
-                            ),
-                            e,
-                        )),
+                        _ if producer_stuck => {
+                            // librdkafka refuses every other transactional call on this
+                            // producer until the unfinished one completes ("Conflicting
+                            // abort_transaction API call is already in progress"): a new
+                            // producer's init_transactions aborts what this one left open.
+                            let deadline = *recovery_retry_deadline
+                                .get_or_insert_with(|| Instant::now() + RECOVERY_RETRY_BUDGET);
+                            if Instant::now() >= deadline {
+                                return WorkerOutcome::Failed(self.barrier_error(e));
+                            }
+                            tracing::warn!(error = %e, retry_until_secs = deadline.saturating_duration_since(Instant::now()).as_secs(), "the barrier transaction before recovery could not be begun or aborted; recreating the producer");
+                            std::thread::sleep(backoff);
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            continue 'producer;
+                        }
+                        _ => Err(self.barrier_error(e)),
                     },
                 };
                 let live = match recovered {
@@ -802,9 +813,11 @@ impl<P: Processor> PartitionWorker<P> {
     /// see an old incremental record as the latest and recover stale state (duplicates
     /// downstream). One record, written and aborted (never visible to read_committed readers),
     /// moves the high watermark to the log end. This worker is the partition's only writer.
-    fn advance_snapshot_partition_end(&self, producer: &TxnProducer) -> Result<(), KafkaError> {
+    fn advance_snapshot_partition_end(&self, producer: &TxnProducer) -> Result<(), BarrierError> {
         producer.context().reset();
-        producer.begin_transaction()?;
+        producer
+            .begin_transaction()
+            .map_err(BarrierError::Unfinished)?;
         let headers = OwnedHeaders::new().insert(Header {
             key: "exactly.barrier",
             value: Some(&b""[..]),
@@ -815,8 +828,18 @@ impl<P: Processor> PartitionWorker<P> {
                 .headers(headers);
         let written = send_blocking(producer, record)
             .and_then(|()| flush_promptly(producer, self.txn_timeout()));
-        let aborted = abort(producer, self.txn_timeout());
-        written.and(aborted)
+        abort(producer, self.txn_timeout()).map_err(BarrierError::Unfinished)?;
+        written.map_err(BarrierError::Write)
+    }
+
+    fn barrier_error(&self, source: KafkaError) -> Error {
+        Error::kafka(
+            format!(
+                "writing an aborted barrier record to {}/{} before recovery",
+                self.snapshot_topic, self.partition
+            ),
+            source,
+        )
     }
 
     /// The offset the app's consumer group has committed for this partition of the unit's
@@ -1593,6 +1616,25 @@ fn send_offsets_bounded(
 /// How much longer than its own timeout a librdkafka call may take before the worker gives
 /// its producer up.
 const HUNG_CALL_MARGIN: Duration = Duration::from_secs(5);
+
+/// How the barrier transaction before a recovery failed.
+enum BarrierError {
+    /// Writing the record failed; the transaction was aborted and the producer can begin
+    /// another.
+    Write(KafkaError),
+    /// Beginning or aborting the transaction failed (an abort timed out behind a broker
+    /// outage, or an earlier call did and was never completed): the producer is left inside
+    /// an unfinished transactional call.
+    Unfinished(KafkaError),
+}
+
+impl BarrierError {
+    fn into_kafka(self) -> KafkaError {
+        match self {
+            BarrierError::Write(e) | BarrierError::Unfinished(e) => e,
+        }
+    }
+}
 
 /// Runs a transactional call, retrying it while librdkafka says it is retriable.
 fn retry(mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), LiveExit> {

@@ -217,6 +217,48 @@ async fn a_commit_stalled_past_the_timeout_recovers_at_once() {
     stop_cleanly(&mut service).await;
 }
 
+/// An abort that times out leaves librdkafka's producer inside that call: it refuses every
+/// other transactional call ("Conflicting abort_transaction API call is already in progress")
+/// until the abort is called again. The worker gives such a producer up and recovers with a
+/// new one, whose `init_transactions` aborts what the old one left open. (Seen after a broker
+/// crash in the 3-node test: the worker retried its barrier on the stuck producer for its whole
+/// 300 s recovery budget, and the transaction left open held back the output partition's last
+/// stable offset, hiding every later output there.) The proxy holds every EndTxn request, the
+/// commit's and then the aborts', until the worker has replaced a producer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_abort_before_recovery_replaces_the_producer() {
+    let s = Setup::new("abort-timeout").await;
+    let (first, second) = (inputs(0..20, 1), inputs(20..40, 1));
+    produce(&s.bootstrap, &s.input, &first);
+    let mut service = s.spawn(&["--transaction-timeout-ms", "3000"]);
+    s.assert_outputs(&service, &first, Duration::from_secs(90))
+        .await;
+    s.cluster.proxy.hold_end_txn_requests(true);
+    // Straight to the broker: the test's own producer is not transactional anyway.
+    produce(&s.cluster.direct_bootstrap_servers(), &s.input, &second);
+    service
+        .wait_for_log(
+            "the barrier transaction before recovery could not be begun or aborted; recreating the producer",
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", service.log_tail(40)));
+    s.cluster.proxy.hold_end_txn_requests(false);
+    let records: Vec<Input> = first.into_iter().chain(second).collect();
+    s.assert_outputs(&service, &records, Duration::from_secs(90))
+        .await;
+    assert!(service.is_running(), "{}", service.log_tail(40));
+    let log = service.run_log_text().expect("log");
+    let stuck = log
+        .lines()
+        .find(|l| l.contains("recovery failed; retrying") && l.contains("Conflicting"));
+    assert!(
+        stuck.is_none(),
+        "recovery retried on a producer inside an unfinished abort: {stuck:?}"
+    );
+    stop_cleanly(&mut service).await;
+}
+
 /// A `process` call slower than `transaction.timeout.ms` does not time its transaction out:
 /// the coordinator learns of a transaction only when it commits (its outputs are produced
 /// then), so nothing is aborted and nothing replayed. (With outputs produced as `process`

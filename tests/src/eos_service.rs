@@ -395,6 +395,43 @@ fn read_all_blocking(bootstrap: &str, topic: &str, isolation: &str) -> Vec<ReadR
     out
 }
 
+/// Where the outputs a read_committed check missed are, for a failure message: each one's
+/// partition and offset when a read_uncommitted reader sees it (written, then hidden by an
+/// abort marker or an open transaction), or "not written" (lost, or never produced), plus each
+/// output partition's watermarks. Tells a broker that lost acknowledged data from a
+/// transaction that did not commit.
+pub async fn locate_missing(bootstrap: &str, topic: &str, missing: &[String]) -> String {
+    let records = read_all_with_isolation(bootstrap, topic, "read_uncommitted").await;
+    let mut lines = Vec::new();
+    for id in missing {
+        let found = records
+            .iter()
+            .find(|r| r.value.as_deref() == Some(id.as_bytes()));
+        lines.push(match found {
+            Some(r) => format!(
+                "  {id}: uncommitted at {topic}/{} offset {}",
+                r.partition, r.offset
+            ),
+            None => format!("  {id}: not written"),
+        });
+    }
+    let mut per_partition: std::collections::BTreeMap<i32, (i64, i64, usize)> = Default::default();
+    for r in &records {
+        let e = per_partition
+            .entry(r.partition)
+            .or_insert((i64::MAX, -1, 0));
+        e.0 = e.0.min(r.offset);
+        e.1 = e.1.max(r.offset);
+        e.2 += 1;
+    }
+    for (p, (first, last, n)) in per_partition {
+        lines.push(format!(
+            "  {topic}/{p} read_uncommitted: {n} records, offsets {first}..={last}"
+        ));
+    }
+    lines.join("\n")
+}
+
 /// Waits for the child to exit and returns its current-run log.
 pub async fn wait_for_failure(child: &mut ChildProcess, timeout: Duration) -> (i32, String) {
     let status = child

@@ -346,7 +346,10 @@ async fn recovery_after_a_broker_crash_sees_every_committed_snapshot() {
     }
     let expected = expected_outputs(&all);
     let report = wait_for_outputs(&bootstrap, &output, &expected, Duration::from_secs(240)).await;
-    assert!(report.is_clean(), "{report}\n{}", service.log_tail(80));
+    if !report.is_clean() {
+        let located = locate_missing(&bootstrap, &output, &report.missing).await;
+        panic!("{report}\n{located}\n{}", service.log_tail(80));
+    }
     assert_eq!(report.records_read, expected.len() as u64, "{report}");
     service
         .terminate(Duration::from_secs(30))

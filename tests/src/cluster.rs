@@ -141,10 +141,6 @@ impl TestCluster {
         config: &[(&str, &str)],
     ) -> Result<(), HarnessError> {
         let context = || format!("creating topic {name} with {partitions} partitions");
-        let admin: AdminClient<DefaultClientContext> = self
-            .client_config()
-            .create()
-            .map_err(|e| HarnessError::kafka(context(), e))?;
         let mut topic = NewTopic::new(
             name,
             partitions,
@@ -158,9 +154,15 @@ impl TestCluster {
             .request_timeout(Some(Duration::from_secs(20)));
         // A cluster electing a new controller (a node was just killed) times requests out
         // for a while, the whole request (no answer in time) or the topic's operation: retry
-        // those until the topic deadline, fail on anything else.
+        // those until the topic deadline, fail on anything else. Each attempt with a new
+        // client: librdkafka sends CreateTopics to the controller id of its first metadata
+        // answer, which can name the killed node (not fenced yet), and keeps waiting for it.
         let started = Instant::now();
         loop {
+            let admin: AdminClient<DefaultClientContext> = self
+                .client_config()
+                .create()
+                .map_err(|e| HarnessError::kafka(context(), e))?;
             let failure = match admin.create_topics([&topic], &options).await {
                 Ok(results) => results.into_iter().find_map(|result| match result {
                     Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => None,

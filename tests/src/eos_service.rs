@@ -424,12 +424,39 @@ pub async fn locate_missing(bootstrap: &str, topic: &str, missing: &[String]) ->
         e.1 = e.1.max(r.offset);
         e.2 += 1;
     }
+    let ends = {
+        let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
+        let partitions: Vec<i32> = per_partition.keys().copied().collect();
+        tokio::task::spawn_blocking(move || partition_ends(&bootstrap, &topic, &partitions))
+            .await
+            .unwrap_or_default()
+    };
     for (p, (first, last, n)) in per_partition {
+        let (high, stable) = ends.get(&p).copied().unwrap_or((-1, -1));
         lines.push(format!(
-            "  {topic}/{p} read_uncommitted: {n} records, offsets {first}..={last}"
+            "  {topic}/{p} read_uncommitted: {n} records, offsets {first}..={last}; \
+             high watermark {high}, last stable offset {stable}"
         ));
     }
     lines.join("\n")
+}
+
+/// Each partition's high watermark and last stable offset (-1 where the broker did not say).
+fn partition_ends(bootstrap: &str, topic: &str, partitions: &[i32]) -> HashMap<i32, (i64, i64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let end = |isolation: &str, p: i32| -> i64 {
+        ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("isolation.level", isolation)
+            .create::<BaseConsumer>()
+            .ok()
+            .and_then(|c| c.fetch_watermarks(topic, p, Duration::from_secs(10)).ok())
+            .map_or(-1, |(_, high)| high)
+    };
+    partitions
+        .iter()
+        .map(|&p| (p, (end("read_uncommitted", p), end("read_committed", p))))
+        .collect()
 }
 
 /// Waits for the child to exit and returns its current-run log.

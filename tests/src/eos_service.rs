@@ -400,18 +400,23 @@ fn read_all_blocking(bootstrap: &str, topic: &str, isolation: &str) -> Vec<ReadR
 /// abort marker or an open transaction), or "not written" (lost, or never produced), plus each
 /// output partition's watermarks. Tells a broker that lost acknowledged data from a
 /// transaction that did not commit.
-pub async fn locate_missing(bootstrap: &str, topic: &str, missing: &[String]) -> String {
+pub async fn locate_missing(bootstrap: &str, topic: &str, missing: &[String]) -> MissingOutputs {
     let records = read_all_with_isolation(bootstrap, topic, "read_uncommitted").await;
     let mut lines = Vec::new();
+    let mut hidden: std::collections::BTreeMap<i32, (i64, i64)> = Default::default();
     for id in missing {
         let found = records
             .iter()
             .find(|r| r.value.as_deref() == Some(id.as_bytes()));
         lines.push(match found {
-            Some(r) => format!(
-                "  {id}: uncommitted at {topic}/{} offset {}",
-                r.partition, r.offset
-            ),
+            Some(r) => {
+                let range = hidden.entry(r.partition).or_insert((r.offset, r.offset));
+                *range = (range.0.min(r.offset), range.1.max(r.offset));
+                format!(
+                    "  {id}: uncommitted at {topic}/{} offset {}",
+                    r.partition, r.offset
+                )
+            }
             None => format!("  {id}: not written"),
         });
     }
@@ -438,7 +443,19 @@ pub async fn locate_missing(bootstrap: &str, topic: &str, missing: &[String]) ->
              high watermark {high}, last stable offset {stable}"
         ));
     }
-    lines.join("\n")
+    MissingOutputs {
+        text: lines.join("\n"),
+        hidden,
+    }
+}
+
+/// What [`locate_missing`] found.
+pub struct MissingOutputs {
+    /// One line per missing output, then one per output partition.
+    pub text: String,
+    /// Per output partition, the lowest and highest offset of the missing outputs that are
+    /// written but not visible to read_committed readers.
+    pub hidden: std::collections::BTreeMap<i32, (i64, i64)>,
 }
 
 /// Each partition's high watermark and last stable offset (-1 where the broker did not say).

@@ -132,6 +132,66 @@ pub fn describe_open_transaction(
     }
 }
 
+/// Every node's batches of `topic/partition` that end at or after `from` and start at or
+/// before `to`, one line each: `node N: data@base-last p<producer id>/e<epoch>` or
+/// `marker@offset p<producer id>/e<epoch> COMMIT|ABORT`. For the diagnostics of records a
+/// read_committed reader does not see: which transaction markers follow them on each replica.
+pub fn log_window(
+    cluster: &KafkaCluster,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    to: i64,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    for node in cluster.nodes() {
+        let dir = node.data_dir().join(format!("{topic}-{partition}"));
+        if !dir.is_dir() {
+            lines.push(format!("node {}: no log of {topic}/{partition}", node.id()));
+            continue;
+        }
+        match dump(&dir, &["--print-data-log"]) {
+            Ok(text) => lines.extend(
+                window_lines(&text, from, to)
+                    .into_iter()
+                    .map(|line| format!("node {}: {line}", node.id())),
+            ),
+            Err(e) => lines.push(format!("node {}: reading the log failed: {e}", node.id())),
+        }
+    }
+    lines
+}
+
+/// The batches of a `--print-data-log` dump in the window, a control batch with its marker
+/// type (printed on the record line after its header).
+fn window_lines(dump: &str, from: i64, to: i64) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut lines = dump.lines().peekable();
+    while let Some(line) = lines.next() {
+        let Some(b) = BatchHeader::parse(line) else {
+            continue;
+        };
+        if b.last_offset < from || b.base_offset > to {
+            continue;
+        }
+        let who = format!("p{}/e{}", b.producer_id, b.producer_epoch);
+        if b.control {
+            let marker = lines
+                .peek()
+                .and_then(|next| {
+                    let mut words = next.split_whitespace();
+                    words.find(|w| *w == "endTxnMarker:")?;
+                    words.next()
+                })
+                .unwrap_or("?");
+            out.push(format!("marker@{} {who} {marker}", b.base_offset));
+        } else {
+            out.push(format!("data@{}-{} {who}", b.base_offset, b.last_offset));
+        }
+    }
+    out
+}
+
 /// How many coordinator records of the producer a description shows (the newest).
 const COORDINATOR_RECORDS_SHOWN: usize = 6;
 
@@ -192,6 +252,21 @@ fn describe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_lists_data_batches_and_markers_with_their_type() {
+        let dump = "Dumping x.log\n\
+baseOffset: 0 lastOffset: 2 count: 3 baseSequence: 0 lastSequence: 2 producerId: 7 producerEpoch: 1 partitionLeaderEpoch: 0 isTransactional: true isControl: false position: 0\n\
+| offset: 0 CreateTime: 1 keySize: -1 valueSize: 1 sequence: 0 headerKeys: [] payload: a\n\
+baseOffset: 3 lastOffset: 3 count: 1 baseSequence: -1 lastSequence: -1 producerId: 7 producerEpoch: 1 partitionLeaderEpoch: 0 isTransactional: true isControl: true position: 90\n\
+| offset: 3 CreateTime: 1 keySize: 4 valueSize: 6 sequence: -1 headerKeys: [] endTxnMarker: ABORT coordinatorEpoch: 0\n\
+baseOffset: 4 lastOffset: 5 count: 2 baseSequence: 3 lastSequence: 4 producerId: 7 producerEpoch: 1 partitionLeaderEpoch: 0 isTransactional: true isControl: false position: 160\n";
+        assert_eq!(
+            window_lines(dump, 1, 3),
+            vec!["data@0-2 p7/e1", "marker@3 p7/e1 ABORT"]
+        );
+        assert_eq!(window_lines(dump, 5, 9), vec!["data@4-5 p7/e1"]);
+    }
 
     #[test]
     fn parses_a_batch_header_line() {

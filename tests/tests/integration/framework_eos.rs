@@ -347,14 +347,48 @@ async fn recovery_after_a_broker_crash_sees_every_committed_snapshot() {
     let expected = expected_outputs(&all);
     let report = wait_for_outputs(&bootstrap, &output, &expected, Duration::from_secs(240)).await;
     if !report.is_clean() {
-        let located = locate_missing(&bootstrap, &output, &report.missing).await;
-        panic!("{report}\n{located}\n{}", service.log_tail(80));
+        let explained = explain_missing(&cluster, &bootstrap, &output, &report.missing).await;
+        panic!("{report}\n{explained}\n{}", service.log_tail(80));
     }
     assert_eq!(report.records_read, expected.len() as u64, "{report}");
     service
         .terminate(Duration::from_secs(30))
         .await
         .expect("stop the service");
+}
+
+/// Where the missing outputs are ([`locate_missing`]), and the batches and transaction
+/// markers around the hidden ones on every replica of their partition.
+async fn explain_missing(
+    cluster: &TestCluster,
+    bootstrap: &str,
+    output: &str,
+    missing: &[String],
+) -> String {
+    let located = locate_missing(bootstrap, output, missing).await;
+    let mut logs = Vec::new();
+    for (&partition, &(low, high)) in &located.hidden {
+        let topic = output.to_owned();
+        logs.extend(
+            cluster
+                .with_owned_kafka(move |kafka| {
+                    Ok(exactly_tests::kafka::inspect::log_window(
+                        kafka,
+                        &topic,
+                        partition,
+                        low - 20,
+                        high + 40,
+                    ))
+                })
+                .await
+                .unwrap_or_else(|e| vec![format!("reading the logs: {e}")]),
+        );
+    }
+    format!(
+        "{}\nbatches around the hidden outputs, per replica:\n{}",
+        located.text,
+        logs.join("\n")
+    )
 }
 
 /// The snapshot partition's first offset and the records from there to its end (aborted ones

@@ -359,7 +359,8 @@ fn read_partition(bootstrap: &str, topic: &str, partition: i32) -> Vec<u32> {
 
 /// The diagnostics of a stuck chaos run name the producer of a transaction that stays open
 /// and what the transaction coordinator recorded about it, read from the node's files with
-/// Kafka's DumpLogSegments.
+/// Kafka's DumpLogSegments; those of missing outputs list the batches and markers (with their
+/// type) around them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_transaction_is_described_from_the_logs() {
     let cluster = TestCluster::start().await.expect("cluster");
@@ -381,13 +382,27 @@ async fn an_open_transaction_is_described_from_the_logs() {
     .await;
     let kafka = cluster.kafka().clone();
     let t = topic.clone();
-    let lines = blocking(move || {
+    let (lines, window) = blocking(move || {
         let kafka = kafka
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        exactly_tests::kafka::inspect::describe_open_transaction(&kafka, &t, 0, 4)
+        (
+            exactly_tests::kafka::inspect::describe_open_transaction(&kafka, &t, 0, 4),
+            exactly_tests::kafka::inspect::log_window(&kafka, &t, 0, 2, 4),
+        )
     })
     .await;
+    // The window around the commit: the committed batch, its marker (with its type), the open
+    // transaction's batch.
+    let window = window.join("\n");
+    assert!(window.contains("data@0-2 p"), "{window}");
+    assert!(
+        window
+            .lines()
+            .any(|l| l.contains("marker@3 p") && l.ends_with(" COMMIT")),
+        "{window}"
+    );
+    assert!(window.contains("data@4-4 p"), "{window}");
     let text = lines.join("\n");
     assert!(
         text.contains("open transaction from offset 4 by producer id"),

@@ -4,6 +4,8 @@
 //! runs).
 //!
 //! - [`raw`]: the ceiling, a librdkafka consume → produce pipe without transactions or state;
+//! - [`txn_pipe`]: the floor of exactly-once on this design, the same pipe in Kafka
+//!   transactions with one transactional producer per partition, without the framework;
 //! - [`workload`]: the input and the stateful count exactly (and Quix) compute;
 //! - [`engine`]: an exactly app inside this process, run until its input is committed;
 //! - [`quix`]: Quix Streams 3.28.1 in its own virtualenv, doing the same count;
@@ -26,6 +28,7 @@ pub mod raw;
 pub mod recovery;
 pub mod report;
 pub mod scale;
+pub mod txn_pipe;
 pub mod workload;
 
 use std::path::PathBuf;
@@ -37,7 +40,7 @@ use exactly_tests::chaos::ChainTopics;
 
 use crate::topics::create_topics;
 use report::{QuixResult, Results, Throughput};
-use workload::CountProcessor;
+use workload::{CountProcessor, PassThrough};
 
 /// Topic configs every benchmark topic gets. Quix reads `retention.ms` and `retention.bytes`
 /// of its input topic to configure its changelog topics, and the local broker does not report
@@ -111,6 +114,8 @@ pub async fn run(options: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> anyhow:
         records: o.records,
         partitions: o.partitions,
         raw: throughput.raw,
+        txn_pipe: throughput.txn_pipe,
+        exactly_pass_through: throughput.exactly_pass_through,
         exactly_default: throughput.exactly_default,
         exactly_intervals: throughput.exactly_intervals,
         quix: throughput.quix,
@@ -139,6 +144,10 @@ pub enum Peers {
 pub struct ThroughputResults {
     /// The raw pipe.
     pub raw: Throughput,
+    /// The transactional pipe.
+    pub txn_pipe: Throughput,
+    /// exactly passing records through, without state or decoding.
+    pub exactly_pass_through: Throughput,
     /// exactly at its default settings.
     pub exactly_default: Throughput,
     /// exactly at other commit intervals.
@@ -168,6 +177,8 @@ pub async fn run_throughput(
         "out-kstreams-n",
         "out-warm-up-raw",
         "out-warm-up-exactly",
+        "out-txn-pipe",
+        "out-exactly-pass-through",
     ]
     .map(topic);
     let mut throughput_topics: Vec<&str> = vec![&input];
@@ -215,6 +226,37 @@ pub async fn run_throughput(
     };
     say(&format!("  {:.0} records/s", raw.rate()));
 
+    say("case 1b: transactional pipe (one transactional producer per partition, no framework)");
+    let txn_pipe = Throughput {
+        case: "transactional pipe (no framework, no state)".into(),
+        records: o.records,
+        elapsed: transactional_pipe(o, &input, &outputs[9], &topic("txn-pipe")).await?,
+    };
+    say(&format!("  {:.0} records/s", txn_pipe.rate()));
+
+    say("case 2: exactly EOS, pass-through (no state, no decoding)");
+    let pass_through = PassThrough {
+        output_topic: outputs[10].clone(),
+    };
+    let config = AppConfig::new(app("exactly-pass-through"), &o.bootstrap).input_topic(&input);
+    let run = engine::run_to_end(
+        config,
+        pass_through,
+        &o.bootstrap,
+        &input,
+        o.partitions,
+        o.records,
+        CASE_LIMIT,
+    )
+    .await
+    .context("the pass-through run")?;
+    let exactly_pass_through = Throughput {
+        case: "exactly EOS, pass-through (no state, no decoding)".into(),
+        records: o.records,
+        elapsed: run.elapsed,
+    };
+    say(&format!("  {:.0} records/s", exactly_pass_through.rate()));
+
     let mut exactly_runs = Vec::new();
     for (label, interval, output) in [
         (
@@ -255,6 +297,8 @@ pub async fn run_throughput(
     if peers == Peers::Skip {
         return Ok(ThroughputResults {
             raw,
+            txn_pipe,
+            exactly_pass_through,
             exactly_default,
             exactly_intervals: exactly_runs,
             quix: QuixResult::Unavailable(not_run()),
@@ -285,6 +329,8 @@ pub async fn run_throughput(
 
     Ok(ThroughputResults {
         raw,
+        txn_pipe,
+        exactly_pass_through,
         exactly_default,
         exactly_intervals: exactly_runs,
         quix,
@@ -311,6 +357,34 @@ async fn raw_pipe(
     })
     .await
     .context("the raw pipe panicked")?
+}
+
+/// The transactional pipe over `input` into `output` with consumer group `group`, committing
+/// every 100 ms (exactly's default commit interval); its time.
+async fn transactional_pipe(
+    o: &BenchOptions,
+    input: &str,
+    output: &str,
+    group: &str,
+) -> anyhow::Result<Duration> {
+    let (bootstrap, input, output, group) = (
+        o.bootstrap.clone(),
+        input.to_owned(),
+        output.to_owned(),
+        group.to_owned(),
+    );
+    tokio::task::spawn_blocking(move || {
+        txn_pipe::run_txn_pipe(
+            &bootstrap,
+            &input,
+            &output,
+            &group,
+            Duration::from_millis(100),
+            CASE_LIMIT,
+        )
+    })
+    .await
+    .context("the transactional pipe panicked")?
 }
 
 /// The counting app as `app_id` over `input` into `output`, at the default settings or the

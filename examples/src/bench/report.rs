@@ -45,6 +45,10 @@ pub struct Results {
     pub partitions: i32,
     /// The raw pipe.
     pub raw: Throughput,
+    /// The transactional pipe: exactly-once on this design without the framework.
+    pub txn_pipe: Throughput,
+    /// exactly passing records through, without state or decoding.
+    pub exactly_pass_through: Throughput,
     /// exactly at its default settings.
     pub exactly_default: Throughput,
     /// exactly at other commit intervals.
@@ -79,6 +83,12 @@ impl Results {
     /// exactly (default settings) ÷ raw pipe, records/s.
     pub fn eos_vs_raw(&self) -> f64 {
         self.exactly_default.rate() / self.raw.rate()
+    }
+
+    /// exactly (default settings) ÷ the transactional pipe, records/s: what the framework
+    /// (state, decoding, snapshots, checks) costs beyond the transactions.
+    pub fn eos_vs_txn_pipe(&self) -> f64 {
+        self.exactly_default.rate() / self.txn_pipe.rate()
     }
 
     /// exactly (default settings) ÷ Quix, records/s; `None` when Quix did not run.
@@ -159,6 +169,12 @@ impl Results {
             );
         };
         row(&mut t, &self.raw.case, &self.raw);
+        row(&mut t, &self.txn_pipe.case, &self.txn_pipe);
+        row(
+            &mut t,
+            &self.exactly_pass_through.case,
+            &self.exactly_pass_through,
+        );
         row(&mut t, &self.exactly_default.case, &self.exactly_default);
         for tp in &self.exactly_intervals {
             row(&mut t, &tp.case, tp);
@@ -183,6 +199,11 @@ impl Results {
                 let _ = writeln!(t, "  {:<46} not measured: {why}", "Kafka Streams 4.4.0");
             }
         }
+        let _ = writeln!(
+            t,
+            "  exactly (default) vs the transactional pipe: {:.2}x",
+            self.eos_vs_txn_pipe()
+        );
         if let Some(ratio) = self.eos_vs_kstreams() {
             let _ = writeln!(
                 t,
@@ -336,6 +357,8 @@ mod tests {
             records: 1_000_000,
             partitions: 8,
             raw: tp("raw", 1_000_000, 5),
+            txn_pipe: tp("transactional pipe", 1_000_000, 8),
+            exactly_pass_through: tp("exactly pass-through", 1_000_000, 9),
             exactly_default: tp("exactly", 1_000_000, 10),
             exactly_intervals: vec![],
             quix: QuixResult::Measured(tp("quix", 1_000_000, 40)),
@@ -423,5 +446,20 @@ mod tests {
             "{tables}"
         );
         assert!(tables.contains("State at scale"), "{tables}");
+    }
+
+    #[test]
+    fn the_transactional_pipe_has_a_row_and_is_compared_with_exactly() {
+        let tables = results().tables();
+        // 1M records in 8 s against the raw pipe's 5 s; exactly took 10 s.
+        let row = tables
+            .lines()
+            .find(|l| l.contains("transactional pipe") && !l.contains(" vs "))
+            .unwrap_or_else(|| panic!("no transactional pipe row in\n{tables}"));
+        assert!(row.trim_end().ends_with("0.62"), "{row}");
+        assert!(
+            tables.contains("exactly (default) vs the transactional pipe: 0.80x"),
+            "{tables}"
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use exactly::{Json, Output, ProcessError, Processor, Record, Utf8};
+use exactly::{Json, Output, OutputRecord, ProcessError, Processor, Raw, Record, Utf8};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
@@ -75,6 +75,34 @@ impl Processor for CountProcessor {
         totals.count += 1;
         totals.sum += record.value().amount;
         out.send_json(&self.output_topic, record.key(), totals)?;
+        Ok(())
+    }
+}
+
+/// An exactly processor without state or decoding: every input record goes to the output
+/// topic as it came (key and value bytes). Run beside [`CountProcessor`], it tells the
+/// framework's own cost from the count's.
+#[derive(Debug, Clone)]
+pub struct PassThrough {
+    /// Where the records go.
+    pub output_topic: String,
+}
+
+impl Processor for PassThrough {
+    type State = ();
+    type Key = Raw;
+    type Value = Raw;
+
+    fn process(
+        &self,
+        _state: &mut (),
+        record: &Record<'_, Option<Vec<u8>>, Option<Vec<u8>>>,
+        out: &mut Output,
+    ) -> Result<(), ProcessError> {
+        let mut copy = OutputRecord::new(self.output_topic.as_str());
+        copy.key = record.raw_key().map(<[u8]>::to_vec);
+        copy.value = record.raw_value().map(<[u8]>::to_vec);
+        out.send(copy);
         Ok(())
     }
 }
@@ -163,5 +191,20 @@ mod tests {
             }
         );
         assert_eq!(driver.outputs().len(), 6);
+    }
+
+    #[test]
+    fn the_pass_through_copies_key_and_value() {
+        let mut driver = TestDriver::new(PassThrough {
+            output_topic: "out".into(),
+        });
+        driver
+            .pipe_raw(RawInput::new("in").key(key(3, 10)).value(value(3)))
+            .expect("process");
+        let outputs = driver.outputs();
+        assert_eq!(outputs.len(), 1);
+        assert_eq!(outputs[0].topic, "out");
+        assert_eq!(outputs[0].key.as_deref(), Some(key(3, 10).as_bytes()));
+        assert_eq!(outputs[0].value.as_deref(), Some(value(3).as_slice()));
     }
 }

@@ -256,9 +256,14 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     if args.only.as_deref() == Some("throughput") {
         let t = bench::run_throughput(&options, bench::Peers::Skip, &say).await?;
         println!();
-        for tp in [&t.raw, &t.exactly_default]
-            .into_iter()
-            .chain(&t.exactly_intervals)
+        for tp in [
+            &t.raw,
+            &t.txn_pipe,
+            &t.exactly_pass_through,
+            &t.exactly_default,
+        ]
+        .into_iter()
+        .chain(&t.exactly_intervals)
         {
             println!(
                 "  {:<48} {:>8.2} s {:>10.0} records/s",

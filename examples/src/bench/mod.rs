@@ -251,7 +251,7 @@ pub async fn run_throughput(
     .await
     .context("the pass-through run")?;
     let exactly_pass_through = Throughput {
-        case: "exactly EOS, pass-through (no state, no decoding)".into(),
+        case: "exactly EOS, pass-through (no state, no JSON)".into(),
         records: o.records,
         elapsed: run.elapsed,
     };

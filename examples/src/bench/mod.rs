@@ -240,7 +240,8 @@ pub async fn run_throughput(
         records: o.records,
         elapsed: pass_through_run(o, &app("exactly-pass-through"), &input, &outputs[10])
             .await
-            .context("the pass-through run")?,
+            .context("the pass-through run")?
+            .elapsed,
     };
     say(&format!("  {:.0} records/s", exactly_pass_through.rate()));
 
@@ -375,28 +376,18 @@ async fn transactional_pipe(
 }
 
 /// exactly passing `input` through to `output` as `app_id`, at the default settings, until its
-/// group committed the whole input; its time.
+/// group committed the whole input.
 async fn pass_through_run(
     o: &BenchOptions,
     app_id: &str,
     input: &str,
     output: &str,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<engine::ThroughputRun> {
     let config = AppConfig::new(app_id, &o.bootstrap).input_topic(input);
     let processor = PassThrough {
         output_topic: output.to_owned(),
     };
-    let run = engine::run_to_end(
-        config,
-        processor,
-        &o.bootstrap,
-        input,
-        o.partitions,
-        o.records,
-        CASE_LIMIT,
-    )
-    .await?;
-    Ok(run.elapsed)
+    run_over_input(o, config, processor, input).await
 }
 
 /// The counting app as `app_id` over `input` into `output`, at the default settings or the
@@ -415,6 +406,17 @@ async fn exactly_run(
     let processor = CountProcessor {
         output_topic: output.to_owned(),
     };
+    run_over_input(o, config, processor, input).await
+}
+
+/// Runs `processor` with `config` over the throughput case's `input` until its group
+/// committed all of it.
+async fn run_over_input<P: exactly::Processor>(
+    o: &BenchOptions,
+    config: AppConfig,
+    processor: P,
+    input: &str,
+) -> anyhow::Result<engine::ThroughputRun> {
     engine::run_to_end(
         config,
         processor,

@@ -56,14 +56,7 @@ pub fn run_raw_pipe(
             continue;
         };
         let message = message.with_context(|| format!("the raw pipe reading {input}"))?;
-        let mut record = BaseRecord::<[u8], [u8]>::to(output);
-        if let Some(key) = message.key() {
-            record = record.key(key);
-        }
-        if let Some(value) = message.payload() {
-            record = record.payload(value);
-        }
-        send_waiting(&producer, record)
+        send_waiting(&producer, copy_to(output, &message))
             .with_context(|| format!("the raw pipe producing to {output}"))?;
         copied += 1;
     }
@@ -81,4 +74,16 @@ pub fn run_raw_pipe(
         .commit_consumer_state(CommitMode::Sync)
         .context("committing the raw pipe's offsets")?;
     Ok(started.elapsed())
+}
+
+/// A record for `topic` with `message`'s key and value: what both pipes write.
+pub fn copy_to<'a>(topic: &'a str, message: &'a impl Message) -> BaseRecord<'a, [u8], [u8]> {
+    let mut record = BaseRecord::<[u8], [u8]>::to(topic);
+    if let Some(key) = message.key() {
+        record = record.key(key);
+    }
+    if let Some(value) = message.payload() {
+        record = record.payload(value);
+    }
+    record
 }

@@ -13,9 +13,10 @@ use rdkafka::client::Client;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata, DefaultConsumerContext};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
+use super::raw::copy_to;
 use crate::producer::{send_waiting, DeliveryCounter};
 
 /// How long a transactional call may take before the pipe gives up.
@@ -177,14 +178,7 @@ impl Lane {
                     producer.begin_transaction()?;
                     open = Some(Instant::now());
                 }
-                let mut record = BaseRecord::<[u8], [u8]>::to(output);
-                if let Some(key) = message.key() {
-                    record = record.key(key);
-                }
-                if let Some(value) = message.payload() {
-                    record = record.payload(value);
-                }
-                send_waiting(&producer, record)
+                send_waiting(&producer, copy_to(output, &message))
                     .with_context(|| format!("producing to {output}"))?;
                 next = message.offset() + 1;
             } else {

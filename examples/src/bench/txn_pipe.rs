@@ -161,21 +161,25 @@ impl Lane {
             .create_with_context(DeliveryCounter::default())
             .context("creating a transactional producer")?;
         connect_to_a_named_broker(producer.client(), output);
-        producer.init_transactions(CALL_TIMEOUT)?;
+        producer
+            .init_transactions(CALL_TIMEOUT)
+            .with_context(|| format!("initializing transactions as {}", self.transactional_id))?;
         let mut next = 0;
         // When the open transaction began.
         let mut open: Option<Instant> = None;
         while next < self.end {
             if Instant::now() > self.deadline {
                 bail!(
-                    "{input}/{partition} reached offset {next} of {} in time",
+                    "the transactional pipe reached only offset {next} of {} on {input}/{partition} within its limit",
                     self.end
                 );
             }
             if let Some(message) = queue.poll(Duration::from_millis(5)) {
                 let message = message.with_context(|| format!("reading {input}"))?;
                 if open.is_none() {
-                    producer.begin_transaction()?;
+                    producer.begin_transaction().with_context(|| {
+                        format!("beginning a transaction as {}", self.transactional_id)
+                    })?;
                     open = Some(Instant::now());
                 }
                 send_waiting(&producer, copy_to(output, &message))
@@ -186,7 +190,12 @@ impl Lane {
             }
             if let Some(began) = open {
                 if next >= self.end || began.elapsed() >= self.commit_interval {
-                    self.commit(&producer, next)?;
+                    self.commit(&producer, next).with_context(|| {
+                        format!(
+                            "committing {input}/{partition} up to offset {next} as {}",
+                            self.transactional_id
+                        )
+                    })?;
                     open = None;
                 }
             }
